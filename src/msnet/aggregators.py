@@ -1,0 +1,310 @@
+"""Patient-level aggregators over per-slice features (B, l, d) -> logits (B, n_classes).
+
+All share one face (as timm models do): ``forward(x, mask=None)``,
+``forward_features(x, mask)`` -> pooled (B, num_features), ``forward_head(feats)``,
+``num_features``, ``slice_scores(x, mask)`` -> (B, l) key-slice scores, and
+``config`` (the constructor kwargs, so checkpoints rebuild the module with
+``create(name, **config)``).
+
+``mask`` (B, l) is True (or 1.0) at real slices; padded batches are right-padded
+(real slices first). Padded positions never change a study's output.
+
+>>> agg = create("msnet", in_features=2048)
+>>> agg(torch.zeros(2, 7, 2048)).shape
+torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from msnet.errors import MsnetError
+
+logger = logging.getLogger(__name__)
+
+AGGREGATORS: tuple[str, ...] = ("msnet", "mean", "max", "mil", "vote")
+
+
+def _prepare(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes; return x (zero at padded slices) and a bool mask (B, l)."""
+    if x.dim() != 3:
+        raise MsnetError(f"aggregator input must be (batch, slices, features), got shape {tuple(x.shape)}",
+                         fix="add a batch axis: x[None]")
+    if mask is None:
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if mask.dtype != torch.bool:
+        mask = mask > 0.5
+    return x.masked_fill(~mask[:, :, None], 0.0), mask
+
+
+def _masked_max(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over the last axis of h (B, C, l) at real positions: (values, argmax) (B, C)."""
+    return h.masked_fill(~mask[:, None, :], float("-inf")).max(dim=2)
+
+
+def _argmax_scores(idx: torch.Tensor, contrib: torch.Tensor, n_slices: int) -> torch.Tensor:
+    """Sum per slice of the (clamped non-negative) contributions of the channels it won."""
+    scores = torch.zeros(idx.shape[0], n_slices, dtype=contrib.dtype, device=contrib.device)
+    return scores.scatter_add(1, idx, contrib.clamp(min=0))
+
+
+def _mlp_contributions(pooled: torch.Tensor, hidden: nn.Linear, out: nn.Linear) -> torch.Tensor:
+    """Gradient x input of the predicted logit of ``out(relu(hidden(pooled)))``, per input channel.
+
+    Exact and analytic (the network is piecewise linear), so it works under
+    ``torch.no_grad``. Dropout is treated as off (eval behaviour).
+    """
+    h = hidden(pooled)
+    logits = out(F.relu(h))
+    pred = logits.argmax(dim=1)
+    grad_h = out.weight[pred] * (h > 0).to(h.dtype)  # (B, hidden)
+    grad_in = grad_h @ hidden.weight  # (B, in)
+    return grad_in * pooled
+
+
+class MSNet(nn.Module):
+    """Multi-Slice Net: temporal conv, dilated residual blocks, max-pool over slices, dense, dense.
+
+    Layout (WaveNet-like): a 1x1 temporal conv d -> width; ``n_blocks``
+    residual blocks [dilated conv (kernel_size, dilation 2**i), ReLU, 1x1 conv]
+    + identity, ReLU; two 1x1 "post" convs (ReLU after each); masked global
+    max-pool over slices; dropout; dense width//2 + ReLU; dropout; dense
+    n_classes. Defaults give 207,683 parameters for d=2048 (see docs/models.md).
+    Padded positions are zeroed after every layer, so each study in a padded
+    batch sees exactly the zeros a 'same'-padded conv sees beyond its ends.
+
+    >>> sum(p.numel() for p in MSNet(2048).parameters())
+    207683
+    """
+
+    name = "msnet"
+
+    def __init__(self, in_features: int, n_classes: int = 3, width: int = 64, n_blocks: int = 4,
+                 kernel_size: int = 3, dropout: float = 0.2) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise MsnetError(f"MS-Net kernel_size must be odd, got {kernel_size}",
+                             fix="use kernel_size=3 (the paper's) or another odd number")
+        self.config = {"in_features": in_features, "n_classes": n_classes, "width": width,
+                       "n_blocks": n_blocks, "kernel_size": kernel_size, "dropout": dropout}
+        self.num_features = width
+        self.stem = nn.Conv1d(in_features, width, 1)
+        self.dilated = nn.ModuleList(
+            nn.Conv1d(width, width, kernel_size, dilation=2**i, padding=2**i * (kernel_size - 1) // 2)
+            for i in range(n_blocks))
+        self.pointwise = nn.ModuleList(nn.Conv1d(width, width, 1) for _ in range(n_blocks))
+        self.post = nn.ModuleList(nn.Conv1d(width, width, 1) for _ in range(2))
+        self.drop = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(width, width // 2)
+        self.fc2 = nn.Linear(width // 2, n_classes)
+
+    def temporal(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-slice feature map (B, width, l) before pooling, zero at padded positions."""
+        m = mask[:, None, :].to(x.dtype)
+        h = F.relu(self.stem(x.transpose(1, 2))) * m
+        for dilated, pointwise in zip(self.dilated, self.pointwise):
+            r = F.relu(dilated(h)) * m
+            h = F.relu(h + pointwise(r)) * m
+        for conv in self.post:
+            h = F.relu(conv(h)) * m
+        return h
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = _prepare(x, mask)
+        return _masked_max(self.temporal(x, mask), mask)[0]
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(F.relu(self.fc1(self.drop(feats)))))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, mask))
+
+    def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per slice: summed positive gradient x activation (predicted logit) of the pooled channels it won."""
+        x, mask = _prepare(x, mask)
+        pooled, idx = _masked_max(self.temporal(x, mask), mask)
+        return _argmax_scores(idx, _mlp_contributions(pooled, self.fc1, self.fc2), x.shape[1])
+
+
+class MeanPool(nn.Module):
+    """Feature-level average: masked mean over slices, dropout, linear.
+
+    >>> MeanPool(16)(torch.zeros(1, 4, 16)).shape
+    torch.Size([1, 3])
+    """
+
+    name = "mean"
+
+    def __init__(self, in_features: int, n_classes: int = 3, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.config = {"in_features": in_features, "n_classes": n_classes, "dropout": dropout}
+        self.num_features = in_features
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, n_classes)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = _prepare(x, mask)
+        m = mask.to(x.dtype)[:, :, None]
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(feats))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, mask))
+
+    def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per slice: its positive share w_c . x_i / n of the predicted logit c."""
+        x, mask = _prepare(x, mask)
+        pred = self.fc(self.forward_features(x, mask)).argmax(dim=1)
+        n = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)
+        share = torch.einsum("bld,bd->bl", x, self.fc.weight[pred]) / n
+        return share.clamp(min=0) * mask.to(x.dtype)
+
+
+class MaxPoolMLP(nn.Module):
+    """Masked max-pool over slices, then an MLP (COVNet / CT-CAPS style).
+
+    >>> MaxPoolMLP(16, hidden=8)(torch.zeros(1, 4, 16)).shape
+    torch.Size([1, 3])
+    """
+
+    name = "max"
+
+    def __init__(self, in_features: int, n_classes: int = 3, hidden: int = 128, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.config = {"in_features": in_features, "n_classes": n_classes, "hidden": hidden, "dropout": dropout}
+        self.num_features = in_features
+        self.drop = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = _prepare(x, mask)
+        return _masked_max(x.transpose(1, 2), mask)[0]
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(F.relu(self.fc1(self.drop(feats)))))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, mask))
+
+    def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """As MS-Net: argmax source of each pooled feature, weighted by gradient x activation."""
+        x, mask = _prepare(x, mask)
+        pooled, idx = _masked_max(x.transpose(1, 2), mask)
+        return _argmax_scores(idx, _mlp_contributions(pooled, self.fc1, self.fc2), x.shape[1])
+
+
+class AttentionMIL(nn.Module):
+    """Gated attention multiple-instance learning (Ilse et al., 2018).
+
+    Slices are embedded (linear + ReLU), weighted by a masked softmax of gated
+    attention, summed, and classified by a linear layer.
+
+    >>> AttentionMIL(16, hidden=8, attention=4)(torch.zeros(1, 4, 16)).shape
+    torch.Size([1, 3])
+    """
+
+    name = "mil"
+
+    def __init__(self, in_features: int, n_classes: int = 3, hidden: int = 128, attention: int = 64,
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        self.config = {"in_features": in_features, "n_classes": n_classes, "hidden": hidden,
+                       "attention": attention, "dropout": dropout}
+        self.num_features = hidden
+        self.embed = nn.Linear(in_features, hidden)
+        self.att_v = nn.Linear(hidden, attention)
+        self.att_u = nn.Linear(hidden, attention)
+        self.att_w = nn.Linear(attention, 1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(hidden, n_classes)
+
+    def _embed_attend(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.embed(x))  # (B, l, hidden)
+        a = self.att_w(torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))).squeeze(2)
+        a = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=1)
+        return h, a
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = _prepare(x, mask)
+        h, a = self._embed_attend(x, mask)
+        return torch.einsum("bl,blh->bh", a, h)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(feats))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, mask))
+
+    def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention weights (sum to 1 over real slices)."""
+        x, mask = _prepare(x, mask)
+        return self._embed_attend(x, mask)[1]
+
+
+class SliceVote(nn.Module):
+    """Score-level aggregation: per-slice linear classifier, softmax, mean over real slices.
+
+    ``forward`` returns log(mean probability) so cross-entropy applies directly;
+    ``forward_features`` is the mean probability vector (num_features = n_classes).
+
+    >>> SliceVote(16)(torch.zeros(1, 4, 16)).exp().sum().item()  # doctest: +ELLIPSIS
+    1.0...
+    """
+
+    name = "vote"
+
+    def __init__(self, in_features: int, n_classes: int = 3, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.config = {"in_features": in_features, "n_classes": n_classes, "dropout": dropout}
+        self.num_features = n_classes
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, n_classes)
+
+    def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(self.drop(x)), dim=2)  # (B, l, n_classes)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = _prepare(x, mask)
+        m = mask.to(x.dtype)[:, :, None]
+        return (self._probs(x) * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.log(feats.clamp(min=1e-12))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, mask))
+
+    def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per slice: its probability of the predicted class (zero at padding)."""
+        x, mask = _prepare(x, mask)
+        probs = self._probs(x)
+        m = mask.to(x.dtype)
+        pred = ((probs * m[:, :, None]).sum(dim=1)).argmax(dim=1)
+        return probs.gather(2, pred[:, None, None].expand(-1, x.shape[1], 1)).squeeze(2) * m
+
+
+_CLASSES: dict[str, type[nn.Module]] = {
+    "msnet": MSNet, "mean": MeanPool, "max": MaxPoolMLP, "mil": AttentionMIL, "vote": SliceVote,
+}
+
+
+def create(name: str, in_features: int, n_classes: int = 3, **kwargs) -> nn.Module:
+    """Make an aggregator by name (one of :data:`AGGREGATORS`).
+
+    >>> create("mil", in_features=512).num_features
+    128
+    """
+    if name not in _CLASSES:
+        raise MsnetError(f"unknown aggregator {name!r}", fix=f"use one of: {', '.join(AGGREGATORS)}")
+    try:
+        return _CLASSES[name](in_features=in_features, n_classes=n_classes, **kwargs)
+    except TypeError as exc:
+        raise MsnetError(f"bad option for aggregator {name!r}: {exc}",
+                         fix=f"use the options of {_CLASSES[name].__name__}") from exc

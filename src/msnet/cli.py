@@ -1,0 +1,234 @@
+"""Command line: thin typer commands over the library functions.
+
+Heavy modules are imported inside each command so that ``msnet --help`` is
+instant. A :class:`msnet.errors.MsnetError` is printed without a traceback and
+exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from msnet.errors import MsnetError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="msnet: Multi-Slice Net diagnosis of chest CT (COVID-19 / CAP / normal).",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Performance, as ratios measured in one run.")
+app.add_typer(bench_app, name="bench")
+
+log = logging.getLogger("msnet")
+
+
+@app.callback()
+def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False, console=_stderr_console())],
+        force=True,
+    )
+    # third-party chatter
+    for name in ("PIL", "matplotlib", "pydicom", "timm", "urllib3", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _overrides(values: Optional[List[str]]) -> list[str]:
+    return list(values or [])
+
+
+# --------------------------------------------------------------------------- data
+
+
+@app.command()
+def inspect(
+    study: Path = typer.Argument(..., help="DICOM folder, .nii/.nii.gz, image folder or image file."),
+    json_out: bool = typer.Option(False, "--json", help="Emit one JSON object."),
+    series: Optional[str] = typer.Option(None, help="SeriesInstanceUID or index of the series to read."),
+) -> None:
+    """Read a study; print slices, spacing, z order, HU range, series chosen, warnings."""
+    from msnet.io import describe, read_study
+
+    vol = read_study(study, series=series)
+    info = describe(vol)
+    if json_out:
+        typer.echo(json.dumps(info))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"study {info['study_id']}", show_header=False)
+    for key, value in info.items():
+        if key in ("warnings", "z_mm"):
+            continue
+        table.add_row(key, str(value))
+    z = info["z_mm"]
+    if z:
+        table.add_row("z_mm", f"{z[0]:.1f} … {z[-1]:.1f} ({'descending' if z[0] >= z[-1] else 'ascending'})")
+    console = Console()
+    console.print(table)
+    for w in info["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def index(
+    root: Path = typer.Argument(..., help="Dataset folder (COVID-CT-MD, class folders, slice images)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for cohort.csv / slice_labels.csv."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="User CSV with patient_id,label[,path,subset]."),
+    strict: bool = typer.Option(False, help="Stop at the first study that fails to read."),
+    check: bool = typer.Option(True, help="Read every study to check it (status/error columns)."),
+) -> None:
+    """Build the cohort manifest (+ slice_labels.csv) from a dataset folder."""
+    from msnet.cohort import index_dataset
+
+    report = index_dataset(root, out, labels_csv=labels, strict=strict, check=check)
+    typer.echo(report.summary())
+    if report.n_failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Output folder."),
+    patients: int = typer.Option(12, "--patients", "-n", help="Number of patients (split evenly over classes)."),
+    size: int = typer.Option(512, help="Rows and columns of every slice."),
+    seed: int = typer.Option(0, help="Random seed (the cohort is deterministic per seed)."),
+    min_slices: int = typer.Option(60, help="Fewest slices of a study."),
+    max_slices: int = typer.Option(200, help="Most slices of a study."),
+) -> None:
+    """Write a synthetic cohort (DICOM CT series + cohort.csv + slice_labels.csv)."""
+    from msnet.synthetic import synth_cohort
+
+    path = synth_cohort(out, n_patients=patients, size=size, seed=seed, slices=(min_slices, max_slices))
+    typer.echo(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@app.command()
+def finetune(
+    config: Path = typer.Argument(..., help="YAML config."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set finetune.epochs=2."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Held-out folder of the same layout to test on."),
+    overwrite: bool = typer.Option(False, help="Redo finished work."),
+) -> None:
+    """Stage 1: fine-tune the slice backbone on slice labels."""
+    from msnet.config import load_config
+    from msnet.finetune import finetune as run_finetune
+
+    cfg = load_config(config, _overrides(set_))
+    result = run_finetune(cfg, test_dir=test, overwrite=overwrite)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def extract(
+    config: Path = typer.Argument(..., help="YAML config."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set extract.batch_size=16."),
+    overwrite: bool = typer.Option(False, help="Recompute cached features."),
+    strict: bool = typer.Option(False, help="Stop at the first study that fails."),
+) -> None:
+    """Stage 2: backbone features of every slice of every study."""
+    from msnet.config import load_config
+    from msnet.features import extract as run_extract
+
+    cfg = load_config(config, _overrides(set_))
+    report = run_extract(cfg, overwrite=overwrite, strict=strict)
+    typer.echo(report.summary())
+    if report.n_failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set train.epochs=10."),
+    folds: Optional[int] = typer.Option(None, "--folds", help="Patient-level stratified k-fold CV."),
+    overwrite: bool = typer.Option(False, help="Retrain finished aggregators."),
+) -> None:
+    """Stage 3: train MS-Net (and baselines) on cached features."""
+    from msnet.config import load_config
+    from msnet.train import train as run_train
+
+    cfg = load_config(config, _overrides(set_))
+    if folds is not None:
+        cfg.train.folds = folds
+    result = run_train(cfg, overwrite=overwrite)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def evaluate(run: Path = typer.Argument(..., help="Run folder (the config's run_dir).")) -> None:
+    """Metrics, bootstrap CIs, plots and report.md for a trained run."""
+    from msnet.evaluate import evaluate_run
+
+    report = evaluate_run(run)
+    typer.echo(f"report: {report}")
+
+
+@app.command("run")
+def run_all(
+    config: Path = typer.Argument(..., help="YAML config."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set train.epochs=10."),
+    overwrite: bool = typer.Option(False, help="Redo every stage."),
+) -> None:
+    """All stages (finetune, extract, train, evaluate), reusing finished work."""
+    from msnet.config import load_config
+    from msnet.pipeline import run_pipeline
+
+    cfg = load_config(config, _overrides(set_))
+    report = run_pipeline(cfg, overwrite=overwrite)
+    typer.echo(f"report: {report}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Argument(Path("msnet-demo"), help="Output folder."),
+    patients: int = typer.Option(36, help="Synthetic patients (split over the three classes)."),
+    overwrite: bool = typer.Option(False, help="Redo every stage."),
+) -> None:
+    """The main job: synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report."""
+    from msnet.pipeline import run_demo
+
+    run_demo(out, n_patients=patients, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@bench_app.command("read")
+def bench_read(
+    study: Path = typer.Argument(..., help="DICOM study folder."),
+    repeats: int = typer.Option(2, help="Timed repetitions of each reader (best is kept)."),
+) -> None:
+    """Reading a DICOM study to HU: msnet.io against a plain pydicom loop."""
+    from msnet.bench import bench_read as run
+
+    run(study, repeats=repeats)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except MsnetError as exc:
+        _stderr_console().print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

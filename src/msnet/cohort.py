@@ -1,0 +1,514 @@
+"""Cohort manifests: dataset layouts -> ``cohort.csv`` / ``slice_labels.csv`` / ``slices.csv``.
+
+Nothing downstream reads a dataset's native layout; :func:`index_dataset` turns
+it into manifests once. Layouts understood (detected in this order):
+
+- **user CSV** (``labels_csv``): ``patient_id,label[,path][,subset]``; ``path``
+  relative to the CSV's folder or to ROOT (the first that exists), or absolute;
+  without ``path`` the study is looked up as ROOT/<patient_id>[.nii[.gz]] or
+  ROOT/<class>/<patient_id>.
+- **manifest** (ROOT/cohort.csv exists, e.g. a cohort from ``msnet synth``):
+  re-indexed, i.e. every study is checked and ROOT/slice_labels.csv copied.
+- **COVID-CT-MD**: ``COVID-19 subjects/``, ``Cap subjects/``, ``Normal subjects/``
+  (optionally under ``Sample data/``) with ``Index.csv`` and
+  ``Slice-level-labels-updated-1.npy`` (else ``Slice-level-labels.npy``). The
+  label arrays are indexed by the 0-based *row position* in Index.csv (its
+  ``Label Index`` column skips 43 and is wrong from P044 on); labels run head to
+  feet, i.e. canonical order. Normal patients get all-zero slice labels.
+- **slice images**: ROOT/<split>/<class>/*.png|jpg (split = train/val/test) ->
+  ``slices.csv`` (``image_path,label,subset,format,status,error``). ``format`` is
+  the encoding found in the file's bytes (PNG/JPEG/...), not its extension: in
+  UCSD COVID-CT every train JPEG is non-COVID, a shortcut a model can learn.
+  ``CT_COVID`` -> ``COVID-19``, ``CT_NonCOVID`` -> ``NON-COVID``.
+- **class folders**: ROOT/<class>/<patient>, a patient being a DICOM folder, a
+  .nii/.nii.gz file or an image folder.
+
+Class names map case-insensitively (covid, covid-19, covid19 -> COVID-19; cap,
+pneumonia -> CAP; normal -> NORMAL); unknown names are kept as given.
+
+Paths in written manifests are **relative to the manifest's folder when the
+study lies inside it, absolute otherwise**; the readers here resolve both.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msnet.errors import MsnetError
+
+logger = logging.getLogger(__name__)
+
+_CLASS_ALIASES = {
+    "covid": "COVID-19", "covid-19": "COVID-19", "covid19": "COVID-19", "covid_19": "COVID-19",
+    "ct_covid": "COVID-19", "cap": "CAP", "pneumonia": "CAP", "normal": "NORMAL",
+    "ct_noncovid": "NON-COVID", "noncovid": "NON-COVID", "non-covid": "NON-COVID",
+}
+_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+           "test": "test", "testing": "test"}
+_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+_MD_CLASS_DIRS = {"covid-19 subjects": "COVID-19", "cap subjects": "CAP", "normal subjects": "NORMAL"}
+
+
+def map_class(name: str) -> str:
+    """Canonical class name for a folder or label name.
+
+    >>> map_class("Covid19"), map_class("Cap subjects"), map_class("Tumour")
+    ('COVID-19', 'CAP', 'Tumour')
+    """
+    key = re.sub(r"[\s_]+(subjects|cases|patients)$", "", name.strip(), flags=re.I).lower()
+    return _CLASS_ALIASES.get(key, _CLASS_ALIASES.get(key.replace(" ", ""), name.strip()))
+
+
+@dataclass
+class IndexReport:
+    """What :func:`index_dataset` did."""
+
+    layout: str
+    n_ok: int = 0
+    n_failed: int = 0
+    outputs: list[Path] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """Human-readable summary: counts, failures, files written."""
+        lines = [f"layout {self.layout}: {self.n_ok} ok, {self.n_failed} failed"]
+        for row in self.rows:
+            if row.get("status") == "failed":
+                name = row.get("patient_id") or row.get("image_path")
+                lines.append(f"  failed {name}: {row.get('error', '')}")
+        lines += [f"  wrote {p}" for p in self.outputs]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- csv helpers
+
+
+def write_csv_atomic(path: Path, header: list[str], rows: list) -> None:
+    """Write a CSV via a temp file in the same folder, then os.replace (rows: lists or dicts)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(header)
+            for row in rows:
+                w.writerow([row.get(k, "") for k in header] if isinstance(row, dict) else row)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise MsnetError("manifest not found", path=path, fix="build it with `msnet index ROOT -o OUT`")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in fields]
+        if missing:
+            raise MsnetError(f"missing column(s) {', '.join(missing)} (has {', '.join(fields) or 'none'})",
+                             path=path, fix=f"give the CSV a header with {', '.join(required)}")
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+
+
+def _abs(path: Path) -> Path:
+    """Absolute, normalised path that keeps symlinks (a linked study stays where the user put it)."""
+    return Path(os.path.normpath(os.path.abspath(Path(path).expanduser())))
+
+
+def _resolve(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return _abs(p if p.is_absolute() else Path(base) / p)
+
+
+def _rel(path: Path, base: Path) -> str:
+    """Path relative to base when inside it, else absolute."""
+    path, base = _abs(path), _abs(base)
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def read_cohort(path: Path, only_ok: bool = False) -> list[dict]:
+    """Rows of a cohort manifest; ``path`` resolved to an absolute Path.
+
+    Relative paths are taken relative to the manifest's folder. Rows with
+    status "failed" are kept unless ``only_ok``.
+
+    >>> rows = read_cohort("out/cohort.csv")  # doctest: +SKIP
+    >>> rows[0]["patient_id"], rows[0]["path"].is_absolute()  # doctest: +SKIP
+    ('SYN0001', True)
+    """
+    path = Path(path)
+    rows = _read_csv(path, ("patient_id", "label", "path"))
+    for row in rows:
+        row["path"] = _resolve(row["path"], _abs(path).parent)
+    if only_ok:
+        rows = [r for r in rows if r.get("status", "ok") in ("", "ok")]
+    return rows
+
+
+def read_slice_labels(path: Path) -> dict[str, np.ndarray]:
+    """patient_id -> int array of slice labels indexed by canonical slice_index."""
+    path = Path(path)
+    grouped: dict[str, dict[int, int]] = {}
+    for row in _read_csv(path, ("patient_id", "slice_index", "label")):
+        try:
+            grouped.setdefault(row["patient_id"], {})[int(row["slice_index"])] = int(row["label"])
+        except ValueError as exc:
+            raise MsnetError(f"non-integer slice_index/label in row {row}", path=path,
+                             fix="slice_index and label must be integers") from exc
+    out = {}
+    for pid, d in grouped.items():
+        if sorted(d) != list(range(len(d))):
+            raise MsnetError(f"slice indices of {pid} are not 0..{len(d) - 1}", path=path,
+                             fix="list every slice of the study once, in canonical order")
+        out[pid] = np.array([d[i] for i in range(len(d))], dtype=np.int64)
+    return out
+
+
+def read_slice_manifest(path: Path, only_ok: bool = False) -> list[dict]:
+    """Rows of a slice-image manifest (slices.csv); ``image_path`` resolved to an absolute Path."""
+    path = Path(path)
+    rows = _read_csv(path, ("image_path", "label"))
+    for row in rows:
+        row["image_path"] = _resolve(row["image_path"], _abs(path).parent)
+    if only_ok:
+        rows = [r for r in rows if r.get("status", "ok") in ("", "ok")]
+    return rows
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".")
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _study_id(p: Path) -> str:
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _patients_in(class_dir: Path) -> list[Path]:
+    """Studies inside a class folder: sub-folders, NIfTI files and single DICOM files."""
+    out = []
+    for p in sorted(class_dir.iterdir()):
+        if not _visible(p):
+            continue
+        if p.is_dir() or _is_nifti(p) or p.suffix.lower() == ".dcm":
+            out.append(p)
+        else:
+            logger.debug("skipping %s: not a study folder or volume file", p)
+    return out
+
+
+def _md_base(root: Path) -> Path | None:
+    """The folder holding the COVID-CT-MD class folders, or None."""
+    for base in (root, root / "Sample data"):
+        if base.is_dir() and any((base / d).is_dir() for d in os.listdir(base)
+                                 if d.lower() in _MD_CLASS_DIRS):
+            return base
+    return None
+
+
+def _image_split_dirs(root: Path) -> list[Path]:
+    splits = [d for d in root.iterdir() if d.is_dir() and d.name.lower() in _SPLITS]
+    for s in splits:
+        for c in s.iterdir():
+            if c.is_dir() and any(f.suffix.lower() in _IMAGE_EXT for f in c.iterdir()):
+                return splits
+    return []
+
+
+def detect_layout(root: Path, labels_csv: Path | None = None) -> str:
+    """One of "user-csv", "manifest", "covid-ct-md", "slice-images", "class-folders"."""
+    root = Path(root)
+    if labels_csv is not None:
+        return "user-csv"
+    if not root.is_dir():
+        raise MsnetError("dataset folder not found", path=root, fix="pass the folder that holds the dataset")
+    if (root / "cohort.csv").is_file():
+        return "manifest"
+    if _md_base(root) is not None:
+        return "covid-ct-md"
+    if _image_split_dirs(root):
+        return "slice-images"
+    return "class-folders"
+
+
+def _rows_class_folders(root: Path) -> list[dict]:
+    rows = []
+    for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and _visible(d)):
+        for p in _patients_in(class_dir):
+            rows.append({"patient_id": _study_id(p), "label": map_class(class_dir.name), "path": p})
+    if not rows:
+        raise MsnetError("no class folders with studies found", path=root,
+                         fix="lay the data out as ROOT/<class>/<patient> or pass --labels CSV")
+    return rows
+
+
+def _rows_user_csv(root: Path, labels_csv: Path) -> list[dict]:
+    labels_csv = Path(labels_csv)
+    rows = []
+    for r in _read_csv(labels_csv, ("patient_id", "label")):
+        pid = r["patient_id"]
+        if r.get("path"):
+            cands = [_resolve(r["path"], _abs(labels_csv).parent), _resolve(r["path"], _abs(root))]
+        else:
+            cands = [Path(root) / pid, Path(root) / f"{pid}.nii.gz", Path(root) / f"{pid}.nii"]
+            if Path(root).is_dir():
+                cands += [d / pid for d in Path(root).iterdir() if d.is_dir()]
+        path = next((c for c in cands if c.exists()), cands[-1] if r.get("path") else cands[0])
+        row = {"patient_id": pid, "label": map_class(r["label"]), "path": path}
+        if r.get("subset"):
+            row["subset"] = r["subset"]
+        rows.append(row)
+    return rows
+
+
+def _rows_manifest(root: Path) -> tuple[list[dict], dict[str, np.ndarray] | None]:
+    rows = []
+    for r in read_cohort(root / "cohort.csv"):
+        row = {k: v for k, v in r.items() if k not in ("status", "error")}
+        rows.append(row)
+    sl = root / "slice_labels.csv"
+    return rows, (read_slice_labels(sl) if sl.is_file() else None)
+
+
+def _md_label_rows(root: Path, base: Path) -> tuple[dict[str, int], np.ndarray | None]:
+    """COVID-CT-MD: patient id -> row position in Index.csv, and the slice-label array."""
+    folders = [root, base, base.parent]
+    index_csv = next((d / "Index.csv" for d in folders if (d / "Index.csv").is_file()), None)
+    if index_csv is None:
+        logger.warning("%s: no Index.csv found; slice labels only for normal patients", root)
+        return {}, None
+    positions: dict[str, int] = {}
+    with open(index_csv, newline="", encoding="utf-8-sig") as f:
+        for pos, row in enumerate(csv.DictReader(f)):  # row POSITION, not the Label Index column
+            pid = (row.get("Folder/ID") or "").strip()
+            if pid:
+                positions[pid] = pos
+    npy = None
+    for name in ("Slice-level-labels-updated-1.npy", "Slice-level-labels.npy"):
+        hit = next((d / name for d in folders if (d / name).is_file()), None)
+        if hit is not None:
+            npy = np.load(hit)
+            logger.info("slice labels from %s (%d rows)", hit.name, npy.shape[0])
+            break
+    if npy is not None and npy.shape[0] != len(positions):
+        logger.warning("%s has %d rows but Index.csv %d", root, npy.shape[0], len(positions))
+    return positions, npy
+
+
+def _rows_covid_ct_md(root: Path) -> tuple[list[dict], dict]:
+    base = _md_base(root)
+    assert base is not None
+    rows = []
+    for d in sorted(base.iterdir()):
+        if d.is_dir() and d.name.lower() in _MD_CLASS_DIRS:
+            for p in _patients_in(d):
+                rows.append({"patient_id": _study_id(p), "label": _MD_CLASS_DIRS[d.name.lower()], "path": p})
+    positions, npy = _md_label_rows(root, base)
+    return rows, {"positions": positions, "npy": npy}
+
+
+def _md_slice_labels(row: dict, n_slices: int, info: dict) -> np.ndarray | None:
+    pid, npy = row["patient_id"], info["npy"]
+    if row["label"] == "NORMAL" and pid not in info["positions"]:
+        return np.zeros(n_slices, dtype=np.int64)  # normal scans are infection-free by definition
+    pos = info["positions"].get(pid)
+    if pos is None or npy is None or pos >= npy.shape[0]:
+        logger.warning("no slice labels for %s (not in Index.csv or label array)", pid)
+        return None
+    lab = np.asarray(npy[pos]).astype(np.int64).ravel()
+    if n_slices > lab.size:
+        logger.warning("%s has %d slices but only %d labels; padding with 0", pid, n_slices, lab.size)
+        lab = np.concatenate([lab, np.zeros(n_slices - lab.size, dtype=np.int64)])
+    return lab[:n_slices]
+
+
+def _count_files(path: Path) -> int | None:
+    if path.is_dir():
+        return sum(1 for f in path.iterdir() if f.is_file() and _visible(f))
+    return None
+
+
+# --------------------------------------------------------------------------- slice images
+
+
+def image_format(path: Path) -> str:
+    """Encoded format of an image file from its first bytes ("PNG", "JPEG", ... or "unknown")."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"BM"):
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    return "unknown"
+
+
+def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool) -> IndexReport:
+    report = IndexReport(layout="slice-images")
+    for split in sorted(_image_split_dirs(root)):
+        for class_dir in sorted(d for d in split.iterdir() if d.is_dir() and _visible(d)):
+            for f in sorted(class_dir.iterdir()):
+                if not (f.is_file() and _visible(f) and f.suffix.lower() in _IMAGE_EXT):
+                    continue
+                row = {"image_path": f, "label": map_class(class_dir.name), "subset": _SPLITS[split.name.lower()],
+                       "format": image_format(f), "status": "ok", "error": ""}
+                if check:
+                    try:
+                        from PIL import Image
+
+                        with Image.open(f) as im:
+                            im.verify()
+                    except Exception as exc:  # noqa: BLE001 - any decoder error marks the image failed
+                        err = MsnetError(f"cannot decode image ({exc})", path=f, fix="remove or replace the file")
+                        if strict:
+                            raise err from exc
+                        row.update(status="failed", error=str(err))
+                ext = f.suffix.lower().lstrip(".").replace("jpg", "jpeg").upper()
+                if row["format"] not in ("unknown", ext):
+                    logger.debug("%s: extension says %s but content is %s", f.name, ext, row["format"])
+                report.rows.append(row)
+    out = Path(out_dir) / "slices.csv"
+    header = ["image_path", "label", "subset", "format", "status", "error"]
+    write_csv_atomic(out, header, [{**r, "image_path": _rel(r["image_path"], out_dir)} for r in report.rows])
+    report.outputs.append(out)
+    report.n_failed = sum(r["status"] == "failed" for r in report.rows)
+    report.n_ok = len(report.rows) - report.n_failed
+    mismatched = sum(1 for r in report.rows
+                     if r["format"] != r["image_path"].suffix.lower().lstrip(".").replace("jpg", "jpeg").upper())
+    if mismatched:
+        logger.warning("%d images are encoded in another format than their extension says", mismatched)
+    return report
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, strict: bool = False,
+                  check: bool = True) -> IndexReport:
+    """Detect root's layout and write out_dir/cohort.csv (+ slice_labels.csv) or out_dir/slices.csv.
+
+    With ``check`` every study is read with :func:`msnet.io.read_study`; a study
+    that fails gets status "failed" and its error text, and the run goes on
+    (``strict`` re-raises at the first failure).
+
+    >>> report = index_dataset("data/covid-ct-md", "out")  # doctest: +SKIP
+    >>> report.n_ok, report.n_failed  # doctest: +SKIP
+    (3, 0)
+    """
+    root, out_dir = Path(root), Path(out_dir)
+    layout = detect_layout(root, labels_csv)
+    logger.info("indexing %s as %s", root, layout)
+    if layout == "slice-images":
+        return _index_slice_images(root, out_dir, check, strict)
+    given_labels: dict[str, np.ndarray] | None = None
+    md_info: dict | None = None
+    if layout == "user-csv":
+        rows = _rows_user_csv(root, labels_csv)  # type: ignore[arg-type]
+    elif layout == "manifest":
+        rows, given_labels = _rows_manifest(root)
+    elif layout == "covid-ct-md":
+        rows, md_info = _rows_covid_ct_md(root)
+    else:
+        rows = _rows_class_folders(root)
+    ids = [r["patient_id"] for r in rows]
+    dups = sorted({i for i in ids if ids.count(i) > 1})
+    if dups:
+        raise MsnetError(f"patient ids occur more than once: {', '.join(dups[:5])}", path=root,
+                         fix="give every study a unique folder/file name or patient_id")
+
+    report = IndexReport(layout=layout)
+    slice_rows: list[list] = []
+    for row in rows:
+        row.update(status="ok", error="")
+        n_slices = None
+        if check:
+            n_slices = _check_study(row, strict)
+        elif not row["path"].exists():
+            row.update(status="failed", error=str(MsnetError("study not found", path=row["path"])))
+        if row["status"] == "ok" and (given_labels is not None or md_info is not None):
+            labels = _slice_labels_for(row, n_slices, given_labels, md_info)
+            if isinstance(labels, str):  # a mismatch is a failure of this study
+                row.update(status="failed", error=labels)
+                if strict:
+                    raise MsnetError(labels, path=row["path"])
+            elif labels is not None:
+                slice_rows.extend([row["patient_id"], i, int(v)] for i, v in enumerate(labels))
+        report.rows.append(row)
+
+    report.n_failed = sum(r["status"] == "failed" for r in report.rows)
+    report.n_ok = len(report.rows) - report.n_failed
+    header = ["patient_id", "label", "path"] + (["subset"] if any(r.get("subset") for r in rows) else [])
+    header += ["status", "error"]
+    out = out_dir / "cohort.csv"
+    write_csv_atomic(out, header, [{**r, "path": _rel(r["path"], out_dir)} for r in report.rows])
+    report.outputs.append(out)
+    if slice_rows:
+        sl = out_dir / "slice_labels.csv"
+        write_csv_atomic(sl, ["patient_id", "slice_index", "label"], slice_rows)
+        report.outputs.append(sl)
+    logger.info("%d ok, %d failed", report.n_ok, report.n_failed)
+    return report
+
+
+def _check_study(row: dict, strict: bool) -> int | None:
+    """Read the study; on failure mark the row (or raise when strict). Returns the slice count."""
+    from msnet.io import read_study
+
+    try:
+        vol = read_study(row["path"], study_id=row["patient_id"])
+        return int(vol.n_slices)
+    except Exception as exc:  # noqa: BLE001 - recorded per study; strict re-raises
+        if strict:
+            raise
+        err = exc if isinstance(exc, MsnetError) else MsnetError(f"cannot read study ({type(exc).__name__}: {exc})",
+                                                                path=row["path"])
+        logger.warning("study %s failed: %s", row["patient_id"], err)
+        row.update(status="failed", error=str(err))
+        return None
+
+
+def _slice_labels_for(row: dict, n_slices: int | None, given: dict | None, md_info: dict | None):
+    """Slice labels of one study, None when unknown, or an error text on a count mismatch."""
+    if n_slices is None:
+        n_slices = _count_files(row["path"])
+    if given is not None:
+        lab = given.get(row["patient_id"])
+        if lab is None:
+            return None
+        if n_slices is not None and lab.size != n_slices:
+            return (f"slice_labels.csv has {lab.size} labels for {row['patient_id']} "
+                    f"but the study has {n_slices} slices")
+        return lab
+    if n_slices is None:
+        return None
+    return _md_slice_labels(row, n_slices, md_info)  # type: ignore[arg-type]

@@ -1,0 +1,252 @@
+"""Configuration: one dataclass per stage, loaded from YAML with CLI overrides.
+
+>>> cfg = Config()
+>>> cfg = apply_overrides(cfg, ["train.epochs=3", "backbone.name=resnet18"])
+>>> (cfg.train.epochs, cfg.backbone.name)
+(3, 'resnet18')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msnet import CLASSES
+from msnet.errors import MsnetError
+
+
+@dataclass
+class DataConfig:
+    cohort: str = ""
+    """cohort.csv (patient_id,label,path[,subset]); paths relative to it."""
+    slice_labels: str = ""
+    """slice_labels.csv (patient_id,slice_index,label) for stage 1."""
+    slice_manifest: str = ""
+    """Slice-image manifest (slices.csv of `msnet index` on a UCSD-style folder) for stage 1."""
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    normal_class: str = "NORMAL"
+    """Class whose slices are all sampled (others: only their infected slices)."""
+    reencode_jpeg: int = 0
+    """Slice images: re-encode every image as JPEG of this quality after resizing,
+    so that no class can be told by its file format (0 = off)."""
+
+
+@dataclass
+class PreprocessConfig:
+    size: int = 224
+    windows: list[list[float]] = field(default_factory=lambda: [[-600.0, 1500.0]])
+    """HU windows as [level, width]; one window is replicated to three channels
+    (the paper), three windows become three channels."""
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "efficientnet_lite0"
+    pretrained: bool = True
+    weights: str = ""
+    freeze: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = True
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    class_weights: bool = True
+    hflip: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    infected_only: bool = True
+    """Paper: only infected slices of COVID-19/CAP patients carry their class."""
+    normal_slices_per_patient: int = 0
+    """Slices sampled from each NORMAL patient (0 = all)."""
+    max_slices_per_patient: int = 0
+    """Cap on slices per patient and class (0 = no cap); keeps CPU runs short."""
+    val_fraction: float = 0.2
+    """Patients held out for validation when the cohort has no `val` subset."""
+    early_stopping: int = 0
+    """Stop after this many epochs without validation improvement (0 = off)."""
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 32
+    channels_last: bool = True
+
+
+@dataclass
+class TrainConfig:
+    aggregators: list[str] = field(default_factory=lambda: ["msnet"])
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    class_weights: bool = True
+    crop_prob: float = 0.5
+    """Probability of a random contiguous crop of the slice sequence (partial scans)."""
+    crop_min_fraction: float = 0.5
+    folds: int = 0
+    """Patient-level stratified k-fold CV (0 = use the cohort's subsets)."""
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/msnet"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = ""
+    """Folder of the YAML file (relative data paths resolve against it)."""
+
+    @property
+    def run_path(self) -> Path:
+        return self.resolve(self.run_dir)
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.source:
+            p = Path(self.source) / p
+        return p
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in known:
+            raise MsnetError(
+                f"unknown config key '{where}{key}'",
+                fix=f"use one of: {', '.join(known)}",
+            )
+        f = known[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[key] = _build(f.default_factory, value, f"{where}{key}.")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` overrides (values parsed as YAML)."""
+    data = asdict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise MsnetError(f"override '{item}' is not of the form key=value", fix="e.g. --set train.epochs=10")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                raise MsnetError(f"unknown config section '{part}' in override '{item}'")
+            node = node[part]
+        if parts[-1] not in node:
+            raise MsnetError(f"unknown config key '{key}' in override '{item}'", fix=f"use one of: {', '.join(node)}")
+        node[parts[-1]] = _parse_value(value)
+    return config_from_dict(data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a file, or the name of a shipped one: `paper`, `cpu`)."""
+    p = Path(path)
+    if not p.exists() and str(path) in ("paper", "cpu", "demo"):
+        p = Path(__file__).parent / "configs" / f"{path}.yaml"
+    if not p.is_file():
+        raise MsnetError("config file not found", path=p, fix="pass a YAML file, or `paper` / `cpu`")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MsnetError(f"not valid YAML ({exc})", path=p) from exc
+    cfg = config_from_dict(data)
+    if not cfg.source:
+        cfg.source = str(p.resolve().parent)
+    return apply_overrides(cfg, overrides or [])
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("msnet", "torch", "torchvision", "timm", "numpy", "pydicom", "onnxruntime"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_run_info(cfg: Config, folder: Path, stage: str) -> None:
+    """Save the resolved config and package versions next to a stage's outputs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    atomic_write_text(folder / "versions.json", json.dumps({"stage": stage, **versions()}, indent=2))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temp file, then rename: an interruption never leaves half a checkpoint."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def file_hash(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,452 @@
+"""Stage 1: fine-tune the slice backbone on slice-level labels.
+
+The paper's way: infected slices of COVID-19 and CAP patients carry the
+patient's class, slices sampled from normal patients are NORMAL; or a
+slice-image manifest (UCSD layout). Paper augmentation, class-weighted
+cross-entropy, Adam, best-validation checkpoint; resumable after interruption;
+data-parallel under torchrun.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from msnet.config import Config, atomic_torch_save, atomic_write_text, save_run_info
+from msnet.errors import MsnetError
+from msnet import distributed as D
+from msnet import preprocess as P
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SliceSet:
+    """Slices in memory as uint8 [0, 255] of shape (n, c, S, S), c = 1 or 3."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    groups: list[str] = field(default_factory=list)
+    """patient id (or image path) of each slice"""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _evenly(indices: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0 or len(indices) <= k:
+        return indices
+    pos = np.linspace(0, len(indices) - 1, k).round().astype(int)
+    return indices[pos]
+
+
+def select_slices(label: str, slice_labels: np.ndarray | None, n_slices: int, cfg: Config) -> np.ndarray:
+    """Slice indices of one patient used for fine-tuning (the paper's rule by default).
+
+    >>> from msnet.config import Config
+    >>> select_slices("CAP", np.array([0, 1, 1, 0]), 4, Config()).tolist()
+    [1, 2]
+    >>> select_slices("NORMAL", None, 4, Config()).tolist()
+    [0, 1, 2, 3]
+    """
+    ft = cfg.finetune
+    if label == cfg.data.normal_class:
+        idx = _evenly(np.arange(n_slices), ft.normal_slices_per_patient)
+    elif not ft.infected_only:
+        idx = np.arange(n_slices)
+    else:
+        if slice_labels is None:
+            return np.zeros(0, dtype=int)
+        idx = np.flatnonzero(np.asarray(slice_labels[:n_slices]) > 0)
+    return _evenly(idx, ft.max_slices_per_patient)
+
+
+def _split_patients(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Stratified patient-level split (train, val) when the cohort names none."""
+    rng = random.Random(seed)
+    train, val = [], []
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda r: r["patient_id"])
+        rng.shuffle(group)
+        n_val = max(1, int(round(len(group) * fraction))) if len(group) > 1 else 0
+        val += group[:n_val]
+        train += group[n_val:]
+    return train, val
+
+
+def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: list[str], desc: str) -> SliceSet:
+    from rich.progress import track
+
+    from msnet.io import read_study
+
+    size, windows = cfg.preprocess.size, cfg.preprocess.windows
+    images, labels, groups = [], [], []
+    for r in track(rows, description=f"reading {desc} slices", transient=True, disable=not D.is_main()):
+        pid, label = r["patient_id"], r["label"]
+        if label not in classes:
+            log.warning("patient %s: label %r is not one of %s; skipped", pid, label, classes)
+            continue
+        vol = read_study(r["path"], study_id=pid)
+        idx = select_slices(label, slice_labels.get(pid), vol.n_slices, cfg)
+        if len(idx) == 0:
+            continue
+        unit = P.prepare_unit(vol.hu[idx], vol.kind, windows, size)
+        images.append(P.quantize(unit))
+        labels += [classes.index(label)] * len(idx)
+        groups += [pid] * len(idx)
+    if not images:
+        raise MsnetError(f"no {desc} slices selected", fix="check slice_labels.csv and the cohort's labels")
+    return SliceSet(torch.cat(images), torch.tensor(labels), groups)
+
+
+def load_image_slice(path: str | Path, size: int, reencode_jpeg: int = 0) -> torch.Tensor:
+    """A 2-D image file -> uint8 (1, size, size) grey, opened by content, optionally re-encoded as JPEG."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L").resize((size, size), Image.BILINEAR)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise MsnetError(f"cannot read image ({exc})", path=path) from exc
+    if reencode_jpeg:
+        buf = _io.BytesIO()
+        im.save(buf, format="JPEG", quality=int(reencode_jpeg))
+        buf.seek(0)
+        im = Image.open(buf).convert("L")
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).unsqueeze(0)
+
+
+def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str) -> SliceSet:
+    images, labels, groups = [], [], []
+    for r in rows:
+        if r["label"] not in classes:
+            raise MsnetError(
+                f"label {r['label']!r} of {r['image_path']} is not one of the config's classes {classes}",
+                fix="set data.classes in the config",
+            )
+        images.append(load_image_slice(r["image_path"], cfg.preprocess.size, cfg.data.reencode_jpeg))
+        labels.append(classes.index(r["label"]))
+        groups.append(str(r["image_path"]))
+    if not images:
+        raise MsnetError(f"no {desc} images")
+    return SliceSet(torch.stack(images), torch.tensor(labels), groups)
+
+
+def image_folder_rows(folder: Path) -> list[dict]:
+    """Rows (image_path, label) of a folder laid out as <class>/<images>."""
+    from msnet.cohort import map_class
+
+    rows = []
+    for cls_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        for f in sorted(cls_dir.iterdir()):
+            if f.is_file() and f.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+                rows.append({"image_path": str(f), "label": map_class(cls_dir.name)})
+    if not rows:
+        raise MsnetError("no images found in <class>/ sub-folders", path=folder)
+    return rows
+
+
+def build_slice_sets(cfg: Config) -> dict[str, SliceSet]:
+    """The train and val slice sets of stage 1 (test patients are never used)."""
+    classes = list(cfg.data.classes)
+    ft = cfg.finetune
+    if cfg.data.slice_manifest:
+        from msnet.cohort import read_slice_manifest
+
+        rows = read_slice_manifest(cfg.resolve(cfg.data.slice_manifest))
+        train = [r for r in rows if r.get("subset", "train") == "train"]
+        val = [r for r in rows if r.get("subset") == "val" and ft.val_fraction < 0]
+        if not val:
+            # model selection on a part of train; the manifest's own val stays unseen (use --test)
+            rng = random.Random(ft.seed)
+            rng.shuffle(train)
+            by_label: dict[str, list] = {}
+            for r in train:
+                by_label.setdefault(r["label"], []).append(r)
+            train, val = [], []
+            for label in sorted(by_label):
+                g = by_label[label]
+                k = max(1, int(round(len(g) * abs(ft.val_fraction))))
+                val += g[:k]
+                train += g[k:]
+        return {"train": _image_slices(train, cfg, classes, "train"), "val": _image_slices(val, cfg, classes, "val")}
+
+    from msnet.cohort import read_cohort, read_slice_labels
+
+    if not cfg.data.cohort:
+        raise MsnetError("the config names no data.cohort", fix="run `msnet index ROOT -o OUT` and set data.cohort")
+    rows = [r for r in read_cohort(cfg.resolve(cfg.data.cohort)) if r.get("status", "ok") in ("", "ok")]
+    labels_path = cfg.resolve(cfg.data.slice_labels) if cfg.data.slice_labels else None
+    slice_labels = read_slice_labels(labels_path) if labels_path else {}
+    subsets = {r.get("subset", "") for r in rows}
+    if "train" in subsets:
+        train = [r for r in rows if r.get("subset") == "train"]
+        val = [r for r in rows if r.get("subset") == "val"]
+        if not val:
+            train, val = _split_patients(train, ft.val_fraction, ft.seed)
+    else:
+        train, val = _split_patients([r for r in rows if r.get("subset", "") != "test"], ft.val_fraction, ft.seed)
+    return {
+        "train": _cohort_slices(train, slice_labels, cfg, classes, "train"),
+        "val": _cohort_slices(val, slice_labels, cfg, classes, "val"),
+    }
+
+
+def augment(batch: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
+    """Paper augmentation on [0, 1] 3-channel slices: horizontal flip, brightness/contrast/saturation jitter."""
+    from torchvision.transforms.v2 import functional as TF
+
+    ft = cfg.finetune
+    out = []
+    for img in batch:
+        if ft.hflip and torch.rand((), generator=gen) < ft.hflip:
+            img = img.flip(-1)
+        if ft.brightness:
+            img = TF.adjust_brightness(img, float(1 + (torch.rand((), generator=gen) * 2 - 1) * ft.brightness))
+        if ft.contrast:
+            img = TF.adjust_contrast(img, float(1 + (torch.rand((), generator=gen) * 2 - 1) * ft.contrast))
+        if ft.saturation:
+            img = TF.adjust_saturation(img, float(1 + (torch.rand((), generator=gen) * 2 - 1) * ft.saturation))
+        out.append(img)
+    return torch.stack(out)
+
+
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, mean 1 over the classes present.
+
+    >>> class_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()
+    [0.5, 1.5]
+    """
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    present = (counts > 0).sum()
+    return w * present / w.sum()
+
+
+def build_model(cfg: Config, n_classes: int, pretrained: bool | None = None):
+    from msnet.backbones import SliceClassifier, create
+
+    backbone = create(
+        cfg.backbone.name,
+        pretrained=cfg.backbone.pretrained if pretrained is None else pretrained,
+        weights=cfg.resolve(cfg.backbone.weights) if cfg.backbone.weights else None,
+        freeze=cfg.backbone.freeze or None,
+    )
+    return SliceClassifier(backbone, n_classes)
+
+
+@torch.inference_mode()
+def predict_slices(model: nn.Module, data: SliceSet, cfg: Config, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (n, n_classes) of every slice."""
+    model.eval()
+    mean, std = model.backbone.data_config["mean"], model.backbone.data_config["std"]
+    probs = []
+    for i in range(0, len(data), batch_size):
+        x = P.finish(P.dequantize(data.images[i : i + batch_size]), mean, std).to(device)
+        probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+    return torch.cat(probs).numpy()
+
+
+def slice_metrics(data: SliceSet, probs: np.ndarray, classes: list[str]) -> dict:
+    from msnet.metrics import classification_metrics
+
+    y = data.labels.numpy()
+    return classification_metrics(y, probs.argmax(1), probs, classes)
+
+
+def _table1(metrics: dict, classes: list[str]) -> str:
+    head = "| " + " | ".join(f"{c} sensitivity" for c in classes) + " | accuracy |"
+    sep = "|" + "---|" * (len(classes) + 1)
+    sens = metrics.get("sensitivity", {})
+    vals = " | ".join("—" if sens.get(c) is None else f"{100 * sens[c]:.2f}%" for c in classes)
+    return f"{head}\n{sep}\n| {vals} | {100 * metrics['accuracy']:.2f}% |"
+
+
+def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False) -> dict:
+    """Run stage 1; returns the slice-level validation metrics (and test metrics with `test_dir`)."""
+    from rich.progress import Progress
+
+    rank, world = D.init_from_env()
+    out = cfg.run_path / "finetune"
+    done_file = out / "metrics.json"
+    classes = list(cfg.data.classes)
+    if done_file.exists() and not overwrite:
+        log.info("fine-tuning already done: %s (use --overwrite to redo)", out)
+        result = json.loads(done_file.read_text())
+        if test_dir is not None:
+            result["test"] = test(cfg, test_dir)
+        return result
+    if D.is_main():
+        save_run_info(cfg, out, "finetune")
+    seed_everything(cfg.finetune.seed)
+    device = pick_device(cfg.device)
+    data = build_slice_sets(cfg)
+    train_set, val_set = data["train"], data["val"]
+    log.info("fine-tuning on %d slices, validating on %d (classes %s)", len(train_set), len(val_set), classes)
+
+    model = build_model(cfg, len(classes)).to(device)
+    mean, std = model.backbone.data_config["mean"], model.backbone.data_config["std"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay)
+    weights = class_weights(train_set.labels, len(classes)) if cfg.finetune.class_weights else None
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+
+    state_file = out / "state.pt"
+    start_epoch, history, best = 0, [], {"accuracy": -1.0, "loss": float("inf"), "epoch": -1}
+    if state_file.exists() and not overwrite:
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        log.info("resuming fine-tuning at epoch %d", start_epoch + 1)
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model)
+
+    bs = cfg.finetune.batch_size
+    stale = 0
+    with Progress(disable=not D.is_main(), transient=True) as progress:
+        task = progress.add_task("fine-tuning", total=cfg.finetune.epochs * ((len(train_set) // world + bs - 1) // bs))
+        progress.update(task, completed=start_epoch * ((len(train_set) // world + bs - 1) // bs))
+        for epoch in range(start_epoch, cfg.finetune.epochs):
+            gen = torch.Generator().manual_seed(cfg.finetune.seed * 1000 + epoch)
+            order = torch.randperm(len(train_set), generator=gen)
+            order = order[rank::world]  # each rank its shard (same permutation everywhere)
+            train_model.train()
+            total, n_seen = 0.0, 0
+            for i in range(0, len(order), bs):
+                idx = order[i : i + bs]
+                x = P.to_three_channels(P.dequantize(train_set.images[idx]))
+                x = P.normalize(augment(x, cfg, gen), mean, std).to(device)
+                y = train_set.labels[idx].to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(train_model(x), y)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                n_seen += len(idx)
+                progress.advance(task)
+            probs = predict_slices(model, val_set, cfg, device)
+            val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), val_set.labels))
+            val_acc = float((probs.argmax(1) == val_set.labels.numpy()).mean())
+            row = {"epoch": epoch + 1, "train_loss": total / max(n_seen, 1), "val_loss": val_loss, "val_accuracy": val_acc}
+            history.append(row)
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch + 1, row["train_loss"], val_loss, val_acc)
+            improved = val_acc > best["accuracy"] or (val_acc == best["accuracy"] and val_loss < best["loss"])
+            if improved:
+                best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1}
+                stale = 0
+                if D.is_main():
+                    save_backbone(model, cfg, classes, out / "backbone.pt", extra={"epoch": epoch + 1, "val_accuracy": val_acc})
+            else:
+                stale += 1
+            if D.is_main():
+                atomic_torch_save(
+                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "history": history, "best": best},
+                    state_file,
+                )
+                _write_history(out / "history.csv", history)
+            if cfg.finetune.early_stopping and stale >= cfg.finetune.early_stopping:
+                log.info("early stopping after %d epochs without improvement", stale)
+                break
+    D.barrier()
+    best_model = load_slice_classifier(out / "backbone.pt", device)
+    probs = predict_slices(best_model, val_set, cfg, device)
+    metrics = slice_metrics(val_set, probs, classes)
+    metrics.update(best_epoch=best["epoch"], n_train=len(train_set), n_val=len(val_set), table1=_table1(metrics, classes))
+    if D.is_main():
+        atomic_write_text(done_file, json.dumps(metrics, indent=2))
+        if state_file.exists():
+            state_file.unlink()
+    if test_dir is not None:
+        metrics["test"] = test(cfg, test_dir)
+    return metrics
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_backbone(model: nn.Module, cfg: Config, classes: list[str], path: Path, extra: dict | None = None) -> None:
+    """Checkpoint that rebuilds the fine-tuned slice classifier on its own."""
+    from msnet import __version__
+
+    atomic_torch_save(
+        {
+            "backbone": cfg.backbone.name,
+            "state_dict": model.state_dict(),
+            "data_config": dict(model.backbone.data_config),
+            "classes": classes,
+            "preprocess": asdict(cfg.preprocess),
+            "msnet_version": __version__,
+            **(extra or {}),
+        },
+        path,
+    )
+
+
+def load_slice_classifier(path: Path, device: torch.device | str = "cpu"):
+    """Rebuild a SliceClassifier from a stage-1 checkpoint (no network, no pretrained download)."""
+    from msnet.backbones import SliceClassifier, create
+
+    if not Path(path).is_file():
+        raise MsnetError("backbone checkpoint not found", path=path, fix="run `msnet finetune CONFIG` first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = SliceClassifier(create(ckpt["backbone"], pretrained=False), len(ckpt["classes"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.classes = ckpt["classes"]
+    model.preprocess = ckpt["preprocess"]
+    return model.to(device).eval()
+
+
+def test(cfg: Config, test_dir: Path) -> dict:
+    """Evaluate the best stage-1 checkpoint on a held-out folder of the same layout."""
+    out = cfg.run_path / "finetune"
+    device = pick_device(cfg.device)
+    model = load_slice_classifier(out / "backbone.pt", device)
+    classes = list(model.classes)
+    test_dir = Path(test_dir)
+    if (test_dir / "cohort.csv").exists():
+        from msnet.cohort import read_cohort, read_slice_labels
+
+        rows = read_cohort(test_dir / "cohort.csv")
+        labels_file = test_dir / "slice_labels.csv"
+        data = _cohort_slices(rows, read_slice_labels(labels_file) if labels_file.exists() else {}, cfg, classes, "test")
+    else:
+        data = _image_slices(image_folder_rows(test_dir), cfg, classes, "test")
+    probs = predict_slices(model, data, cfg, device)
+    metrics = slice_metrics(data, probs, classes)
+    metrics["n"] = len(data)
+    metrics["test_dir"] = str(test_dir)
+    atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
+    return metrics

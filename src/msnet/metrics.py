@@ -1,0 +1,386 @@
+"""Pure metric functions (numpy only): confusion matrix, per-class metrics, ROC/AUC,
+patient-level bootstrap confidence intervals and the paper's table layouts.
+
+Labels and predictions are integer class indices into ``classes``; ``probs`` is an
+``(n, n_classes)`` array of class probabilities (or any scores, higher = more likely).
+
+>>> m = classification_metrics([0, 1, 1], [0, 1, 0], None, ("A", "B"))
+>>> m["accuracy"], m["sensitivity"]["B"]
+(0.6666666666666666, 0.5)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "confusion_matrix",
+    "classification_metrics",
+    "roc_curve",
+    "auc_score",
+    "bootstrap_ci",
+    "positive_class_index",
+    "table1",
+    "table3",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_labels(y: Any, n_classes: int, name: str) -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"{name} must hold integer class indices")
+    arr = arr.astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_classes):
+        raise ValueError(f"{name} holds class indices outside 0..{n_classes - 1}")
+    return arr
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _nanmean(a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mean over the finite entries (NaN where there are none), without warnings."""
+    ok = np.isfinite(a)
+    count = ok.sum(axis=axis)
+    total = np.where(ok, a, 0.0).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def positive_class_index(classes: Sequence[str]) -> int:
+    """Index of the positive class for binary summaries: the one named like COVID, else 0.
+
+    >>> positive_class_index(("NORMAL", "COVID"))
+    1
+    """
+    for i, name in enumerate(classes):
+        if "COVID" in str(name).upper():
+            return i
+    return 0
+
+
+def _cm_batch_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class and summary metrics of a batch of confusion matrices ``(B, K, K)``.
+
+    Undefined values are NaN: sensitivity without positives, specificity without
+    negatives, precision without predictions, F1 of a class absent from both.
+    """
+    cm = cm.astype(np.float64)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support = cm.sum(axis=2)  # rows: true class
+    predicted = cm.sum(axis=1)  # cols: predicted class
+    total = cm.sum(axis=(1, 2))[:, None]
+    fp = predicted - tp
+    negatives = total - support
+    tn = negatives - fp
+    sens = _safe_div(tp, support)
+    f1 = _safe_div(2 * tp, support + predicted)
+    return {
+        "sensitivity": sens,
+        "specificity": _safe_div(tn, negatives),
+        "precision": _safe_div(tp, predicted),
+        "f1": f1,
+        "accuracy": _safe_div(tp.sum(axis=1), total[:, 0]),
+        "balanced_accuracy": _nanmean(sens, axis=1),
+        "macro_f1": _nanmean(f1, axis=1),
+    }
+
+
+def _weighted_auc(y_binary: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One AUC per row of ``weights`` ``(B, n)`` (sample multiplicities); ties count 1/2.
+
+    Used for bootstrap resamples: one sort of the scores serves every resample.
+    """
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    w = weights[:, order].astype(np.float64)
+    pos = y_binary[order].astype(bool)
+    p = np.add.reduceat(np.where(pos, w, 0.0), starts, axis=1)  # (B, groups)
+    q = np.add.reduceat(np.where(pos, 0.0, w), starts, axis=1)
+    below = np.cumsum(q, axis=1) - q
+    num = (p * (below + 0.5 * q)).sum(axis=1)
+    den = p.sum(axis=1) * q.sum(axis=1)
+    return _safe_div(num, den)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
+    """Counts ``(n_classes, n_classes)``: rows are the true class, columns the prediction.
+
+    >>> confusion_matrix([0, 0, 1], [0, 1, 1], 2).tolist()
+    [[1, 1], [0, 1]]
+    """
+    t = _as_labels(y_true, n_classes, "y_true")
+    p = _as_labels(y_pred, n_classes, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in length ({t.size} vs {p.size})")
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def roc_curve(y_true_binary: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC points ``(fpr, tpr, thresholds)``; thresholds descend from +inf over the distinct scores.
+
+    >>> fpr, tpr, thr = roc_curve([0, 1], [0.2, 0.9])
+    >>> fpr.tolist(), tpr.tolist()
+    ([0.0, 0.0, 1.0], [0.0, 1.0, 1.0])
+    """
+    y = np.asarray(y_true_binary).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC needs at least one positive and one negative sample")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    thresholds = np.r_[np.inf, s[last]]
+    return fpr, tpr, thresholds
+
+
+def auc_score(y_true_binary: Any, scores: Any) -> float:
+    """Area under the ROC curve by the Mann-Whitney rank formula (ties get mid-ranks).
+
+    >>> auc_score([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.75
+    """
+    y = np.asarray(y_true_binary).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs at least one positive and one negative sample")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    midrank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mid-rank of each distinct score
+    ranks = midrank[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(
+    y_true: Any, y_pred: Any, probs: Any | None, classes: Sequence[str]
+) -> dict[str, Any]:
+    """Every metric the report shows, as a JSON-ready dict.
+
+    Per class (dicts keyed by class name): ``sensitivity``, ``specificity``, ``precision``,
+    ``f1_per_class``, ``auc_per_class`` (one-vs-rest), ``support``. Summaries: ``accuracy``,
+    ``balanced_accuracy``, ``macro_f1``, ``macro_auc``, ``confusion_matrix`` (nested list),
+    ``n``. ``f1``/``auc`` are those of the positive class (COVID) for two classes, else the
+    macro values. Undefined values are None.
+
+    >>> m = classification_metrics([0, 1], [0, 1], [[0.9, 0.1], [0.2, 0.8]], ("COVID-19", "NORMAL"))
+    >>> m["accuracy"], m["auc"], m["positive_class"]
+    (1.0, 1.0, 'COVID-19')
+    """
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    t = _as_labels(y_true, k, "y_true")
+    cm = confusion_matrix(t, y_pred, k)
+    batch = _cm_batch_metrics(cm[None])
+
+    auc_pc: list[float | None] = [None] * k
+    if probs is not None:
+        pr = np.asarray(probs, dtype=np.float64)
+        if pr.shape != (t.size, k):
+            raise ValueError(f"probs has shape {pr.shape}, expected {(t.size, k)}")
+        for c in range(k):
+            pos = t == c
+            if 0 < pos.sum() < t.size:
+                auc_pc[c] = auc_score(pos, pr[:, c])
+    valid_auc = [a for a in auc_pc if a is not None]
+    macro_auc = float(np.mean(valid_auc)) if valid_auc else None
+
+    def per_class(key: str) -> dict[str, float | None]:
+        return {c: _none_if_nan(v) for c, v in zip(classes, batch[key][0])}
+
+    out: dict[str, Any] = {
+        "n": int(t.size),
+        "classes": classes,
+        "accuracy": _none_if_nan(batch["accuracy"][0]),
+        "balanced_accuracy": _none_if_nan(batch["balanced_accuracy"][0]),
+        "macro_f1": _none_if_nan(batch["macro_f1"][0]),
+        "macro_auc": macro_auc,
+        "sensitivity": per_class("sensitivity"),
+        "specificity": per_class("specificity"),
+        "precision": per_class("precision"),
+        "f1_per_class": per_class("f1"),
+        "auc_per_class": dict(zip(classes, auc_pc)),
+        "support": {c: int(v) for c, v in zip(classes, cm.sum(axis=1))},
+        "confusion_matrix": cm.tolist(),
+    }
+    if k == 2:
+        pos = positive_class_index(classes)
+        out["positive_class"] = classes[pos]
+        out["f1"] = out["f1_per_class"][classes[pos]]
+        out["auc"] = auc_pc[pos]
+    else:
+        out["f1"] = out["macro_f1"]
+        out["auc"] = macro_auc
+    return out
+
+
+def bootstrap_ci(
+    y_true: Any,
+    y_pred: Any,
+    probs: Any | None,
+    classes: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals, resampling patients (rows) with replacement.
+
+    Keys: ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``macro_auc`` (when ``probs``
+    is given), ``f1``/``auc`` (as in :func:`classification_metrics`) and
+    ``sensitivity_<class>`` per class. A value is None when the metric is undefined in
+    every resample. All resamples are evaluated at once (no Python loop over them).
+
+    >>> ci = bootstrap_ci([0, 1] * 50, [0, 1] * 50, None, ("A", "B"), n_boot=200)
+    >>> ci["accuracy"]
+    (1.0, 1.0)
+    """
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    t = _as_labels(y_true, k, "y_true")
+    p = _as_labels(y_pred, k, "y_pred")
+    n = t.size
+    if n == 0:
+        raise ValueError("bootstrap_ci needs at least one sample")
+    if p.size != n:
+        raise ValueError(f"y_true and y_pred differ in length ({n} vs {p.size})")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    counts = np.bincount((np.arange(n_boot)[:, None] * n + idx).ravel(), minlength=n_boot * n)
+    counts = counts.reshape(n_boot, n).astype(np.float64)
+
+    pair = np.zeros((n, k * k))
+    pair[np.arange(n), t * k + p] = 1.0
+    cm = (counts @ pair).reshape(n_boot, k, k)
+    batch = _cm_batch_metrics(cm)
+
+    samples: dict[str, np.ndarray] = {
+        "accuracy": batch["accuracy"],
+        "balanced_accuracy": batch["balanced_accuracy"],
+        "macro_f1": batch["macro_f1"],
+    }
+    for c, name in enumerate(classes):
+        samples[f"sensitivity_{name}"] = batch["sensitivity"][:, c]
+    pos = positive_class_index(classes)
+    samples["f1"] = batch["f1"][:, pos] if k == 2 else batch["macro_f1"]
+    if probs is not None:
+        pr = np.asarray(probs, dtype=np.float64)
+        if pr.shape != (n, k):
+            raise ValueError(f"probs has shape {pr.shape}, expected {(n, k)}")
+        aucs = np.stack([_weighted_auc(t == c, pr[:, c], counts) for c in range(k)], axis=1)
+        samples["macro_auc"] = _nanmean(aucs, axis=1)
+        samples["auc"] = aucs[:, pos] if k == 2 else samples["macro_auc"]
+
+    out: dict[str, tuple[float, float] | None] = {}
+    for key, values in samples.items():
+        v = values[np.isfinite(values)]
+        if v.size == 0:
+            out[key] = None
+        else:
+            lo, hi = np.percentile(v, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            out[key] = (float(lo), float(hi))
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def table1(y_true: Any, y_pred: Any, classes: Sequence[str], title: str = "Class") -> str:
+    """The paper's Table 1 form (slice level): per-class sensitivity and overall accuracy.
+
+    >>> print(table1([0, 0, 1], [0, 1, 1], ("COVID-19", "NORMAL")))
+    | Class | Sensitivity | Correct / total |
+    |---|---|---|
+    | COVID-19 | 50.0% | 1/2 |
+    | NORMAL | 100.0% | 1/1 |
+    | **Overall accuracy** | **66.7%** | **2/3** |
+    """
+    classes = [str(c) for c in classes]
+    cm = confusion_matrix(y_true, y_pred, len(classes))
+    lines = [f"| {title} | Sensitivity | Correct / total |", "|---|---|---|"]
+    for c, name in enumerate(classes):
+        total = int(cm[c].sum())
+        sens = cm[c, c] / total if total else None
+        lines.append(f"| {name} | {_pct(sens)} | {int(cm[c, c])}/{total} |")
+    n, correct = int(cm.sum()), int(np.trace(cm))
+    acc = correct / n if n else None
+    lines.append(f"| **Overall accuracy** | **{_pct(acc)}** | **{correct}/{n}** |")
+    return "\n".join(lines)
+
+
+def _class_index(value: Any, classes: Sequence[str]) -> int:
+    """A class given by name or by index (as text or int) -> its index."""
+    text = str(value).strip()
+    if text in classes:
+        return list(classes).index(text)
+    try:
+        i = int(float(text))
+    except ValueError:
+        raise ValueError(f"unknown class {text!r}; expected one of {list(classes)}") from None
+    if not 0 <= i < len(classes):
+        raise ValueError(f"class index {i} outside 0..{len(classes) - 1}")
+    return i
+
+
+def table3(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> str:
+    """The paper's Table 3 form: per test subset, correct/total per class and accuracy.
+
+    ``rows`` are prediction records with ``subset``, ``label`` and ``prediction`` (class
+    names or indices). An ``All`` row follows when there are several subsets.
+
+    >>> rows = [{"subset": "test", "label": "A", "prediction": "A"},
+    ...         {"subset": "test", "label": "B", "prediction": "A"}]
+    >>> print(table3(rows, ("A", "B")))
+    | Subset | A | B | Accuracy |
+    |---|---|---|---|
+    | test | 1/1 | 0/1 | 50.0% (1/2) |
+    """
+    classes = [str(c) for c in classes]
+    k = len(classes)
+    by_subset: dict[str, np.ndarray] = {}
+    for r in rows:
+        cm = by_subset.setdefault(str(r.get("subset") or "test"), np.zeros((k, k), dtype=np.int64))
+        cm[_class_index(r["label"], classes), _class_index(r["prediction"], classes)] += 1
+    if len(by_subset) > 1:
+        by_subset["All"] = sum(by_subset.values())  # type: ignore[assignment]
+    lines = ["| Subset | " + " | ".join(classes) + " | Accuracy |", "|" + "---|" * (k + 2)]
+    for name, cm in by_subset.items():
+        cells = [f"{int(cm[c, c])}/{int(cm[c].sum())}" for c in range(k)]
+        n, correct = int(cm.sum()), int(np.trace(cm))
+        acc = f"{_pct(correct / n if n else None)} ({correct}/{n})"
+        label = f"**{name}**" if name == "All" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {acc} |")
+    return "\n".join(lines)

@@ -1,0 +1,505 @@
+"""Synthetic chest CT cohort written as real DICOM series.
+
+Each patient is a numerical phantom (body, fat, muscle, ribs, spine, mediastinum,
+heart, liver, two lungs with vessels) rendered slice by slice with vectorised
+numpy; anatomy and lesions are 3-D objects parametrised along the scan, so
+neighbouring slices are coherent. Lesions by class:
+
+- ``COVID-19``: bilateral, peripheral, multifocal ground-glass opacities
+  (-700..-300 HU), lower-lobe predominant, some with crazy paving;
+- ``CAP``: unilateral lobar/segmental consolidation (-100..+50 HU) with air
+  bronchograms;
+- ``NORMAL``: none.
+
+Acquisition nuisances (slice count, thickness, spacing, pixel spacing, noise,
+body size, file naming, InstanceNumber direction) are drawn from a random
+stream that never sees the class, so only the lesions separate the classes.
+Output is deterministic per seed and arguments (same bytes).
+
+Layout::
+
+    OUT/cohort.csv         patient_id,label,path,subset  (path relative to OUT)
+    OUT/slice_labels.csv   patient_id,slice_index,label  (canonical order: 0 = most superior)
+    OUT/<patient_id>/*.dcm one CT series per patient (file names NOT in slice order)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msnet.cohort import write_csv_atomic
+from msnet.errors import MsnetError
+
+logger = logging.getLogger(__name__)
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+GGO_HU = (-700.0, -300.0)
+CONSOLIDATION_HU = (-100.0, 50.0)
+_N_FIELDS = 8  # vessel bases A0..A3, lesion shape, lesion texture, septa, bronchi
+
+
+@dataclass
+class Lesion:
+    """One 3-D lesion in lung coordinates (u: 0 = lung apex, 1 = lung base)."""
+
+    side: int  # -1 = patient right (image left), +1 = patient left
+    u_center: float
+    u_radius: float
+    angle: float  # position inside the lung ellipse, radians (0 = image right)
+    rho: float  # radial position as a fraction of the lung semi-axes
+    rx: float  # semi-axes as fractions of the lung's largest semi-axes
+    ry: float
+    hu: float
+    kind: str  # "ggo" or "consolidation"
+    crazy_paving: bool = False
+
+
+@dataclass
+class PatientPlan:
+    """Everything that defines one synthetic patient (no pixels).
+
+    >>> plan = plan_cohort(3, size=64, slices=(8, 10))[0]
+    >>> plan.patient_id, 8 <= plan.n_slices <= 10
+    ('SYN0001', True)
+    """
+
+    patient_id: str
+    label: str
+    subset: str
+    index: int
+    seed: int
+    n_slices: int
+    thickness_mm: float
+    spacing_mm: float
+    pixel_spacing_mm: float
+    noise_hu: float
+    body_fraction: float  # body half-width / field of view
+    body_aspect: float  # body half-height / half-width
+    z_top_mm: float
+    lung_apex_t: float
+    lung_base_t: float
+    instance_reversed: bool  # True: InstanceNumber 1 is the most inferior slice
+    naming: str  # "im", "hex" or "textrank"
+    lesions: list[Lesion] = field(default_factory=list)
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, *keys])
+
+
+def _lung_profile(u: float) -> float:
+    """Relative lung size along the lung (0 at apex and base, 1 at its widest)."""
+    if u <= 0.0 or u >= 1.0:
+        return 0.0
+    if u < 0.62:
+        return float((u / 0.62) ** 0.5)
+    return float(np.sqrt(max(0.0, 1.0 - ((u - 0.62) / 0.38) ** 2)))
+
+
+def _lung_u(plan: PatientPlan) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, plan.n_slices)
+    return (t - plan.lung_apex_t) / (plan.lung_base_t - plan.lung_apex_t)
+
+
+def _draw_lesions(label: str, plan: PatientPlan, rng: np.random.Generator) -> list[Lesion]:
+    """Lesions for one class, resampled until they cover 28-58 % of the lung slices."""
+    if label.upper() == "NORMAL" or label.upper().startswith("NON"):
+        return []
+    u = _lung_u(plan)
+    lung = np.array([_lung_profile(v) > 0.12 for v in u])
+    best: list[Lesion] = []
+    for _ in range(200):
+        lesions = _covid_lesions(rng) if "COVID" in label.upper() else _cap_lesions(rng)
+        cover = np.zeros_like(lung)
+        for les in lesions:
+            cover |= np.abs(u - les.u_center) < 0.85 * les.u_radius
+        frac = (cover & lung).sum() / max(1, lung.sum())
+        best = lesions
+        if 0.28 <= frac <= 0.58:
+            break
+    return best
+
+
+def _covid_lesions(rng: np.random.Generator) -> list[Lesion]:
+    """2-3 bilateral pairs of peripheral GGOs (lower-lobe predominant), sometimes one more."""
+    out = []
+    n_pairs = int(rng.integers(2, 4))
+    for k in range(n_pairs + int(rng.random() < 0.4)):
+        lower = k == 0 or rng.random() < 0.65
+        uc = rng.uniform(0.5, 0.88) if lower else rng.uniform(0.18, 0.5)
+        sides = (-1, 1) if k < n_pairs else (int(rng.choice([-1, 1])),)
+        for side in sides:
+            lateral = np.pi if side < 0 else 0.0  # lateral wall of this lung
+            angle = rng.choice([lateral, np.pi / 2, (lateral + np.pi / 2) / 2]) + rng.uniform(-0.5, 0.5)
+            out.append(Lesion(side, float(uc + rng.uniform(-0.05, 0.05)), rng.uniform(0.08, 0.15), float(angle),
+                              rng.uniform(0.65, 0.88), rng.uniform(0.35, 0.55), rng.uniform(0.28, 0.45),
+                              rng.uniform(-580.0, -380.0), "ggo", bool(rng.random() < 0.4)))
+    return out
+
+
+def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
+    side = int(rng.choice([-1, 1]))  # unilateral
+    lower = rng.random() < 0.7
+    uc = rng.uniform(0.5, 0.78) if lower else rng.uniform(0.2, 0.42)
+    angle = rng.uniform(0.0, np.pi)  # posterior half (image y grows posteriorly)
+    out = [Lesion(side, uc, rng.uniform(0.14, 0.26), float(angle), rng.uniform(0.25, 0.5),
+                  rng.uniform(0.5, 0.7), rng.uniform(0.45, 0.65), rng.uniform(-60.0, 30.0), "consolidation")]
+    if rng.random() < 0.4:  # a second segment of the same lung
+        out.append(Lesion(side, float(np.clip(uc + rng.choice([-1, 1]) * rng.uniform(0.15, 0.25), 0.15, 0.85)),
+                          rng.uniform(0.07, 0.12), float(rng.uniform(0.0, 2 * np.pi)), rng.uniform(0.4, 0.7),
+                          rng.uniform(0.3, 0.45), rng.uniform(0.3, 0.45), rng.uniform(-60.0, 30.0),
+                          "consolidation"))
+    return out
+
+
+def _split_subsets(labels: list[str], seed: int) -> list[str]:
+    """Stratified train/val/test (60/20/20) per class, deterministic per seed."""
+    subsets = ["train"] * len(labels)
+    rng = _rng(seed, 0x5B5E7)
+    for cls in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == cls]
+        idx = [idx[j] for j in rng.permutation(len(idx))]
+        n = len(idx)
+        n_val = n_test = round(0.2 * n)
+        if n >= 3:
+            n_val, n_test = max(1, n_val), max(1, n_test)
+        for j in idx[n - n_val - n_test:n - n_test]:
+            subsets[j] = "val"
+        for j in idx[n - n_test:]:
+            subsets[j] = "test"
+    return subsets
+
+
+def plan_cohort(n_patients: int, size: int = 512, seed: int = 0, slices: tuple[int, int] = (60, 200),
+                classes: tuple[str, ...] = ("COVID-19", "CAP", "NORMAL"),
+                thickness_mm: tuple[float, float] = (1.0, 5.0)) -> list[PatientPlan]:
+    """Draw every patient's parameters (classes evenly split; nuisances independent of class).
+
+    >>> [p.label for p in plan_cohort(3, seed=1)].count("CAP")
+    1
+    """
+    if n_patients < 1:
+        raise MsnetError(f"n_patients must be at least 1, got {n_patients}", fix="pass --patients N with N >= 1")
+    lo, hi = int(slices[0]), int(slices[1])
+    if lo < 2 or hi < lo:
+        raise MsnetError(f"bad slice range {slices}", fix="pass min_slices >= 2 and max_slices >= min_slices")
+    t_lo, t_hi = float(thickness_mm[0]), float(thickness_mm[1])
+    if t_lo <= 0 or t_hi < t_lo:
+        raise MsnetError(f"bad thickness range {thickness_mm}", fix="pass 0 < min <= max (mm)")
+    if not classes:
+        raise MsnetError("no classes given", fix="pass at least one class name")
+    crng = _rng(seed, 0xC1A55)
+    labels = [classes[i % len(classes)] for i in range(n_patients)]
+    labels = [labels[j] for j in crng.permutation(n_patients)]
+    subsets = _split_subsets(labels, seed)
+    # planted traps on exactly half of the patients, independent of class
+    reversed_ids = set(crng.permutation(n_patients)[: n_patients // 2].tolist())
+    plans = []
+    for i in range(n_patients):
+        nr = _rng(seed, i, 1)  # nuisance stream: never sees the class
+        thick = round(float(nr.uniform(t_lo, t_hi)), 2)
+        spacing = thick if nr.random() < 0.5 else round(float(nr.uniform(t_lo, thick)), 2)
+        plan = PatientPlan(
+            patient_id=f"SYN{i + 1:04d}", label=labels[i], subset=subsets[i], index=i, seed=seed,
+            n_slices=int(nr.integers(lo, hi + 1)), thickness_mm=thick, spacing_mm=spacing,
+            pixel_spacing_mm=round(float(nr.uniform(0.6, 0.9)) * 512.0 / size, 4),
+            noise_hu=float(nr.uniform(10.0, 40.0)), body_fraction=float(nr.uniform(0.39, 0.46)),
+            body_aspect=float(nr.uniform(0.62, 0.74)), z_top_mm=round(float(nr.uniform(-80.0, 0.0)), 2),
+            lung_apex_t=float(nr.uniform(0.03, 0.12)), lung_base_t=float(nr.uniform(0.82, 0.95)),
+            instance_reversed=i in reversed_ids, naming=str(nr.choice(["im", "hex", "textrank"])),
+        )
+        plan.lesions = _draw_lesions(plan.label, plan, _rng(seed, i, 3))
+        plans.append(plan)
+    return plans
+
+
+def _smooth_fields(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """n smooth random fields (n, size, size), zero mean, unit std, float32."""
+    white = rng.standard_normal((n, size, size), dtype=np.float32)
+    f = np.fft.rfftfreq(size)[None, :] ** 2 + np.fft.fftfreq(size)[:, None] ** 2
+    # correlation length per field, as a fraction of the image (scale-invariant)
+    sig = np.array([0.012, 0.014, 0.016, 0.013, 0.02, 0.02, 0.006, 0.011])[:n] * size
+    spec = np.fft.rfft2(white) * np.exp(-2 * (np.pi ** 2) * f[None] * sig[:, None, None] ** 2)
+    out = np.fft.irfft2(spec, s=(size, size)).astype(np.float32)
+    out -= out.mean(axis=(1, 2), keepdims=True)
+    out /= out.std(axis=(1, 2), keepdims=True) + 1e-6
+    return out
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float) -> np.ndarray:
+    """Boolean mask of an axis-aligned ellipse, computed only in its bounding box."""
+    mask = np.zeros((y.size, x.size), dtype=bool)
+    if a <= 0 or b <= 0:
+        return mask
+    c0, c1 = np.searchsorted(x, [cx - a, cx + a])
+    r0, r1 = np.searchsorted(y, [cy - b, cy + b])
+    if c1 <= c0 or r1 <= r0:
+        return mask
+    dx = ((x[c0:c1] - cx) / a) ** 2
+    dy = ((y[r0:r1] - cy) / b) ** 2
+    mask[r0:r1, c0:c1] = (dy[:, None] + dx[None, :]) < 1.0
+    return mask
+
+
+class Phantom:
+    """Renders the slices of one planned patient in canonical order (0 = most superior).
+
+    >>> ph = Phantom(plan_cohort(1, size=64, slices=(8, 8))[0], size=64)
+    >>> hu, lesion = ph.render(4)
+    >>> hu.shape, lesion.dtype
+    ((64, 64), dtype('bool'))
+    """
+
+    def __init__(self, plan: PatientPlan, size: int):
+        self.plan, self.size = plan, size
+        ps = plan.pixel_spacing_mm
+        coords = (np.arange(size, dtype=np.float32) - (size - 1) / 2.0) * ps
+        self.x = self.y = coords
+        fov = size * ps
+        self.a0 = plan.body_fraction * fov
+        self.b0 = self.a0 * plan.body_aspect
+        arng = _rng(plan.seed, plan.index, 2)  # anatomy stream
+        self.fields = _smooth_fields(arng, size, _N_FIELDS)
+        xn, yn = coords[None, :] / self.a0, coords[:, None] / self.b0
+        self.r0 = np.sqrt(xn ** 2 + yn ** 2).astype(np.float32)
+        theta = np.arctan2(yn, xn)
+        self.rib_c, self.rib_s = np.cos(12 * theta).astype(np.float32), np.sin(12 * theta).astype(np.float32)
+        self.rib_gap = (np.abs(np.sin(theta)) < 0.93).astype(np.float32)  # no ribs at spine/sternum
+        self.inv_vessel_w = (1.0 / (0.09 * np.clip(1.45 - 1.3 * np.abs(xn), 0.25, None))).astype(np.float32)
+        self.ydep = (25.0 * np.clip(coords[:, None] / self.b0, -1, 1)).astype(np.float32)
+        self.freq = arng.uniform(1.5, 4.0, 4)
+        self.phase = arng.uniform(0, 2 * np.pi, 4)
+        self.rib_phase = arng.uniform(0, 2 * np.pi)
+        self.min_area = max(4, int(0.0012 * size * size))
+        self.u = _lung_u(plan)
+
+    def _body(self, t: float) -> float:
+        return 0.93 + 0.07 * float(np.sin(np.pi * t))
+
+    def render(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(HU float32 (size, size) with noise, lesion mask) of canonical slice i."""
+        plan, x, y = self.plan, self.x, self.y
+        n = plan.n_slices
+        t = i / max(1, n - 1)
+        u = float(self.u[i])
+        g = self._body(t)
+        r = self.r0 / g
+        hu = np.select([r < 0.84, r < 0.9, r < 0.955, r < 1.0], [35.0, 50.0, -100.0, 30.0], -1000.0)
+        hu = hu.astype(np.float32)
+        a, b = 0.84 * self.a0 * g, 0.84 * self.b0 * g  # thoracic cavity semi-axes
+        # ribs: ring of bone segments that move smoothly along z
+        phi = 2 * np.pi * 7 * t + self.rib_phase
+        ribs = (r > 0.855) & (r < 0.895) & ((self.rib_c * np.cos(phi) - self.rib_s * np.sin(phi)) * self.rib_gap > 0.45)
+        hu[ribs] = 550.0
+        # spine: vertebral body (cortical rim + cancellous core), canal, spinous process
+        vb_y, vb_r = 0.66 * b, 0.15 * b
+        hu[_ellipse(x, y, 0.0, vb_y, vb_r, vb_r)] = 650.0
+        hu[_ellipse(x, y, 0.0, vb_y, 0.8 * vb_r, 0.8 * vb_r)] = 280.0
+        hu[_ellipse(x, y, 0.0, vb_y + 1.45 * vb_r, 0.45 * vb_r, 0.45 * vb_r)] = 15.0
+        hu[_ellipse(x, y, 0.0, vb_y + 2.3 * vb_r, 0.25 * vb_r, 0.55 * vb_r)] = 500.0
+        if 0.05 < t < 0.75:
+            hu[_ellipse(x, y, 0.0, -0.93 * b, 0.09 * a, 0.05 * b)] = 450.0  # sternum
+        # mediastinum, heart, aorta, liver
+        block = _ellipse(x, y, 0.0, -0.1 * b, 0.17 * a, 0.78 * b)
+        h = float(np.clip(np.sin(np.pi * (u - 0.35) / 0.75), 0.0, 1.0)) if 0.35 < u < 1.1 else 0.0
+        if h > 0:
+            heart = _ellipse(x, y, 0.13 * a, -0.22 * b, 0.33 * a * h, 0.42 * b * h)
+            hu[heart] = 42.0
+            block |= heart
+        aorta = _ellipse(x, y, 0.16 * a, 0.45 * b, 0.08 * a, 0.08 * a)
+        hu[aorta] = 45.0
+        block |= aorta | _ellipse(x, y, 0.0, vb_y, vb_r * 1.1, vb_r * 1.1)
+        liver_s = float(np.clip((u - 0.72) / 0.3, 0.0, 1.0)) ** 0.5 if u > 0.72 else 0.0
+        if liver_s > 0:
+            liver = _ellipse(x, y, -0.3 * a, 0.0, 0.6 * a * liver_s, 0.75 * b * liver_s)
+            hu[liver] = 60.0
+            block |= liver
+        # lungs with vessels
+        prof = _lung_profile(u)
+        lesion = np.zeros((self.size, self.size), dtype=bool)
+        if prof > 0.02:
+            lung = (_ellipse(x, y, -0.47 * a, 0.04 * b, 0.41 * a * prof, 0.8 * b * prof)
+                    | _ellipse(x, y, 0.47 * a, 0.04 * b, 0.41 * a * prof, 0.8 * b * prof))
+            lung &= (r < 0.84) & ~block
+            c = np.cos(2 * np.pi * self.freq * t + self.phase).astype(np.float32)
+            fv = c[0] * self.fields[0] + c[1] * self.fields[1] + c[2] * self.fields[2] + c[3] * self.fields[3]
+            vessel = np.clip(1.0 - np.abs(fv) * self.inv_vessel_w, 0.0, 1.0)
+            par = -860.0 + self.ydep + 900.0 * vessel
+            hu[lung] = par[lung]
+            for les in plan.lesions:
+                self._lesion(hu, lung, lesion, les, u, a, b, vessel)
+        hu += self.noise(i)
+        return hu, lesion
+
+    def noise(self, i: int) -> np.ndarray:
+        rng = _rng(self.plan.seed, self.plan.index, 4, i)
+        return rng.standard_normal((self.size, self.size), dtype=np.float32) * np.float32(self.plan.noise_hu)
+
+    def _lesion(self, hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, les: Lesion, u: float,
+                a: float, b: float, vessel: np.ndarray) -> None:
+        d = (u - les.u_center) / les.u_radius
+        if abs(d) >= 1.0:
+            return
+        k2 = 1.0 - d * d
+        cx = les.side * 0.47 * a + les.rho * 0.41 * a * np.cos(les.angle)
+        cy = 0.04 * b + les.rho * 0.8 * b * np.sin(les.angle)
+        rx, ry = les.rx * 0.41 * a, les.ry * 0.8 * b
+        x, y = self.x, self.y
+        c0, c1 = np.searchsorted(x, [cx - 1.4 * rx, cx + 1.4 * rx])
+        r0, r1 = np.searchsorted(y, [cy - 1.4 * ry, cy + 1.4 * ry])
+        if c1 <= c0 or r1 <= r0:
+            return
+        box = np.s_[r0:r1, c0:c1]
+        dist = ((y[r0:r1, None] - cy) / ry) ** 2 + ((x[None, c0:c1] - cx) / rx) ** 2
+        m = (dist + 0.3 * self.fields[4][box] < k2) & lung[box]
+        if m.sum() < self.min_area:
+            return
+        val = les.hu + 45.0 * self.fields[5][box]
+        if les.kind == "ggo":
+            val = np.maximum(val, -860.0 + 900.0 * vessel[box])  # vessels stay visible through GGO
+            if les.crazy_paving:
+                val = np.where(np.abs(self.fields[6][box]) < 0.22, val + 260.0, val)
+        else:
+            val = np.where(np.abs(self.fields[7][box]) < 0.1, -900.0, val)  # air bronchograms
+        hu[box] = np.where(m, val, hu[box])
+        lesion[box] |= m
+
+
+def _file_names(plan: PatientPlan, instance: list[int], rng: np.random.Generator) -> list[str]:
+    """File names for canonical slices; never in slice order (the trap real data has)."""
+    n = plan.n_slices
+    for _ in range(100):
+        if plan.naming == "textrank" and n >= 10:
+            stem = "".join(rng.choice(list("0123456789ABCDEF"), 8))
+            ranks = {v: k + 1 for k, v in enumerate(sorted(instance, key=str))}
+            names = [f"{stem}-SYN_{ranks[v]}.dcm" for v in instance]
+        elif plan.naming == "hex":
+            names = [f"{rng.integers(0, 2**63):016x}.dcm" for _ in range(n)]
+        else:
+            names = [f"IM{v:06d}" for v in rng.choice(1_000_000, n, replace=False)]
+        order = sorted(range(n), key=lambda j: names[j])
+        if len(set(names)) == n and order != list(range(n)) and order != list(range(n))[::-1]:
+            return names
+    return names  # n < 3: any order is monotone
+
+
+def _uid(plan: PatientPlan, key: str, size: int) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["msnet-synthetic", str(plan.seed), str(size), plan.patient_id,
+                                          str(plan.n_slices), key]))
+
+
+def write_patient(plan: PatientPlan, folder: Path, size: int) -> list[int]:
+    """Write one patient's CT series into folder; returns its slice labels (canonical order)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():  # a previous cohort's files would mix into the series
+        if old.is_file():
+            old.unlink()
+    n = plan.n_slices
+    instance = [n - i if plan.instance_reversed else i + 1 for i in range(n)]
+    names = _file_names(plan, instance, _rng(plan.seed, plan.index, 5))
+    ps = plan.pixel_spacing_mm
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20200101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber = ""
+    ds.Modality = "CT"
+    ds.Manufacturer = "msnet synthetic phantom"
+    ds.StudyDescription = "Synthetic chest CT"
+    ds.SeriesDescription = f"Synthetic chest {plan.thickness_mm:g} mm"
+    ds.PatientName = plan.patient_id
+    ds.PatientID = plan.patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "CHEST"
+    ds.SliceThickness = f"{plan.thickness_mm:g}"
+    ds.SpacingBetweenSlices = f"{plan.spacing_mm:g}"
+    ds.KVP = "120"
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID = _uid(plan, "study", size)
+    ds.SeriesInstanceUID = _uid(plan, "series", size)
+    ds.FrameOfReferenceUID = _uid(plan, "frame", size)
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.PixelSpacing = [f"{ps:g}", f"{ps:g}"]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.WindowCenter = "-600"
+    ds.WindowWidth = "1500"
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    origin = -(size - 1) / 2.0 * ps
+    phantom = Phantom(plan, size)
+    labels = []
+    for i in range(n):
+        hu, lesion = phantom.render(i)
+        labels.append(int(lesion.any()))
+        z = round(plan.z_top_mm - i * plan.spacing_mm, 3)
+        uid = _uid(plan, f"sop{i}", size)
+        meta.MediaStorageSOPInstanceUID = uid
+        ds.SOPInstanceUID = uid
+        ds.InstanceNumber = instance[i]
+        ds.ImagePositionPatient = [f"{origin:.3f}", f"{origin:.3f}", f"{z:.3f}"]
+        ds.SliceLocation = f"{z:.3f}"
+        stored = np.clip(np.rint(hu), -1024, 3071).astype(np.int16) + np.int16(1024)
+        ds.PixelData = stored.astype("<i2").tobytes()
+        ds.save_as(folder / names[i], enforce_file_format=True)
+    return labels
+
+
+def synth_cohort(out: Path, n_patients: int, size: int = 512, seed: int = 0, slices: tuple[int, int] = (60, 200),
+                 classes: tuple[str, ...] = ("COVID-19", "CAP", "NORMAL"),
+                 thickness_mm: tuple[float, float] = (1.0, 5.0)) -> Path:
+    """Write a synthetic DICOM cohort under out; returns out/cohort.csv.
+
+    >>> csv_path = synth_cohort(Path(tmp) / "syn", 3, size=64, slices=(6, 8))  # doctest: +SKIP
+    """
+    out = Path(out)
+    if size < 32:
+        raise MsnetError(f"size {size} is too small for a phantom", fix="pass --size 32 or more")
+    plans = plan_cohort(n_patients, size=size, seed=seed, slices=slices, classes=tuple(classes),
+                        thickness_mm=thickness_mm)
+    cohort_rows, slice_rows = [], []
+    for plan in plans:
+        labels = write_patient(plan, out / plan.patient_id, size)
+        logger.debug("wrote %s: %d slices, %d with lesions", plan.patient_id, plan.n_slices, sum(labels))
+        cohort_rows.append([plan.patient_id, plan.label, plan.patient_id, plan.subset])
+        slice_rows.extend([plan.patient_id, i, lab] for i, lab in enumerate(labels))
+    write_csv_atomic(out / "slice_labels.csv", ["patient_id", "slice_index", "label"], slice_rows)
+    path = out / "cohort.csv"
+    write_csv_atomic(path, ["patient_id", "label", "path", "subset"], cohort_rows)
+    logger.info("synthetic cohort: %d patients, %d slices in %s", len(plans), len(slice_rows), out)
+    return path
+
+
+def pixel_hash(folder: Path) -> str:
+    """SHA-256 over every file of a folder tree (names and bytes), for determinism checks."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,298 @@
+"""Stage 3: train MS-Net (or any baseline aggregator) on cached slice features.
+
+Padded batches with a mask, partial-scan augmentation (random contiguous crops
+of the slice sequence), class weights, best-validation checkpoint, and
+patient-level stratified k-fold cross-validation with the splits saved once.
+Outputs per aggregator in ``RUN/train/<name>/``: ``model.pt`` (or
+``model_fold<k>.pt``), ``history.csv``, ``predictions.csv``, ``info.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from msnet.config import Config, atomic_torch_save, atomic_write_text, save_run_info
+from msnet.errors import MsnetError
+
+log = logging.getLogger(__name__)
+
+
+def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (l_i, d) -> padded (B, L, d) and mask (B, L), True on real slices.
+
+    >>> x, m = pad_batch([torch.ones(2, 3), torch.ones(4, 3)])
+    >>> tuple(x.shape), m.sum(1).tolist()
+    ((2, 4, 3), [2, 4])
+    """
+    L = max(s.shape[0] for s in seqs)
+    x = seqs[0].new_zeros(len(seqs), L, seqs[0].shape[1])
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        x[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return x, mask
+
+
+def random_crop(seq: torch.Tensor, min_fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """A random contiguous run of at least ``min_fraction`` of the slices (a partial scan)."""
+    n = seq.shape[0]
+    lo = max(1, int(np.ceil(n * min_fraction)))
+    length = int(torch.randint(lo, n + 1, (), generator=gen))
+    start = int(torch.randint(0, n - length + 1, (), generator=gen))
+    return seq[start : start + length]
+
+
+def stratified_folds(patients: list[str], labels: list[str], k: int, seed: int) -> list[list[str]]:
+    """k disjoint patient lists with each class spread evenly."""
+    rng = random.Random(seed)
+    folds: list[list[str]] = [[] for _ in range(k)]
+    by_label: dict[str, list[str]] = {}
+    for p, y in zip(patients, labels):
+        by_label.setdefault(y, []).append(p)
+    offset = 0
+    for y in sorted(by_label):
+        group = sorted(by_label[y])
+        rng.shuffle(group)
+        for i, p in enumerate(group):
+            folds[(i + offset) % k].append(p)
+        offset += len(group)
+    return folds
+
+
+def _carve(patients: list[str], labels: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    rng = random.Random(seed)
+    train, val = [], []
+    by_label: dict[str, list[str]] = {}
+    for p in patients:
+        by_label.setdefault(labels[p], []).append(p)
+    for y in sorted(by_label):
+        g = sorted(by_label[y])
+        rng.shuffle(g)
+        k = max(1, int(round(len(g) * fraction))) if len(g) > 1 else 0
+        val += g[:k]
+        train += g[k:]
+    return train, val
+
+
+def make_splits(rows: list[dict], cfg: Config) -> list[dict[str, list[str]]]:
+    """Train/val/test patient lists: one from the cohort's subsets, or one per CV fold."""
+    t = cfg.train
+    labels = {r["patient_id"]: r["label"] for r in rows}
+    if t.folds and t.folds > 1:
+        pids = sorted(labels)
+        folds = stratified_folds(pids, [labels[p] for p in pids], t.folds, t.seed)
+        splits = []
+        for k in range(t.folds):
+            rest = [p for j, f in enumerate(folds) if j != k for p in f]
+            train, val = _carve(rest, labels, t.val_fraction, t.seed + k)
+            splits.append({"train": sorted(train), "val": sorted(val), "test": sorted(folds[k])})
+        return splits
+    subset = {r["patient_id"]: r.get("subset", "") for r in rows}
+    test = sorted(p for p in labels if subset[p] == "test" or (subset[p] not in ("", "train", "val")))
+    if not test:
+        raise MsnetError(
+            "the cohort has no test patients (subset column)",
+            path=cfg.data.cohort,
+            fix="add a subset column with train/val/test, or pass --folds K for cross-validation",
+        )
+    train = sorted(p for p in labels if subset[p] == "train" or subset[p] == "")
+    val = sorted(p for p in labels if subset[p] == "val")
+    if not val:
+        train, val = _carve(train, labels, t.val_fraction, t.seed)
+    return [{"train": sorted(train), "val": sorted(val), "test": test}]
+
+
+def load_features(fdir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    from msnet.features import read_manifest
+
+    manifest = fdir / "manifest.csv"
+    if not manifest.is_file():
+        raise MsnetError("no feature manifest", path=manifest, fix="run `msnet extract CONFIG` first")
+    rows = [r for r in read_manifest(manifest) if r["status"] == "ok"]
+    if not rows:
+        raise MsnetError("no study has features", path=manifest, fix="check the failures in manifest.csv")
+    feats = {r["patient_id"]: torch.from_numpy(np.load(fdir / r["file"])) for r in rows}
+    return rows, feats
+
+
+@torch.inference_mode()
+def predict_proba(model: nn.Module, seqs: list[torch.Tensor], batch_size: int = 16) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        x, mask = pad_batch(seqs[i : i + batch_size])
+        out.append(torch.softmax(model(x, mask).float(), dim=1))
+    return torch.cat(out).numpy()
+
+
+def fit(
+    model: nn.Module,
+    train_x: list[torch.Tensor],
+    train_y: torch.Tensor,
+    val_x: list[torch.Tensor],
+    val_y: torch.Tensor,
+    cfg: Config,
+    n_classes: int,
+    seed: int,
+    progress=None,
+) -> tuple[dict, list[dict]]:
+    """Train one aggregator; returns the best state dict (by val accuracy, then loss) and history."""
+    from msnet.finetune import class_weights
+
+    t = cfg.train
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    w = class_weights(train_y, n_classes) if t.class_weights else None
+    loss_fn = nn.CrossEntropyLoss(weight=w)
+    best = {"acc": -1.0, "loss": float("inf"), "state": None, "epoch": 0}
+    history = []
+    task = progress.add_task("  epochs", total=t.epochs) if progress is not None else None
+    for epoch in range(t.epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=gen).tolist()
+        total = 0.0
+        for i in range(0, len(order), t.batch_size):
+            idx = order[i : i + t.batch_size]
+            seqs = [
+                random_crop(train_x[j], t.crop_min_fraction, gen)
+                if t.crop_prob and float(torch.rand((), generator=gen)) < t.crop_prob
+                else train_x[j]
+                for j in idx
+            ]
+            x, mask = pad_batch(seqs)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x, mask), train_y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        probs = torch.from_numpy(predict_proba(model, val_x))
+        val_loss = float(nn.functional.nll_loss(torch.log(probs.clamp_min(1e-8)), val_y))
+        val_acc = float((probs.argmax(1) == val_y).float().mean())
+        history.append({"epoch": epoch + 1, "train_loss": total / len(order), "val_loss": val_loss, "val_accuracy": val_acc})
+        if val_acc > best["acc"] or (val_acc == best["acc"] and val_loss < best["loss"]):
+            best = {"acc": val_acc, "loss": val_loss, "epoch": epoch + 1,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if task is not None:
+            progress.advance(task)
+    if task is not None:
+        progress.remove_task(task)
+    return best, history
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def train(cfg: Config, overwrite: bool = False) -> dict:
+    """Run stage 3 for every aggregator of the config; returns {aggregator: test accuracy}."""
+    from rich.progress import Progress
+
+    from msnet.aggregators import create
+    from msnet.features import feature_dir
+
+    fdir = feature_dir(cfg)
+    rows, feats = load_features(fdir)
+    meta = json.loads((fdir / "meta.json").read_text())
+    classes = list(cfg.data.classes)
+    rows = [r for r in rows if r["label"] in classes]
+    out = cfg.run_path / "train"
+    out.mkdir(parents=True, exist_ok=True)
+    save_run_info(cfg, out, "train")
+
+    splits_file = out / "splits.json"
+    key = {"folds": cfg.train.folds, "seed": cfg.train.seed, "patients": sorted(r["patient_id"] for r in rows)}
+    saved = json.loads(splits_file.read_text()) if splits_file.exists() else None
+    if saved and not overwrite and {k: saved.get(k) for k in key} == key:
+        splits = saved["splits"]
+    else:
+        splits = make_splits(rows, cfg)
+        atomic_write_text(splits_file, json.dumps({**key, "splits": splits}, indent=2))
+
+    by_id = {r["patient_id"]: r for r in rows}
+    y_of = {p: classes.index(r["label"]) for p, r in by_id.items()}
+    in_features = int(meta["n_features"])
+    results = {}
+    with Progress(transient=True) as progress:
+        for name in cfg.train.aggregators:
+            adir = out / name
+            if (adir / "info.json").exists() and not overwrite:
+                info = json.loads((adir / "info.json").read_text())
+                results[name] = info.get("test_accuracy")
+                log.info("%s: already trained (use --overwrite to retrain)", name)
+                continue
+            adir.mkdir(parents=True, exist_ok=True)
+            preds, history = [], []
+            task = progress.add_task(f"training {name}", total=len(splits))
+            n_params = 0
+            for k, split in enumerate(splits):
+                seed = cfg.train.seed * 100 + k
+                torch.manual_seed(seed)
+                model = create(name, in_features, n_classes=len(classes))
+                n_params = sum(p.numel() for p in model.parameters())
+                tx = [feats[p] for p in split["train"]]
+                ty = torch.tensor([y_of[p] for p in split["train"]])
+                vx = [feats[p] for p in split["val"]]
+                vy = torch.tensor([y_of[p] for p in split["val"]])
+                best, hist = fit(model, tx, ty, vx, vy, cfg, len(classes), seed, progress)
+                history += [{"fold": k, **h} for h in hist]
+                model.load_state_dict(best["state"])
+                ckpt = {
+                    "aggregator": name,
+                    "config": dict(getattr(model, "config", {})),
+                    "in_features": in_features,
+                    "classes": classes,
+                    "state_dict": model.state_dict(),
+                    "feature_set": meta["set_id"],
+                    "backbone": meta["backbone"],
+                    "preprocess": meta["preprocess"],
+                    "best_epoch": best["epoch"],
+                    "fold": k,
+                }
+                atomic_torch_save(ckpt, adir / ("model.pt" if len(splits) == 1 else f"model_fold{k}.pt"))
+                for role in ("train", "val", "test"):
+                    pids = split[role]
+                    if not pids:
+                        continue
+                    probs = predict_proba(model, [feats[p] for p in pids])
+                    for p, pr in zip(pids, probs):
+                        r = by_id[p]
+                        preds.append({
+                            "patient_id": p, "label": r["label"], "subset": r.get("subset", "") or role,
+                            "split": role, "fold": k, "prediction": classes[int(pr.argmax())],
+                            **{f"p_{c}": f"{v:.6f}" for c, v in zip(classes, pr)},
+                        })
+                progress.advance(task)
+            progress.remove_task(task)
+            _write_csv(adir / "history.csv", history, ["fold", "epoch", "train_loss", "val_loss", "val_accuracy"])
+            fields = ["patient_id", "label", "subset", "split", "fold", "prediction"] + [f"p_{c}" for c in classes]
+            _write_csv(adir / "predictions.csv", preds, fields)
+            test_rows = [p for p in preds if p["split"] == "test"]
+            acc = float(np.mean([p["prediction"] == p["label"] for p in test_rows])) if test_rows else None
+            info = {
+                "aggregator": name,
+                "backbone": meta["backbone"],
+                "features": meta["set_id"],
+                "n_parameters": n_params,
+                "folds": len(splits),
+                "classes": classes,
+                "test_accuracy": acc,
+            }
+            atomic_write_text(adir / "info.json", json.dumps(info, indent=2))
+            log.info("%s: test accuracy %s", name, "n/a" if acc is None else f"{acc:.4f}")
+            results[name] = acc
+    return results

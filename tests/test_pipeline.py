@@ -1,0 +1,203 @@
+"""Stages 1-3 + evaluate on a tiny synthetic cohort (real DICOM written at run time)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from msnet.config import load_config
+
+TINY = {
+    "run_dir": "run",
+    "device": "cpu",
+    "data": {"cohort": "data/cohort.csv", "slice_labels": "data/slice_labels.csv"},
+    "preprocess": {"size": 64},
+    "backbone": {"name": "efficientnet_lite0", "pretrained": False, "freeze": 2},
+    "finetune": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "max_slices_per_patient": 4, "normal_slices_per_patient": 4},
+    "extract": {"batch_size": 16},
+    "train": {"aggregators": ["msnet", "mean"], "epochs": 3, "batch_size": 4},
+}
+
+
+def write_config(folder: Path, **sections) -> Path:
+    data = json.loads(json.dumps(TINY))
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from msnet.synthetic import synth_cohort
+
+    root = tmp_path_factory.mktemp("tiny")
+    synth_cohort(root / "data", n_patients=12, size=64, seed=3, slices=(10, 16))
+    return root
+
+
+@pytest.fixture(scope="module")
+def finetuned(cohort) -> Path:
+    from msnet.finetune import finetune
+
+    cfg = load_config(write_config(cohort))
+    finetune(cfg)
+    return cohort
+
+
+def test_finetune_writes_checkpoint_metrics_and_reuses(finetuned):
+    from msnet.finetune import finetune, load_slice_classifier
+
+    out = finetuned / "run" / "finetune"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(metrics["sensitivity"]) == {"COVID-19", "CAP", "NORMAL"}
+    assert "COVID-19 sensitivity" in metrics["table1"]
+    with open(out / "history.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    assert (out / "config.yaml").exists() and (out / "versions.json").exists()
+    assert not (out / "state.pt").exists()  # finished: no resume state left behind
+    model = load_slice_classifier(out / "backbone.pt")
+    assert model.classes == ["COVID-19", "CAP", "NORMAL"]
+    before = (out / "backbone.pt").stat().st_mtime_ns
+    again = finetune(load_config(finetuned / "config.yaml"))
+    assert again["accuracy"] == metrics["accuracy"]
+    assert (out / "backbone.pt").stat().st_mtime_ns == before  # reused, not retrained
+
+
+def test_finetune_resumes_after_interruption(cohort, tmp_path, monkeypatch):
+    import msnet.finetune as ft
+
+    root = tmp_path
+    os.symlink(cohort / "data", root / "data")
+    cfg = load_config(write_config(root, finetune={"epochs": 3}))
+    calls = {"n": 0}
+    real = ft.predict_slices
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "predict_slices", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(cfg)
+    state = root / "run" / "finetune" / "state.pt"
+    assert state.exists()
+    monkeypatch.setattr(ft, "predict_slices", real)
+    import torch
+
+    assert torch.load(state, weights_only=False)["epoch"] == 0  # epoch 1 finished before the interruption
+    ft.finetune(cfg)
+    with open(root / "run" / "finetune" / "history.csv") as fh:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
+    assert epochs == [1, 2, 3]
+
+
+def test_extract_train_evaluate(finetuned):
+    from msnet.cohort import read_cohort
+    from msnet.evaluate import evaluate_run
+    from msnet.features import extract, feature_dir
+    from msnet.io import read_study
+    from msnet.train import train
+
+    cfg = load_config(finetuned / "config.yaml")
+    report = extract(cfg)
+    assert report.n_failed == 0 and report.n_ok == 12
+    fdir = feature_dir(cfg)
+    rows = read_cohort(finetuned / "data" / "cohort.csv")
+    first = rows[0]
+    feats = np.load(fdir / f"{first['patient_id']}.npy")
+    assert feats.shape == (read_study(first["path"]).n_slices, 1280)
+    again = extract(cfg)
+    assert again.n_cached == 12  # cache hit: nothing recomputed
+    other = load_config(finetuned / "config.yaml", ["preprocess.size=48"])
+    assert feature_dir(other) != fdir  # preprocessing is part of the cache key
+
+    results = train(cfg)
+    assert set(results) == {"msnet", "mean"}
+    for name in results:
+        d = finetuned / "run" / "train" / name
+        with open(d / "predictions.csv") as fh:
+            preds = list(csv.DictReader(fh))
+        assert {p["split"] for p in preds} == {"train", "val", "test"}
+        probs = np.array([[float(p[f"p_{c}"]) for c in ("COVID-19", "CAP", "NORMAL")] for p in preds])
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+        assert (d / "model.pt").exists()
+    report_md = evaluate_run(finetuned / "run")
+    metrics = json.loads((finetuned / "run" / "evaluate" / "metrics.json").read_text())
+    assert "accuracy" in metrics and report_md.exists()
+
+
+def test_cross_validation_predicts_every_patient_once(finetuned):
+    from msnet.features import extract
+    from msnet.train import train
+
+    cfg = load_config(finetuned / "config.yaml", ["run_dir=run", "train.aggregators=[msnet]", "train.epochs=2"])
+    extract(cfg)
+    cfg.train.folds = 3
+    train(cfg, overwrite=True)
+    d = finetuned / "run" / "train"
+    splits = json.loads((d / "splits.json").read_text())
+    assert len(splits["splits"]) == 3
+    tests = [p for s in splits["splits"] for p in s["test"]]
+    assert len(tests) == len(set(tests)) == 12
+    for s in splits["splits"]:
+        assert not set(s["test"]) & set(s["train"]) and not set(s["test"]) & set(s["val"])
+    with open(d / "msnet" / "predictions.csv") as fh:
+        oof = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    assert sorted(r["patient_id"] for r in oof) == sorted(tests)
+    assert all((d / "msnet" / f"model_fold{k}.pt").exists() for k in range(3))
+
+
+def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "msnet", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_process_extract_equals_single_process_and_finetune_is_valid(finetuned, tmp_path):
+    from msnet.features import extract, feature_dir
+    from msnet.finetune import load_slice_classifier
+
+    single = load_config(finetuned / "config.yaml")
+    extract(single)
+    ref = feature_dir(single)
+
+    os.symlink(finetuned / "data", tmp_path / "data")
+    (tmp_path / "run").mkdir()
+    os.symlink(finetuned / "run" / "finetune", tmp_path / "run" / "finetune")
+    cfg_path = write_config(tmp_path)
+    res = _torchrun(["extract", str(cfg_path)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    multi = feature_dir(load_config(cfg_path))
+    assert multi.name == ref.name
+    with open(multi / "manifest.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12 and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        np.testing.assert_allclose(np.load(multi / r["file"]), np.load(ref / r["file"]), rtol=1e-4, atol=1e-4)
+
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    os.symlink(finetuned / "data", ddp / "data")
+    cfg_ddp = write_config(ddp, finetune={"epochs": 1})
+    res = _torchrun(["finetune", str(cfg_ddp)], ddp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((ddp / "run" / "finetune" / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_train"] > 0
+    model = load_slice_classifier(ddp / "run" / "finetune" / "backbone.pt")
+    assert all(np.isfinite(p.detach().numpy()).all() for p in model.parameters())
