@@ -22,3 +22,34 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is missing (it lies beside the repository)")
     return SHARED_DATA
+
+
+TINY_CONFIG = {
+    "run_dir": "run",
+    "device": "cpu",
+    "data": {"cohort": "data/cohort.csv", "slice_labels": "data/slice_labels.csv"},
+    "preprocess": {"size": 96},
+    "backbone": {"name": "efficientnet_lite0", "pretrained": True, "freeze": 2},
+    "finetune": {"epochs": 2, "batch_size": 16, "lr": 5e-4, "max_slices_per_patient": 8, "normal_slices_per_patient": 8},
+    "extract": {"batch_size": 16},
+    "train": {"aggregators": ["msnet"], "epochs": 40, "batch_size": 4, "lr": 1e-3},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A complete model bundle trained on a small synthetic cohort (15 patients, 96 px, ~1 min).
+
+    The cohort is at ``bundle/../../data`` (cohort.csv, slice_labels.csv)."""
+    import yaml
+
+    from msnet.config import load_config
+    from msnet.pipeline import run_pipeline
+    from msnet.synthetic import synth_cohort
+
+    root = tmp_path_factory.mktemp("bundle")
+    synth_cohort(root / "data", n_patients=15, size=96, seed=5, slices=(16, 24))
+    (root / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    cfg = load_config(root / "config.yaml")
+    run_pipeline(cfg)
+    return cfg.run_path / "bundle"

@@ -7,10 +7,10 @@ pylibjpeg + rescale, sorted by SliceLocation), best of ``repeats`` each.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,18 +63,21 @@ def bench_read(study: str | Path, repeats: int = 2, console=None) -> dict:
     >>> bench_read("P001")  # doctest: +SKIP
     {'n_slices': 148, 'ours_s': 0.6, 'plain_s': 1.8, 'ratio': 3.0, 'equal': True, ...}
     """
-    from msnet.io import decode_file, read_study
+    import pydicom
+
+    from msnet.io import _gdcm_direct_ok, _quiet_pydicom, decode_file, read_study
 
     study = Path(study)
     if not study.is_dir():
         raise MsnetError("not a folder", study, "pass a DICOM study folder")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"pydicom\.")
+    with _quiet_pydicom():  # cap002's GUID-style UIDs would log one line per file
         plain_s, plain = _best(lambda: _plain_read(study), repeats)
         ours_s, vol = _best(lambda: read_study(study), repeats)
     equal = bool(plain.shape == vol.hu.shape and np.array_equal(plain, vol.hu))
     first = next(p for p in sorted(study.rglob("*")) if p.is_file() and p.name.upper() != "DICOMDIR")
-    decoder = decode_file(str(first))[1]
+    header = pydicom.dcmread(first, stop_before_pixels=True)
+    direct = (int(header.Rows), int(header.Columns)) if _gdcm_direct_ok(header) else None
+    decoder = decode_file(str(first), direct)[1]
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -108,3 +111,256 @@ def print_bench_read(result: dict, console=None) -> None:
                   f"{result['plain_s']:.3f}", f"{result['plain_slices_per_s']:.1f}")
     console.print(table)
     console.print(f"speed-up plain/ours: {result['ratio']:.2f}x; HU arrays identical: {result['equal']}")
+
+
+# ------------------------------------------------------------------ predict
+
+
+CONFIGS = ("paper", "cpu")
+
+
+def default_study() -> Path:
+    """P001 of COVID-CT-MD in the shared data folder beside the repository."""
+    from msnet.export import SHARED_DATA, SHARED_SCANS
+
+    if not SHARED_SCANS[0].is_dir():
+        raise MsnetError("the shared real CT data is missing", SHARED_DATA,
+                         "pass --study PATH (a DICOM study folder), or put the shared data beside the repository")
+    return SHARED_SCANS[0]
+
+
+def temp_bundle(config: str, folder: Path, size: int | None = None, seed: int = 0) -> Path:
+    """A complete bundle with a random-init backbone and MS-Net for a packaged config (speed only)."""
+    import torch
+
+    from msnet import aggregators, backbones
+    from msnet.config import load_config
+
+    if config not in CONFIGS:
+        raise MsnetError(f"unknown bench config {config!r}", fix=f"use one of: {', '.join(CONFIGS)}")
+    cfg = load_config(Path(__file__).parent / "configs" / f"{config}.yaml")
+    size = int(size or cfg.preprocess.size)
+    torch.manual_seed(seed)
+    bb = backbones.create(cfg.backbone.name, pretrained=False).eval()
+    agg = aggregators.create("msnet", bb.num_features, n_classes=len(cfg.data.classes)).eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    preprocess = {"size": size, "windows": [list(w) for w in cfg.preprocess.windows]}
+    torch.save({"backbone": cfg.backbone.name, "backbone_state_dict": bb.state_dict(), "data_config": dict(bb.data_config),
+                "classes": list(cfg.data.classes), "preprocess": preprocess}, folder / "backbone.pt")
+    torch.save({"aggregator": "msnet", "config": dict(agg.config), "in_features": bb.num_features,
+                "classes": list(cfg.data.classes), "state_dict": agg.state_dict()}, folder / "aggregator.pt")
+    meta = {"name": f"bench-{cfg.backbone.name}-msnet", "classes": list(cfg.data.classes),
+            "input": {"size": size}, "backbone": {"name": cfg.backbone.name, "fine_tuned": False},
+            "training_data": {"cohort": ""}, "intended_use": "speed measurement only (random weights)"}
+    (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GEMM throughput of this machine (best of ``repeats`` n x n matmuls), GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best, _ = _best(lambda: torch.mm(a, b), repeats)
+    return 2.0 * n**3 / best / 1e9
+
+
+def _naive(study: Path, bundle: Path, batch: int = 32) -> tuple[float, dict]:
+    """Plain PyTorch: pydicom loop, stack, window, resize, eager fp32 backbone in batches of 32, no overlap."""
+    import torch
+
+    from msnet import preprocess as P
+    from msnet.predict import _load_backbone_ckpt
+
+    ckpt, backbone, _ = _load_backbone_ckpt(bundle / "backbone.pt")
+    pp, dc = ckpt["preprocess"], ckpt["data_config"]
+    t0 = time.perf_counter()
+    hu = _plain_read(study)
+    t1 = time.perf_counter()
+    x = P.prepare(hu, "hu", pp["windows"], pp["size"], dc["mean"], dc["std"])
+    t2 = time.perf_counter()
+    with torch.inference_mode():
+        feats = torch.cat([backbone(x[i:i + batch]) for i in range(0, len(x), batch)])
+    t3 = time.perf_counter()
+    return t3 - t0, {"read": t1 - t0, "preprocess": t2 - t1, "backbone": t3 - t2, "features": feats}
+
+
+def _backbone_only(predictor, x) -> float:
+    """Seconds for the predictor's backbone over preprocessed slices, in its batch size (no read, no preprocess)."""
+    import torch
+
+    bs = predictor.batch_size
+    predictor._backbone_fn(x[:bs])  # warm-up outside the timing
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(x), bs):
+            predictor._backbone_fn(x[i:i + bs])
+    return time.perf_counter() - t
+
+
+def bench_predict(config: str = "cpu", study: Path | None = None, threads: int = 2, repeats: int = 1,
+                  batch_size: int = 8, size: int | None = None, int8: bool = True, console=None) -> dict:
+    """Time one study's prediction: floor (FLOPs / GEMM rate), naive eager PyTorch, and Predictor
+    (torch, ONNX Runtime fp32, ONNX Runtime static int8) end to end and backbone only; print and return.
+
+    Uses a temporary bundle with random weights (speed does not depend on them). ``size`` overrides the
+    config's input size (for quick smoke runs).
+
+    >>> bench_predict("paper")  # doctest: +SKIP
+    {'n_slices': 148, 'floor_s': 7.4, 'naive_s': 19.0, 'ours_s': 5.4, ...}
+    """
+    import tempfile
+
+    import torch
+
+    from msnet import preprocess as P
+    from msnet.backbones import flops_per_image
+    from msnet.export import SHARED_SCANS, export_bundle, onnx_backbone_fn, with_backbone
+    from msnet.io import _quiet_pydicom, read_study
+    from msnet.predict import Predictor
+
+    study = Path(study) if study else default_study()
+    if not study.exists():
+        raise MsnetError("no such study", study, "pass a DICOM study folder")
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="msnet-bench-") as tmp, _quiet_pydicom():
+        bundle = temp_bundle(config, Path(tmp) / "bundle", size=size)
+        ref = Predictor(bundle, device="cpu", runtime="torch", batch_size=batch_size, threads=threads)
+        S = int(ref.preprocess["size"])
+        vol = read_study(study)  # also starts the decode pool, as in a long-running service
+        n = vol.n_slices
+        flops = flops_per_image(ref.backbone, (3, S, S))
+        gflops = gemm_gflops(threads)
+        floor_s = flops * n / (gflops * 1e9)
+        naive_s, naive = _best(lambda: _naive(study, bundle), repeats)
+        naive_s, naive = naive
+        x = P.prepare(vol.hu, vol.kind, ref.preprocess["windows"], S, ref.data_config["mean"], ref.data_config["std"])
+        runs: dict[str, dict] = {}
+
+        def measure(name: str, predictor) -> None:
+            predictor.predict(study)  # warm-up (allocations, ORT arenas)
+            e2e, res = _best(lambda: predictor.predict(study), repeats)
+            bb, _ = _best(lambda: _backbone_only(predictor, x), repeats)
+            runs[name] = {"end_to_end_s": e2e, "backbone_only_s": bb, "timing_s": res["timing_s"],
+                          "prediction": res["prediction"], "probabilities": res["probabilities"]}
+
+        measure("torch", ref)
+        calib = [s for s in SHARED_SCANS[1:] if s.is_dir() and s.resolve() != study.resolve()] or [study]
+        t = time.perf_counter()
+        exp = export_bundle(bundle, int8=int8, calibration=calib, check_studies=[], n_calibration=64)
+        export_s = time.perf_counter() - t
+        ort = with_backbone(ref, onnx_backbone_fn(bundle))
+        measure("onnx_fp32", ort)
+        agreement = None
+        if int8:
+            q = with_backbone(ref, onnx_backbone_fn(bundle, int8=True))
+            measure("onnx_int8", q)
+            a, b = runs["torch"], runs["onnx_int8"]
+            on_study = {"n_studies": 1, "all_same_class": a["prediction"] == b["prediction"],
+                        "max_prob_diff": max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in ref.classes)}
+            agreement = {"synthetic": exp["int8"], "study": on_study}
+            agreement["ok"] = bool(exp["int8"]["ok"] and on_study["all_same_class"]
+                                   and on_study["max_prob_diff"] <= exp["int8"]["tolerance"])
+    fp32 = min(("torch", "onnx_fp32"), key=lambda k: runs[k]["end_to_end_s"])
+    usable = [k for k in runs if k != "onnx_int8" or (agreement and agreement["ok"])]
+    best = min(usable, key=lambda k: runs[k]["end_to_end_s"])
+    ours_s = runs[best]["end_to_end_s"]
+    result = {
+        "config": config, "backbone": ref.metadata["backbone"]["name"], "size": S, "study": str(study),
+        "n_slices": n, "threads": threads, "batch_size": batch_size, "repeats": repeats,
+        "gflops_per_slice": round(flops / 1e9, 3), "gemm_gflops": round(gflops, 1),
+        "floor_s": round(floor_s, 3), "naive_s": round(naive_s, 3),
+        "naive_stages_s": {k: round(v, 3) for k, v in naive.items() if k != "features"},
+        "runs": {k: {**{m: round(v, 3) for m, v in r.items() if m in ("end_to_end_s", "backbone_only_s")},
+                     "timing_s": {m: round(v, 3) for m, v in r["timing_s"].items()},
+                     "prediction": r["prediction"]} for k, r in runs.items()},
+        "export_s": round(export_s, 2),
+        "fastest": best, "ours_s": round(ours_s, 3), "fp32": fp32,
+        "fp32_s": round(runs[fp32]["end_to_end_s"], 3),
+        "ours_over_floor": round(ours_s / floor_s, 3),
+        "fp32_over_floor": round(runs[fp32]["end_to_end_s"] / floor_s, 3),
+        "naive_over_ours": round(naive_s / ours_s, 3),
+        "end_to_end_over_backbone": round(ours_s / runs[best]["backbone_only_s"], 3),
+        "int8_agreement": agreement,
+        "int8_used": best == "onnx_int8",
+    }
+    print_bench_predict(result, console)
+    return result
+
+
+def print_bench_predict(result: dict, console=None) -> None:
+    """Print a bench_predict result as a table and the headline ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"predict one study: {result['backbone']} {result['size']} px, {result['n_slices']} slices, "
+                        f"{result['threads']} threads, batch {result['batch_size']}")
+    for col in ("path", "end to end s", "backbone only s", "read s", "prediction"):
+        table.add_column(col)
+    table.add_row(f"floor: {result['gflops_per_slice']} GFLOP/slice at {result['gemm_gflops']} GFLOP/s (fp32 GEMM)",
+                  f"{result['floor_s']:.2f}", "", "", "")
+    st = result["naive_stages_s"]
+    table.add_row("naive: pydicom loop + eager fp32, batch 32", f"{result['naive_s']:.2f}", f"{st['backbone']:.2f}",
+                  f"{st['read']:.2f}", "")
+    for name, r in result["runs"].items():
+        table.add_row(f"Predictor {name}", f"{r['end_to_end_s']:.2f}", f"{r['backbone_only_s']:.2f}",
+                      f"{r['timing_s']['read']:.2f}", r["prediction"])
+    console.print(table)
+    console.print(f"fastest: {result['fastest']} {result['ours_s']:.2f} s; ours/floor {result['ours_over_floor']:.2f}; "
+                  f"fp32 ({result['fp32']})/floor {result['fp32_over_floor']:.2f}; naive/ours "
+                  f"{result['naive_over_ours']:.2f}x; end-to-end/backbone-only {result['end_to_end_over_backbone']:.2f}")
+    ag = result.get("int8_agreement")
+    if ag:
+        s, st = ag["synthetic"], ag["study"]
+        console.print(f"int8 agreement: synthetic {s['n_studies']} studies same class {s['all_same_class']}, "
+                      f"max prob diff {s['max_prob_diff']:.4f}; this study same class {st['all_same_class']}, "
+                      f"max prob diff {st['max_prob_diff']:.4f} -> {'used' if ag['ok'] else 'NOT used'}")
+
+
+_RSS_CHILD = """
+import json, resource, sys
+from msnet.predict import Predictor
+bundle, study, runtime, int8 = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+r = Predictor(bundle, device="cpu", runtime=runtime, int8=int8, threads=2).predict(study)
+from msnet.io import _shutdown_pool
+_shutdown_pool()
+print(json.dumps({"self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "n_slices": r["n_slices"], "total_s": r["timing_s"]["total"]}))
+"""
+
+
+def peak_rss(config: str = "paper", n_slices: int = 200, pixels: int = 512, runtime: str = "torch",
+             int8: bool = False) -> dict:
+    """Peak resident memory (MB) of one ``Predictor.predict`` on a synthetic study, in a fresh subprocess.
+
+    ``self_mb`` is the predicting process, ``children_mb`` the largest decode worker.
+
+    >>> peak_rss("paper", 200)["self_mb"] < 2048  # doctest: +SKIP
+    True
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from msnet.export import export_bundle
+    from msnet.synthetic import synth_cohort
+
+    with tempfile.TemporaryDirectory(prefix="msnet-rss-") as tmp:
+        tmp = Path(tmp)
+        bundle = temp_bundle(config, tmp / "bundle")
+        synth_cohort(tmp / "data", n_patients=1, size=pixels, slices=(n_slices, n_slices))
+        study = next(p for p in (tmp / "data").iterdir() if p.is_dir())
+        if runtime == "onnx":
+            export_bundle(bundle, int8=int8, calibration=[study], check_studies=[], n_calibration=32)
+        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(bundle), str(study), runtime, "1" if int8 else "0"],
+                             capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise MsnetError(f"peak-memory run failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update({"config": config, "runtime": runtime, "int8": int8, "pixels": pixels})
+    return result

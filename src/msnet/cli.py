@@ -202,13 +202,74 @@ def run_all(
 @app.command()
 def demo(
     out: Path = typer.Argument(Path("msnet-demo"), help="Output folder."),
-    patients: int = typer.Option(36, help="Synthetic patients (split over the three classes)."),
+    patients: int = typer.Option(75, help="Synthetic patients (split over the three classes; 40% held out for test)."),
     overwrite: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
     """The main job: synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report."""
     from msnet.pipeline import run_demo
 
     run_demo(out, n_patients=patients, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+@app.command()
+def predict(
+    bundle: Path = typer.Argument(..., help="Model bundle folder (RUN/bundle)."),
+    studies: List[Path] = typer.Argument(..., help="DICOM folders, .nii/.nii.gz, image folders or .zip of any."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per study."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write predictions.csv / status.csv / predictions.json here."),
+    explain_dir: Optional[Path] = typer.Option(None, "--explain", help="Write Grad-CAM key-slice strips and score plots here."),
+    runtime: str = typer.Option("torch", help="torch or onnx (needs `msnet export BUNDLE --onnx`)."),
+    int8: bool = typer.Option(False, "--int8", help="With --runtime onnx: the statically quantised backbone."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
+) -> None:
+    """Diagnose studies with a trained bundle."""
+    from msnet.predict import predict_many
+
+    results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, runtime=runtime,
+                                   device=device, int8=int8)
+    if json_out:
+        for r in results:
+            typer.echo(json.dumps(r))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="msnet predictions (research use only)")
+        classes = list(results[0]["probabilities"]) if results else []
+        for col in ["study", "prediction", *classes, "slices", "key slices", "s"]:
+            table.add_column(col)
+        for r in results:
+            table.add_row(r["study_id"], r["prediction"], *[f"{r['probabilities'][c]:.3f}" for c in classes],
+                          str(r["n_slices"]), ", ".join(str(k["slice_index"]) for k in r["key_slices"][:5]),
+                          f"{r['timing_s']['total']:.2f}")
+        Console().print(table)
+    failed = [s for s in status if s["status"] != "ok"]
+    for s in failed:
+        _stderr_console().print(f"[red]failed:[/] {s['study']}: {s['error']}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, help="Port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MSNET_API_KEY", help="Require this X-API-Key header."),
+    max_upload_mb: float = typer.Option(1024.0, help="Largest upload accepted (413 above)."),
+    workers: int = typer.Option(1, help="Concurrent inferences (others queue)."),
+    queue_size: int = typer.Option(16, help="Requests waiting for a worker before 503."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds per request before 504."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+) -> None:
+    """HTTP API (/v1/predict, /health, /docs) and a web page at / for uploaded studies."""
+    from msnet.service import serve as run_server
+
+    run_server(bundle, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
+               timeout_s=timeout, queue_size=queue_size, device=device)
 
 
 # --------------------------------------------------------------------------- bench

@@ -173,9 +173,14 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (a file, or the name of a shipped one: `paper`, `cpu`)."""
+    """Load a YAML config (a file, or the name of a shipped one: `paper`, `cpu`).
+
+    Relative paths inside a config file resolve against the file's folder; those of a
+    shipped config (loaded by name) against the working directory.
+    """
     p = Path(path)
-    if not p.exists() and str(path) in ("paper", "cpu", "demo"):
+    shipped = not p.exists() and str(path) in ("paper", "cpu")
+    if shipped:  # a shipped config by name: relative paths resolve against the working directory
         p = Path(__file__).parent / "configs" / f"{path}.yaml"
     if not p.is_file():
         raise MsnetError("config file not found", path=p, fix="pass a YAML file, or `paper` / `cpu`")
@@ -185,7 +190,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise MsnetError(f"not valid YAML ({exc})", path=p) from exc
     cfg = config_from_dict(data)
     if not cfg.source:
-        cfg.source = str(p.resolve().parent)
+        cfg.source = str(Path.cwd() if shipped else p.resolve().parent)
     return apply_overrides(cfg, overrides or [])
 
 

@@ -60,7 +60,7 @@ def demo_config(out: Path) -> Config:
     return cfg
 
 
-def run_demo(out: Path, n_patients: int = 36, overwrite: bool = False, seed: int = 0) -> dict:
+def run_demo(out: Path, n_patients: int = 75, overwrite: bool = False, seed: int = 0) -> dict:
     """Synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report; prints the headline."""
     from rich.console import Console
 
@@ -75,7 +75,7 @@ def run_demo(out: Path, n_patients: int = 36, overwrite: bool = False, seed: int
         shutil.rmtree(out)
     if not (data / "cohort.csv").exists():
         console.print(f"writing a synthetic cohort of {n_patients} patients to {data} …")
-        synth_cohort(data, n_patients=n_patients, size=256, seed=seed, slices=(40, 80))
+        synth_cohort(data, n_patients=n_patients, size=256, seed=seed, slices=(40, 80), split=(0.2, 0.4))
     cfg = demo_config(out)
     report = run_pipeline(cfg, overwrite=False)
     metrics = json.loads((cfg.run_path / "evaluate" / "metrics.json").read_text())

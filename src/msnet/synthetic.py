@@ -37,6 +37,10 @@ from msnet.errors import MsnetError
 
 logger = logging.getLogger(__name__)
 
+MIN_LESION_FRACTION = 3e-4
+"""A slice counts as infected when its lesions cover at least this fraction of the image
+(about 7.5 mm across at 512 px): a reader would not label the tip of a blob that shows as
+a few pixels, and neither do we."""
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 GGO_HU = (-700.0, -300.0)
 CONSOLIDATION_HU = (-100.0, 50.0)
@@ -157,15 +161,15 @@ def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
     return out
 
 
-def _split_subsets(labels: list[str], seed: int) -> list[str]:
-    """Stratified train/val/test (60/20/20) per class, deterministic per seed."""
+def _split_subsets(labels: list[str], seed: int, split: tuple[float, float] = (0.2, 0.2)) -> list[str]:
+    """Stratified train/val/test per class (val and test fractions; 60/20/20 by default), deterministic per seed."""
     subsets = ["train"] * len(labels)
     rng = _rng(seed, 0x5B5E7)
     for cls in sorted(set(labels)):
         idx = [i for i, lab in enumerate(labels) if lab == cls]
         idx = [idx[j] for j in rng.permutation(len(idx))]
         n = len(idx)
-        n_val = n_test = round(0.2 * n)
+        n_val, n_test = round(split[0] * n), round(split[1] * n)
         if n >= 3:
             n_val, n_test = max(1, n_val), max(1, n_test)
         for j in idx[n - n_val - n_test:n - n_test]:
@@ -177,7 +181,8 @@ def _split_subsets(labels: list[str], seed: int) -> list[str]:
 
 def plan_cohort(n_patients: int, size: int = 512, seed: int = 0, slices: tuple[int, int] = (60, 200),
                 classes: tuple[str, ...] = ("COVID-19", "CAP", "NORMAL"),
-                thickness_mm: tuple[float, float] = (1.0, 5.0)) -> list[PatientPlan]:
+                thickness_mm: tuple[float, float] = (1.0, 5.0),
+                split: tuple[float, float] = (0.2, 0.2)) -> list[PatientPlan]:
     """Draw every patient's parameters (classes evenly split; nuisances independent of class).
 
     >>> [p.label for p in plan_cohort(3, seed=1)].count("CAP")
@@ -196,7 +201,7 @@ def plan_cohort(n_patients: int, size: int = 512, seed: int = 0, slices: tuple[i
     crng = _rng(seed, 0xC1A55)
     labels = [classes[i % len(classes)] for i in range(n_patients)]
     labels = [labels[j] for j in crng.permutation(n_patients)]
-    subsets = _split_subsets(labels, seed)
+    subsets = _split_subsets(labels, seed, split)
     # planted traps on exactly half of the patients, independent of class
     reversed_ids = set(crng.permutation(n_patients)[: n_patients // 2].tolist())
     plans = []
@@ -456,7 +461,7 @@ def write_patient(plan: PatientPlan, folder: Path, size: int) -> list[int]:
     labels = []
     for i in range(n):
         hu, lesion = phantom.render(i)
-        labels.append(int(lesion.any()))
+        labels.append(int(lesion.mean() >= MIN_LESION_FRACTION))
         z = round(plan.z_top_mm - i * plan.spacing_mm, 3)
         uid = _uid(plan, f"sop{i}", size)
         meta.MediaStorageSOPInstanceUID = uid
@@ -472,8 +477,11 @@ def write_patient(plan: PatientPlan, folder: Path, size: int) -> list[int]:
 
 def synth_cohort(out: Path, n_patients: int, size: int = 512, seed: int = 0, slices: tuple[int, int] = (60, 200),
                  classes: tuple[str, ...] = ("COVID-19", "CAP", "NORMAL"),
-                 thickness_mm: tuple[float, float] = (1.0, 5.0)) -> Path:
+                 thickness_mm: tuple[float, float] = (1.0, 5.0),
+                 split: tuple[float, float] = (0.2, 0.2)) -> Path:
     """Write a synthetic DICOM cohort under out; returns out/cohort.csv.
+
+    ``split`` gives the val and test fractions per class (the rest is train).
 
     >>> csv_path = synth_cohort(Path(tmp) / "syn", 3, size=64, slices=(6, 8))  # doctest: +SKIP
     """
@@ -481,7 +489,7 @@ def synth_cohort(out: Path, n_patients: int, size: int = 512, seed: int = 0, sli
     if size < 32:
         raise MsnetError(f"size {size} is too small for a phantom", fix="pass --size 32 or more")
     plans = plan_cohort(n_patients, size=size, seed=seed, slices=slices, classes=tuple(classes),
-                        thickness_mm=thickness_mm)
+                        thickness_mm=thickness_mm, split=split)
     cohort_rows, slice_rows = [], []
     for plan in plans:
         labels = write_patient(plan, out / plan.patient_id, size)

@@ -1,0 +1,35 @@
+"""Smoke test of bench_predict: a tiny synthetic DICOM study, the cpu config at a small input size."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from msnet.bench import bench_predict, gemm_gflops  # noqa: E402
+from msnet.errors import MsnetError  # noqa: E402
+from msnet.export import synthetic_studies  # noqa: E402
+
+
+def test_gemm_rate_positive() -> None:
+    assert gemm_gflops(1, n=256, repeats=2) > 0.1
+
+
+def test_bench_predict_smoke(tmp_path) -> None:
+    study = synthetic_studies(tmp_path / "s", n=1, size=64, slices=(10, 10), seed=2)[0]
+    r = bench_predict("cpu", study=study, threads=2, size=64)
+    for key in ("floor_s", "naive_s", "ours_s", "fp32_s", "ours_over_floor", "fp32_over_floor", "naive_over_ours",
+                "end_to_end_over_backbone", "int8_agreement", "runs", "fastest"):
+        assert key in r, key
+    assert r["n_slices"] == 10 and r["backbone"] == "efficientnet_lite0" and r["size"] == 64
+    assert set(r["runs"]) == {"torch", "onnx_fp32", "onnx_int8"}
+    for key in ("floor_s", "naive_s", "ours_s", "ours_over_floor", "naive_over_ours", "end_to_end_over_backbone"):
+        assert r[key] > 0, key
+    assert r["ours_s"] == min(v["end_to_end_s"] for k, v in r["runs"].items()
+                              if k != "onnx_int8" or r["int8_agreement"]["ok"])
+    assert r["int8_used"] == (r["fastest"] == "onnx_int8")
+
+
+def test_bench_predict_bad_config(tmp_path) -> None:
+    with pytest.raises(MsnetError, match="config"):
+        bench_predict("gpu", study=tmp_path)

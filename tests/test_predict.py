@@ -1,0 +1,93 @@
+"""Bundle, `msnet predict` (JSON, CSV, zip input, bad studies) and explanations."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from msnet.cli import app
+
+
+def _cohort(bundle: Path):
+    from msnet.cohort import read_cohort, read_slice_labels
+
+    data = bundle.parent.parent / "data"
+    return read_cohort(data / "cohort.csv"), read_slice_labels(data / "slice_labels.csv")
+
+
+def test_bundle_holds_everything_predict_needs(tiny_bundle, tmp_path):
+    from msnet.predict import Predictor
+
+    card = json.loads((tiny_bundle / "metadata.json").read_text())
+    assert card["classes"] == ["COVID-19", "CAP", "NORMAL"]
+    assert "not" in card["intended_use"].lower() and "diagnos" in card["intended_use"].lower()
+    assert card["input"]["windows_hu"] == [{"level": -600.0, "width": 1500.0}]
+    assert "accuracy" in card["metrics"]["patient_level_test"]
+    # a copy far from the run folder still predicts: the bundle needs nothing else
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_bundle, moved)
+    rows, _ = _cohort(tiny_bundle)
+    result = Predictor(moved, device="cpu").predict(rows[0]["path"])
+    assert set(result) >= {"study_id", "prediction", "probabilities", "n_slices", "key_slices", "timing_s", "warnings"}
+    assert abs(sum(result["probabilities"].values()) - 1) < 1e-4
+    assert set(result["timing_s"]) == {"read", "preprocess", "backbone", "aggregate", "total"}
+
+
+def test_predict_cli_json_csv_zip_and_bad_study(tiny_bundle, tmp_path):
+    rows, _ = _cohort(tiny_bundle)
+    study = Path(rows[0]["path"])
+    archive = tmp_path / f"{study.name}.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(study.rglob("*")):
+            zf.write(f, f"{study.name}/{f.relative_to(study)}")
+    bad = tmp_path / "not-a-study"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("hello")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["predict", str(tiny_bundle), str(study), str(archive), str(bad), "--json", "--out", str(out)])
+    assert res.exit_code == 1  # one bad study: reported, skipped, non-zero exit at the end
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 2
+    assert lines[0]["prediction"] == lines[1]["prediction"]
+    np.testing.assert_allclose(list(lines[0]["probabilities"].values()), list(lines[1]["probabilities"].values()), atol=1e-6)
+    with open(out / "status.csv") as fh:
+        status = list(csv.DictReader(fh))
+    assert [s["status"] for s in status] == ["ok", "ok", "failed"]
+    assert "not-a-study" in status[2]["error"]
+    with open(out / "predictions.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+
+
+def test_key_slices_find_lesions_and_explain_writes_pngs(tiny_bundle, tmp_path):
+    """Top key slices of diseased studies fall on lesion slices far more often than chance."""
+    from PIL import Image
+
+    from msnet.predict import Predictor
+
+    rows, labels = _cohort(tiny_bundle)
+    predictor = Predictor(tiny_bundle, device="cpu")
+    hits, base, k = [], [], 3
+    for r in rows:
+        if r["label"] == "NORMAL":
+            continue
+        lab = labels[r["patient_id"]]
+        res = predictor.predict(r["path"], study_id=r["patient_id"])
+        top = [s["slice_index"] for s in res["key_slices"][:k]]
+        hits += [bool(lab[i]) for i in top]
+        base.append(lab.mean())
+    precision, chance = float(np.mean(hits)), float(np.mean(base))
+    assert precision >= min(0.95, chance + 0.3), (precision, chance)
+
+    r = next(r for r in rows if r["label"] != "NORMAL")
+    res = predictor.predict(r["path"], study_id=r["patient_id"], explain_dir=tmp_path / "explain", top_k=4)
+    strip = Image.open(res["explanation"]["key_slices_png"])
+    curve = Image.open(res["explanation"]["slice_scores_png"])
+    assert strip.size[0] > 3 * strip.size[1] and curve.size[0] > 200
+    assert len(np.unique(np.asarray(strip.convert("RGB"))[..., 0])) > 50  # a real picture, not a blank
