@@ -201,3 +201,33 @@ def test_two_process_extract_equals_single_process_and_finetune_is_valid(finetun
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_train"] > 0
     model = load_slice_classifier(ddp / "run" / "finetune" / "backbone.pt")
     assert all(np.isfinite(p.detach().numpy()).all() for p in model.parameters())
+
+
+def test_finetune_on_slice_images_with_held_out_test(tmp_path, shared_data):
+    """UCSD layout: slice manifest from `msnet index`, JPEG re-encoding, --test on a held-out folder."""
+    import shutil
+
+    from msnet.cohort import index_dataset
+    from msnet.finetune import finetune
+
+    src = shared_data / "ucsd-covid-ct"
+    root = tmp_path / "ucsd"
+    for split, n in (("train", 12), ("val", 6)):
+        for cls in ("CT_COVID", "CT_NonCOVID"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((src / split / cls).iterdir())[:n]:
+                shutil.copy(f, root / split / cls / f.name)
+    index_dataset(root, tmp_path / "index")
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            data={"slice_manifest": "index/slices.csv", "cohort": "", "slice_labels": "", "classes": ["COVID-19", "NON-COVID"], "reencode_jpeg": 75},
+            preprocess={"size": 48},
+            finetune={"epochs": 1, "val_fraction": 0.25},
+        )
+    )
+    result = finetune(cfg, test_dir=root / "val")
+    test = json.loads((tmp_path / "run" / "finetune" / "test_metrics.json").read_text())
+    assert test["n"] == 12 and set(test) >= {"accuracy", "f1", "auc", "sensitivity", "by_format"}
+    assert sum(v["n"] for v in test["by_format"].values()) == 12
+    assert result["n_train"] + result["n_val"] == 24  # the val folder itself is never trained on

@@ -202,7 +202,7 @@ def _backbone_only(predictor, x) -> float:
 
 
 def bench_predict(config: str = "cpu", study: Path | None = None, threads: int = 2, repeats: int = 1,
-                  batch_size: int = 8, size: int | None = None, int8: bool = True, console=None) -> dict:
+                  batch_size: int = 16, size: int | None = None, int8: bool = True, console=None) -> dict:
     """Time one study's prediction: floor (FLOPs / GEMM rate), naive eager PyTorch, and Predictor
     (torch, ONNX Runtime fp32, ONNX Runtime static int8) end to end and backbone only; print and return.
 
@@ -218,7 +218,7 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
 
     from msnet import preprocess as P
     from msnet.backbones import flops_per_image
-    from msnet.export import SHARED_SCANS, export_bundle, onnx_backbone_fn, with_backbone
+    from msnet.export import SHARED_SCANS, export_bundle
     from msnet.io import _quiet_pydicom, read_study
     from msnet.predict import Predictor
 
@@ -241,7 +241,7 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
         runs: dict[str, dict] = {}
 
         def measure(name: str, predictor) -> None:
-            predictor.predict(study)  # warm-up (allocations, ORT arenas)
+            _backbone_only(predictor, x[: predictor.batch_size])  # warm-up (kernels, ORT arenas)
             e2e, res = _best(lambda: predictor.predict(study), repeats)
             bb, _ = _best(lambda: _backbone_only(predictor, x), repeats)
             runs[name] = {"end_to_end_s": e2e, "backbone_only_s": bb, "timing_s": res["timing_s"],
@@ -252,11 +252,11 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
         t = time.perf_counter()
         exp = export_bundle(bundle, int8=int8, calibration=calib, check_studies=[], n_calibration=64)
         export_s = time.perf_counter() - t
-        ort = with_backbone(ref, onnx_backbone_fn(bundle))
+        ort = Predictor(bundle, device="cpu", runtime="onnx", batch_size=batch_size, threads=threads)
         measure("onnx_fp32", ort)
         agreement = None
         if int8:
-            q = with_backbone(ref, onnx_backbone_fn(bundle, int8=True))
+            q = Predictor(bundle, device="cpu", runtime="onnx", int8=True, batch_size=batch_size, threads=threads)
             measure("onnx_int8", q)
             a, b = runs["torch"], runs["onnx_int8"]
             on_study = {"n_studies": 1, "all_same_class": a["prediction"] == b["prediction"],

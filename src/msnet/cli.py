@@ -202,7 +202,7 @@ def run_all(
 @app.command()
 def demo(
     out: Path = typer.Argument(Path("msnet-demo"), help="Output folder."),
-    patients: int = typer.Option(75, help="Synthetic patients (split over the three classes; 40% held out for test)."),
+    patients: int = typer.Option(120, help="Synthetic patients (split over the three classes; 30% held out for test)."),
     overwrite: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
     """The main job: synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report."""

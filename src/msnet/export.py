@@ -55,8 +55,11 @@ def _ort():
     return ort
 
 
-def ort_session(path: str | Path, threads: int | None = None):
+def ort_session(path: str | Path, threads: int | None = None, spinning: bool | None = None):
     """An ONNX Runtime CPU session: all graph optimisations, ``threads`` intra-op threads (default torch's).
+
+    Spinning of idle worker threads is off by default (``MSNET_ORT_SPINNING=1`` turns it on): the
+    preprocessing thread and PyTorch's own pool share the cores, and spinning threads starve them.
 
     >>> s = ort_session("bundle/onnx/backbone.onnx")  # doctest: +SKIP
     """
@@ -70,6 +73,9 @@ def ort_session(path: str | Path, threads: int | None = None):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if spinning is None:
+        spinning = os.environ.get("MSNET_ORT_SPINNING", "0") == "1"
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -140,7 +146,7 @@ def _export_models(predictor, out: Path) -> None:
                 {"features": {1: "slices"}, "slice_scores": {1: "slices"}})
 
 
-def synthetic_studies(folder: Path, n: int = 3, size: int = 128, slices: tuple[int, int] = (12, 20),
+def synthetic_studies(folder: Path, n: int = 3, size: int = 128, slices: tuple[int, int] = (8, 12),
                       seed: int = 11) -> list[Path]:
     """Write ``n`` small synthetic DICOM studies (one per class in turn) and return their folders."""
     from msnet.synthetic import synth_cohort
@@ -208,6 +214,14 @@ def _cohort_studies(bundle: Path) -> list[Path]:
     return [Path(p) for p in (train or [r["path"] for r in rows]) if Path(p).exists()]
 
 
+def _calibration_sources(bundle: Path, calibration: Sequence[Path] | None) -> list[Path]:
+    sources = [Path(p) for p in calibration] if calibration else _cohort_studies(bundle)
+    if not sources:
+        raise MsnetError("no calibration studies for int8: the bundle's training cohort is not readable",
+                         bundle / "metadata.json", "pass calibration studies (calibration=[PATH, ...])")
+    return sources
+
+
 def calibration_batch(predictor, studies: Sequence[Path], n_slices: int = 96, max_studies: int = 12) -> np.ndarray:
     """Preprocessed slices (n, 3, S, S) spread evenly over up to ``max_studies`` studies."""
     from msnet.io import read_study
@@ -270,6 +284,7 @@ def export_bundle(bundle: Path, out: Path | None = None, int8: bool = False,
     from msnet.predict import Predictor
 
     bundle = Path(bundle)
+    sources = _calibration_sources(bundle, calibration) if int8 else []
     out = Path(out) if out else bundle / "onnx"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -300,7 +315,7 @@ def export_bundle(bundle: Path, out: Path | None = None, int8: bool = False,
     result = {"out": str(out), "backbone": str(out / BACKBONE_ONNX), "aggregator": str(out / AGGREGATOR_ONNX),
               "parity": {k: v for k, v in parity.items() if k != "studies"}}
     if int8:
-        result["int8"] = export_int8(bundle, out, ref, calibration=calibration, check_studies=check_studies,
+        result["int8"] = export_int8(bundle, out, ref, calibration=sources, check_studies=check_studies,
                                      synth=synth, n_calibration=n_calibration, cache=cache)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     return result
@@ -310,10 +325,7 @@ def export_int8(bundle: Path, out: Path, ref, calibration: list[Path] | None = N
                 check_studies: list[Path] | None = None, synth: list | None = None,
                 n_calibration: int = 96, cache: dict | None = None) -> dict:
     """Write backbone_int8.onnx and int8_agreement.json (fp32 torch vs int8 ONNX Runtime); return the figures."""
-    sources = [Path(p) for p in calibration] if calibration else _cohort_studies(bundle)
-    if not sources:
-        raise MsnetError("no calibration studies for int8: the bundle's training cohort is not readable",
-                         bundle / "metadata.json", "pass calibration studies (--calibration PATH ...)")
+    sources = _calibration_sources(bundle, calibration)
     t = time.perf_counter()
     calib = calibration_batch(ref, sources, n_slices=n_calibration)
     quantize_backbone(out / BACKBONE_ONNX, out / BACKBONE_INT8_ONNX, calib)
@@ -332,3 +344,20 @@ def export_int8(bundle: Path, out: Path, ref, calibration: list[Path] | None = N
            f"studies, max probability difference {agree['max_prob_diff']:.4f} (tolerance {INT8_PROB_TOL})")
     (log.info if agree["ok"] else log.warning)(msg)
     return {k: v for k, v in agree.items() if k != "studies"}
+
+
+def print_export(result: dict, console=None) -> None:
+    """Print what export_bundle wrote, its parity and (with int8) the agreement figures."""
+    from rich.console import Console
+
+    console = console or Console()
+    p = result["parity"]
+    console.print(f"ONNX models in {result['out']}: {BACKBONE_ONNX}, {AGGREGATOR_ONNX}")
+    console.print(f"parity torch vs ONNX Runtime on {p['n_studies']} synthetic studies: same class {p['all_same_class']}, "
+                  f"max probability difference {p['max_prob_diff']:.2e} (tolerance {p['tolerance']:.0e})")
+    q = result.get("int8")
+    if q:
+        verdict = "agrees" if q["ok"] else "does NOT agree: use the fp32 model"
+        console.print(f"int8 {BACKBONE_INT8_ONNX} (calibrated on {q['calibration_slices']} slices of "
+                      f"{q['calibration_studies']} studies): same class {q['all_same_class']} on {q['n_studies']} studies, "
+                      f"max probability difference {q['max_prob_diff']:.4f} (tolerance {q['tolerance']}) -> {verdict}")

@@ -38,6 +38,8 @@ class SliceSet:
     labels: torch.Tensor
     groups: list[str] = field(default_factory=list)
     """patient id (or image path) of each slice"""
+    formats: list[str] = field(default_factory=list)
+    """encoded format of each slice image (PNG, JPEG, ...; DICOM for CT studies)"""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -124,8 +126,23 @@ def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: l
     return SliceSet(torch.cat(images), torch.tensor(labels), groups)
 
 
+def image_format(path: str | Path) -> str:
+    """The encoded format of an image file, read from its content (not its extension)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return str(im.format)
+    except OSError:
+        return "unknown"
+
+
 def load_image_slice(path: str | Path, size: int, reencode_jpeg: int = 0) -> torch.Tensor:
-    """A 2-D image file -> uint8 (1, size, size) grey, opened by content, optionally re-encoded as JPEG."""
+    """A 2-D image file -> uint8 (1, size, size) grey, opened by content, optionally re-encoded as JPEG.
+
+    Re-encoding every image the same way (after resizing) gives all classes the same
+    compression artefacts, so a model cannot tell classes apart by their file format.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -142,7 +159,7 @@ def load_image_slice(path: str | Path, size: int, reencode_jpeg: int = 0) -> tor
 
 
 def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str) -> SliceSet:
-    images, labels, groups = [], [], []
+    images, labels, groups, formats = [], [], [], []
     for r in rows:
         if r["label"] not in classes:
             raise MsnetError(
@@ -152,9 +169,10 @@ def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str) 
         images.append(load_image_slice(r["image_path"], cfg.preprocess.size, cfg.data.reencode_jpeg))
         labels.append(classes.index(r["label"]))
         groups.append(str(r["image_path"]))
+        formats.append(r.get("format") or image_format(r["image_path"]))
     if not images:
         raise MsnetError(f"no {desc} images")
-    return SliceSet(torch.stack(images), torch.tensor(labels), groups)
+    return SliceSet(torch.stack(images), torch.tensor(labels), groups, formats)
 
 
 def image_folder_rows(folder: Path) -> list[dict]:
@@ -448,5 +466,16 @@ def test(cfg: Config, test_dir: Path) -> dict:
     metrics = slice_metrics(data, probs, classes)
     metrics["n"] = len(data)
     metrics["test_dir"] = str(test_dir)
+    if data.formats:  # the file-format shortcut check: accuracy per encoded format and class
+        fmt = np.array(data.formats)
+        y, pred = data.labels.numpy(), probs.argmax(1)
+        metrics["by_format"] = {
+            f: {
+                "n": int((fmt == f).sum()),
+                "accuracy": float((pred[fmt == f] == y[fmt == f]).mean()),
+                "per_class_n": {c: int(((fmt == f) & (y == k)).sum()) for k, c in enumerate(classes)},
+            }
+            for f in sorted(set(data.formats))
+        }
     atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
     return metrics

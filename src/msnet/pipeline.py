@@ -60,11 +60,11 @@ def demo_config(out: Path) -> Config:
     return cfg
 
 
-def run_demo(out: Path, n_patients: int = 75, overwrite: bool = False, seed: int = 0) -> dict:
+def run_demo(out: Path, n_patients: int = 120, overwrite: bool = False, seed: int = 0) -> dict:
     """Synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report; prints the headline."""
     from rich.console import Console
 
-    from msnet.evaluate import headline_table
+    from msnet.evaluate import format_console_table
     from msnet.synthetic import synth_cohort
 
     console = Console()
@@ -75,14 +75,14 @@ def run_demo(out: Path, n_patients: int = 75, overwrite: bool = False, seed: int
         shutil.rmtree(out)
     if not (data / "cohort.csv").exists():
         console.print(f"writing a synthetic cohort of {n_patients} patients to {data} …")
-        synth_cohort(data, n_patients=n_patients, size=256, seed=seed, slices=(40, 80), split=(0.2, 0.4))
+        synth_cohort(data, n_patients=n_patients, size=256, seed=seed, slices=(30, 60), split=(0.2, 0.3))
     cfg = demo_config(out)
     report = run_pipeline(cfg, overwrite=False)
     metrics = json.loads((cfg.run_path / "evaluate" / "metrics.json").read_text())
     elapsed = time.perf_counter() - start
     metrics["elapsed_s"] = elapsed
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    console.print(headline_table(metrics))
+    console.print(format_console_table(metrics))
     console.print(
         f"\nMS-Net patient-level test accuracy: [bold]{metrics['accuracy']:.3f}[/] "
         f"({elapsed:.0f} s)\nreport: {report}\nmetrics: {out / 'metrics.json'}"

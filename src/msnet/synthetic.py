@@ -141,7 +141,7 @@ def _covid_lesions(rng: np.random.Generator) -> list[Lesion]:
             lateral = np.pi if side < 0 else 0.0  # lateral wall of this lung
             angle = rng.choice([lateral, np.pi / 2, (lateral + np.pi / 2) / 2]) + rng.uniform(-0.5, 0.5)
             out.append(Lesion(side, float(uc + rng.uniform(-0.05, 0.05)), rng.uniform(0.08, 0.15), float(angle),
-                              rng.uniform(0.65, 0.88), rng.uniform(0.35, 0.55), rng.uniform(0.28, 0.45),
+                              rng.uniform(0.65, 0.88), rng.uniform(0.45, 0.7), rng.uniform(0.36, 0.56),
                               rng.uniform(-580.0, -380.0), "ggo", bool(rng.random() < 0.4)))
     return out
 
@@ -152,7 +152,7 @@ def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
     uc = rng.uniform(0.5, 0.78) if lower else rng.uniform(0.2, 0.42)
     angle = rng.uniform(0.0, np.pi)  # posterior half (image y grows posteriorly)
     out = [Lesion(side, uc, rng.uniform(0.14, 0.26), float(angle), rng.uniform(0.25, 0.5),
-                  rng.uniform(0.5, 0.7), rng.uniform(0.45, 0.65), rng.uniform(-60.0, 30.0), "consolidation")]
+                  rng.uniform(0.6, 0.85), rng.uniform(0.55, 0.8), rng.uniform(-60.0, 30.0), "consolidation")]
     if rng.random() < 0.4:  # a second segment of the same lung
         out.append(Lesion(side, float(np.clip(uc + rng.choice([-1, 1]) * rng.uniform(0.15, 0.25), 0.15, 0.85)),
                           rng.uniform(0.07, 0.12), float(rng.uniform(0.0, 2 * np.pi)), rng.uniform(0.4, 0.7),
