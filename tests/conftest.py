@@ -28,9 +28,9 @@ TINY_CONFIG = {
     "run_dir": "run",
     "device": "cpu",
     "data": {"cohort": "data/cohort.csv", "slice_labels": "data/slice_labels.csv"},
-    "preprocess": {"size": 96},
-    "backbone": {"name": "efficientnet_lite0", "pretrained": True, "freeze": 2},
-    "finetune": {"epochs": 2, "batch_size": 16, "lr": 5e-4, "max_slices_per_patient": 8, "normal_slices_per_patient": 8},
+    "preprocess": {"size": 112},
+    "backbone": {"name": "efficientnet_lite0", "pretrained": True, "freeze": 0},
+    "finetune": {"epochs": 8, "batch_size": 16, "lr": 5e-4, "max_slices_per_patient": 8, "normal_slices_per_patient": 6},
     "extract": {"batch_size": 16},
     "train": {"aggregators": ["msnet"], "epochs": 40, "batch_size": 4, "lr": 1e-3},
 }
@@ -38,7 +38,8 @@ TINY_CONFIG = {
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    """A complete model bundle trained on a small synthetic cohort (15 patients, 96 px, ~1 min).
+    """A complete model bundle trained on a small synthetic cohort (60 patients of 10-16 slices, 112 px, ~1 min):
+    enough patients that the backbone learns the lesions rather than the patients..
 
     The cohort is at ``bundle/../../data`` (cohort.csv, slice_labels.csv)."""
     import yaml
@@ -48,7 +49,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from msnet.synthetic import synth_cohort
 
     root = tmp_path_factory.mktemp("bundle")
-    synth_cohort(root / "data", n_patients=15, size=96, seed=5, slices=(16, 24))
+    synth_cohort(root / "data", n_patients=60, size=128, seed=5, slices=(10, 16))
     (root / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     cfg = load_config(root / "config.yaml")
     run_pipeline(cfg)

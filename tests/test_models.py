@@ -293,7 +293,20 @@ def test_argmax_scores_equal_autograd_gradient_times_activation(name: str) -> No
     logits.gather(1, pred[:, None]).sum().backward()
     contrib = (pooled.grad * pooled).detach().clamp(min=0)
     expected = torch.zeros(mask.shape).scatter_add(1, idx, contrib)
-    torch.testing.assert_close(agg.slice_scores(x, mask), expected)
+    kwargs = {"method": "argmax"} if name == "msnet" else {}
+    torch.testing.assert_close(agg.slice_scores(x, mask, **kwargs), expected)
+
+
+def test_msnet_input_scores_are_gradient_times_input() -> None:
+    agg = _make("msnet").eval()
+    x, mask = _padded_batch([12, 5], seed=3)
+    xg = aggregators._prepare(x, mask)[0].clone().requires_grad_(True)
+    logits = agg(xg, mask)
+    logits.gather(1, logits.argmax(dim=1)[:, None]).sum().backward()
+    expected = ((xg.grad * xg).sum(dim=2).clamp(min=0) * mask).detach()
+    with torch.inference_mode():
+        got = agg.slice_scores(x, mask)
+    torch.testing.assert_close(got, expected)
 
 
 def test_mean_and_vote_scores_follow_the_decisive_slice() -> None:

@@ -123,11 +123,35 @@ class MSNet(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, mask))
 
-    def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Per slice: summed positive gradient x activation (predicted logit) of the pooled channels it won."""
-        x, mask = _prepare(x, mask)
-        pooled, idx = _masked_max(self.temporal(x, mask), mask)
-        return _argmax_scores(idx, _mlp_contributions(pooled, self.fc1, self.fc2), x.shape[1])
+    def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None, method: str = "input") -> torch.Tensor:
+        """How much each slice drove the predicted class's logit (B, l), >= 0, zero at padding.
+
+        ``method="argmax"``: each pooled channel's contribution (gradient x activation
+        of the predicted logit) goes to the slice position it was max-pooled from.
+        ``method="input"`` (default) carries the same contributions on through the
+        dilated temporal stack down to the input slices: gradient x input of the
+        predicted logit w.r.t. each slice's features (summed over features, negatives
+        clamped to 0). A pooled position sees ±15 slices through the dilated convs, so
+        the argmax position alone points only roughly at the slices that made it win;
+        the input reading lands on them (see docs/models.md). Dropout counts as off.
+        """
+        if method == "argmax":
+            x, mask = _prepare(x, mask)
+            pooled, idx = _masked_max(self.temporal(x, mask), mask)
+            return _argmax_scores(idx, _mlp_contributions(pooled, self.fc1, self.fc2), x.shape[1])
+        if method != "input":
+            raise MsnetError(f"unknown slice-score method {method!r}", fix="use 'input' or 'argmax'")
+        with torch.inference_mode(False), torch.enable_grad():
+            x, mask = _prepare(x.detach().clone(), None if mask is None else mask.detach().clone())
+            x = x.requires_grad_(True)
+            logits = self.fc2(F.relu(self.fc1(_masked_max(self.temporal(x, mask), mask)[0])))
+            pred = logits.argmax(dim=1)
+            (grad,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), x)
+            scores = ((grad * x).sum(dim=2).clamp(min=0) * mask).detach()
+        empty = scores.sum(dim=1) <= 0
+        if empty.any():  # nothing positive at the input: fall back to the argmax reading
+            scores[empty] = self.slice_scores(x.detach()[empty], mask[empty], method="argmax")
+        return scores
 
 
 class MeanPool(nn.Module):

@@ -272,6 +272,20 @@ def serve(
                timeout_s=timeout, queue_size=queue_size, device=device)
 
 
+@app.command()
+def export(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Output folder (default BUNDLE/onnx, where predict looks)."),
+    int8: bool = typer.Option(False, "--int8", help="Also a statically quantised backbone, with its agreement figures."),
+    calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Studies to calibrate int8 on (default: the training cohort)."),
+) -> None:
+    """ONNX export of backbone + aggregator, with a parity check on a synthetic study."""
+    from msnet.export import export_bundle, print_export
+
+    result = export_bundle(bundle, out=onnx, int8=int8, calibration=list(calibration) if calibration else None)
+    print_export(result)
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -284,6 +298,20 @@ def bench_read(
     from msnet.bench import bench_read as run
 
     run(study, repeats=repeats)
+
+
+@bench_app.command("predict")
+def bench_predict(
+    config: str = typer.Option("cpu", help="paper (SE-ResNet50, 224 px) or cpu (EfficientNet-Lite0)."),
+    study: Optional[Path] = typer.Option(None, help="DICOM study (default: COVID-CT-MD P001 from ../shared/data)."),
+    threads: int = typer.Option(2, help="Threads for every runtime."),
+    repeats: int = typer.Option(1, help="Timed repetitions (best is kept)."),
+    int8: bool = typer.Option(True, help="Include the static int8 ONNX path."),
+) -> None:
+    """Predict speed: ours (torch, ONNX fp32, int8) against a naive eager loop and the GEMM floor."""
+    from msnet.bench import bench_predict as run
+
+    run(config=config, study=study, threads=threads, repeats=repeats, int8=int8)
 
 
 def main() -> None:

@@ -216,16 +216,13 @@ class Predictor:
         if self.device.type == "cuda" or runtime == "torch":
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self._backbone_fn = self._torch_backbone
-        self._aggregator_fn = None  # ONNX Runtime aggregator: features (1, l, d) -> (logits, slice scores)
         if compile:
             self._compiled = torch.compile(self.backbone)
             self._backbone_fn = self._compiled_backbone
         if runtime == "onnx":
-            from msnet.export import AGGREGATOR_ONNX, _onnx_dir, onnx_aggregator_fn, onnx_backbone_fn
+            from msnet.export import onnx_backbone_fn
 
             self._backbone_fn = onnx_backbone_fn(self.bundle, int8=int8)
-            if (_onnx_dir(self.bundle) / AGGREGATOR_ONNX).is_file():  # MS-Net's dilated convs: ms in ORT
-                self._aggregator_fn = onnx_aggregator_fn(self.bundle)
         elif runtime != "torch":
             raise MsnetError(f"unknown runtime {runtime!r}", fix="use torch or onnx")
 
@@ -303,12 +300,8 @@ class Predictor:
         t = time.perf_counter()
         with torch.inference_mode():
             x = feats[None].to(self.device)
-            if self._aggregator_fn is not None:
-                logits, slice_scores = self._aggregator_fn(x.float().cpu())
-            else:
-                logits, slice_scores = self.aggregator(x), self.aggregator.slice_scores(x)
-            probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
-            scores = slice_scores[0].float().cpu().numpy()
+            probs = torch.softmax(self.aggregator(x).float(), dim=1)[0].cpu().numpy()
+            scores = self.aggregator.slice_scores(x)[0].float().cpu().numpy()
         timing["aggregate"] = time.perf_counter() - t
         if scores.max() > 0:
             scores = scores / scores.max()

@@ -368,7 +368,7 @@ class Phantom:
         if les.kind == "ggo":
             val = np.maximum(val, -860.0 + 900.0 * vessel[box])  # vessels stay visible through GGO
             if les.crazy_paving:
-                val = np.where(np.abs(self.fields[6][box]) < 0.22, val + 260.0, val)
+                val = np.where(np.abs(self.fields[6][box]) < 0.12, val + 260.0, val)  # thin septa
         else:
             val = np.where(np.abs(self.fields[7][box]) < 0.1, -900.0, val)  # air bronchograms
         hu[box] = np.where(m, val, hu[box])
