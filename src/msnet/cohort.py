@@ -36,7 +36,6 @@ import csv
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,19 +92,13 @@ class IndexReport:
 
 def write_csv_atomic(path: Path, header: list[str], rows: list) -> None:
     """Write a CSV via a temp file in the same folder, then os.replace (rows: lists or dicts)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(header)
-            for row in rows:
-                w.writerow([row.get(k, "") for k in header] if isinstance(row, dict) else row)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from msnet.config import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        for row in rows:
+            w.writerow([row.get(k, "") for k in header] if isinstance(row, dict) else row)
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io as _io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +22,8 @@ import torch.nn as nn
 
 from msnet import distributed as D
 from msnet import preprocess as P
-from msnet.config import Config, atomic_write_text, file_hash, save_run_info
+from msnet.cohort import write_csv_atomic
+from msnet.config import Config, atomic_path, atomic_write_text, file_hash, save_run_info
 from msnet.errors import MsnetError
 
 log = logging.getLogger(__name__)
@@ -114,15 +112,8 @@ def volume_features(
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -133,11 +124,7 @@ def read_manifest(path: Path) -> list[dict]:
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    write_csv_atomic(path, MANIFEST_FIELDS, rows)
 
 
 def extract(cfg: Config, overwrite: bool = False, strict: bool = False) -> ExtractReport:

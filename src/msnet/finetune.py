@@ -9,12 +9,10 @@ data-parallel under torchrun.
 
 from __future__ import annotations
 
-import csv
 import io as _io
 import json
 import logging
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,18 +85,11 @@ def select_slices(label: str, slice_labels: np.ndarray | None, n_slices: int, cf
 
 def _split_patients(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Stratified patient-level split (train, val) when the cohort names none."""
-    rng = random.Random(seed)
-    train, val = [], []
-    by_label: dict[str, list[dict]] = {}
-    for r in rows:
-        by_label.setdefault(r["label"], []).append(r)
-    for label in sorted(by_label):
-        group = sorted(by_label[label], key=lambda r: r["patient_id"])
-        rng.shuffle(group)
-        n_val = max(1, int(round(len(group) * fraction))) if len(group) > 1 else 0
-        val += group[:n_val]
-        train += group[n_val:]
-    return train, val
+    from msnet.train import carve
+
+    by_id = {r["patient_id"]: r for r in rows}
+    train, val = carve(sorted(by_id), {p: r["label"] for p, r in by_id.items()}, fraction, seed)
+    return [by_id[p] for p in train], [by_id[p] for p in val]
 
 
 def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: list[str], desc: str) -> SliceSet:
@@ -408,11 +399,9 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]))
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(path, buf.getvalue())
+    from msnet.cohort import write_csv_atomic
+
+    write_csv_atomic(path, list(history[0]), history)
 
 
 def save_backbone(model: nn.Module, cfg: Config, classes: list[str], path: Path, extra: dict | None = None) -> None:

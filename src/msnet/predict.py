@@ -26,7 +26,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from msnet import preprocess as P
 from msnet.config import Config, atomic_torch_save, atomic_write_text

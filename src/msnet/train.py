@@ -9,12 +9,9 @@ Outputs per aggregator in ``RUN/train/<name>/``: ``model.pt`` (or
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import logging
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +66,8 @@ def stratified_folds(patients: list[str], labels: list[str], k: int, seed: int) 
     return folds
 
 
-def _carve(patients: list[str], labels: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def carve(patients: list[str], labels: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Stratified (train, val) patient lists: about ``fraction`` of each class goes to val."""
     rng = random.Random(seed)
     train, val = [], []
     by_label: dict[str, list[str]] = {}
@@ -94,7 +92,7 @@ def make_splits(rows: list[dict], cfg: Config) -> list[dict[str, list[str]]]:
         splits = []
         for k in range(t.folds):
             rest = [p for j, f in enumerate(folds) if j != k for p in f]
-            train, val = _carve(rest, labels, t.val_fraction, t.seed + k)
+            train, val = carve(rest, labels, t.val_fraction, t.seed + k)
             splits.append({"train": sorted(train), "val": sorted(val), "test": sorted(folds[k])})
         return splits
     subset = {r["patient_id"]: r.get("subset", "") for r in rows}
@@ -108,7 +106,7 @@ def make_splits(rows: list[dict], cfg: Config) -> list[dict[str, list[str]]]:
     train = sorted(p for p in labels if subset[p] == "train" or subset[p] == "")
     val = sorted(p for p in labels if subset[p] == "val")
     if not val:
-        train, val = _carve(train, labels, t.val_fraction, t.seed)
+        train, val = carve(train, labels, t.val_fraction, t.seed)
     return [{"train": sorted(train), "val": sorted(val), "test": test}]
 
 
@@ -191,11 +189,9 @@ def fit(
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    from msnet.cohort import write_csv_atomic
+
+    write_csv_atomic(path, fields, rows)
 
 
 def train(cfg: Config, overwrite: bool = False) -> dict:
