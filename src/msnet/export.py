@@ -260,9 +260,15 @@ def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, batch: int
         except Exception as exc:  # pre-processing is an optimisation only
             log.warning("quantisation pre-processing skipped (%s)", exc)
             shutil.copyfile(fp32, pre)
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        extra_options={"CalibTensorRangeSymmetric": False})
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantiser logs one INFO line per tensor
+        try:
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            extra_options={"CalibTensorRangeSymmetric": False})
+        finally:
+            root.setLevel(level)
     return out
 
 
