@@ -309,7 +309,7 @@ def _run_study(app_state: Any, files: list[Path], work: Path, study_id: str) -> 
     except MsnetError as exc:
         raise HTTPException(422, _public_message(exc, work)) from exc
     paths = result.pop("explanation", None) or {}
-    result["images"] = {k.removesuffix("_png"): _data_url(Path(v)) for k, v in paths.items()}
+    result["images"] = {k.removesuffix("_png"): _data_url(Path(v)) for k, v in paths.items() if k.endswith("_png")}
     return result
 
 
