@@ -55,8 +55,8 @@ def headline(metrics: dict):
     from rich.table import Table
 
     classes = metrics["classes"]
-    table = Table(title=f"patient-level test results, n = {metrics['n']} (%; 95% bootstrap CI)")
-    for col in ["model", "accuracy", "bal. acc.", "macro AUC", *[f"sens. {c}" for c in classes]]:
+    table = Table(title=f"patient-level test results (%), n = {metrics['n']}; per-class columns: sensitivity")
+    for col in ["model", "acc.", "95% CI", "bal. acc.", "AUC", *classes]:
         table.add_column(col, justify="left" if col == "model" else "right")
 
     def pct(v):
@@ -64,7 +64,7 @@ def headline(metrics: dict):
 
     for name, m in metrics["by_aggregator"].items():
         lo, hi = m["ci"]["accuracy"]
-        table.add_row(name, f"{pct(m['accuracy'])} [{pct(lo)}, {pct(hi)}]", pct(m["balanced_accuracy"]),
+        table.add_row(name, pct(m["accuracy"]), f"{pct(lo)}–{pct(hi)}", pct(m["balanced_accuracy"]),
                       pct(m["macro_auc"]), *[pct(m["sensitivity"][c]) for c in classes])
     return table
 
