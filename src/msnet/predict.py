@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -135,28 +136,37 @@ def open_study(path: str | Path) -> Iterator[Path]:
         yield path
 
 
-def safe_extract(zip_path: Path, dest: Path, max_bytes: int = 4 << 30, max_files: int = 10000, max_ratio: float = 200.0) -> None:
-    """Extract a zip after checking size, file count, compression ratio and member paths."""
+class ZipLimitError(MsnetError):
+    """A zip refused for its size, entry count or compression ratio (a possible zip bomb)."""
+
+
+def check_zip(zip_path: Path, max_bytes: int = 4 << 30, max_files: int = 10000, max_ratio: float = 200.0) -> None:
+    """Refuse a zip before extraction: ZipLimitError for size, count or ratio; MsnetError for a bad
+    archive or a member path outside it (absolute, drive letter, ``..``)."""
     try:
-        zf = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile as exc:
-        raise MsnetError("not a valid zip archive", path=zip_path) from exc
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > max_files:
-            raise MsnetError(f"zip holds {len(infos)} entries (limit {max_files})", path=zip_path)
-        total = sum(i.file_size for i in infos)
-        packed = sum(i.compress_size for i in infos) or 1
-        if total > max_bytes:
-            raise MsnetError(f"zip expands to {total} bytes (limit {max_bytes})", path=zip_path)
-        if total / packed > max_ratio:
-            raise MsnetError(f"zip compression ratio {total / packed:.0f} is implausible (limit {max_ratio:.0f})", path=zip_path)
-        root = dest.resolve()
-        for info in infos:
-            name = info.filename
-            target = (dest / name).resolve()
-            if name.startswith(("/", "\\")) or ".." in Path(name).parts or not str(target).startswith(str(root)):
-                raise MsnetError(f"zip member {name!r} points outside the archive", path=zip_path)
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise MsnetError("not a valid zip archive", path=zip_path, fix="zip the study's folder again") from exc
+    total = sum(i.file_size for i in infos)
+    packed = sum(i.compress_size for i in infos) or 1
+    if len(infos) > max_files:
+        raise ZipLimitError(f"zip holds {len(infos)} entries (limit {max_files})", path=zip_path)
+    if total > max_bytes:
+        raise ZipLimitError(f"zip expands to {total >> 20} MiB (limit {max_bytes / (1 << 20):g} MiB)", path=zip_path)
+    if total / packed > max_ratio:
+        raise ZipLimitError(f"zip compression ratio {total / packed:.0f} is implausible for CT "
+                            f"(limit {max_ratio:g}): refused as a possible zip bomb", path=zip_path)
+    for info in infos:
+        name = info.filename.replace("\\", "/")
+        if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
+            raise MsnetError(f"zip member {info.filename!r} points outside the archive", path=zip_path)
+
+
+def safe_extract(zip_path: Path, dest: Path, max_bytes: int = 4 << 30, max_files: int = 10000, max_ratio: float = 200.0) -> None:
+    """Extract a zip after :func:`check_zip`."""
+    check_zip(zip_path, max_bytes, max_files, max_ratio)
+    with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(dest)
 
 

@@ -33,7 +33,6 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -244,32 +243,9 @@ async def receive_upload(request: Request, dest: Path, settings: ServiceSettings
     return saved, study_id.decode("utf-8", "replace") or None
 
 
-def check_zip(path: Path, settings: ServiceSettings) -> None:
-    """Refuse a zip before extraction: 413 for size, count or ratio; 422 for a bad archive or unsafe paths."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise HTTPException(422, "the upload is not a valid zip archive: zip the study's folder again") from exc
-    total = sum(i.file_size for i in infos)
-    packed = sum(i.compress_size for i in infos) or 1
-    max_bytes = int(settings.max_unzipped_mb * (1 << 20))
-    if len(infos) > settings.max_files:
-        raise HTTPException(413, f"zip holds {len(infos)} entries (limit {settings.max_files})")
-    if total > max_bytes:
-        raise HTTPException(413, f"zip expands to {total >> 20} MiB (limit {settings.max_unzipped_mb:g} MiB)")
-    if total / packed > settings.max_ratio:
-        raise HTTPException(413, f"zip compression ratio {total / packed:.0f} is implausible for CT "
-                                 f"(limit {settings.max_ratio:g}): refused as a possible zip bomb")
-    for info in infos:
-        name = info.filename.replace("\\", "/")
-        if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
-            raise HTTPException(422, f"zip member {info.filename!r} points outside the archive")
-
-
 def locate_study(files: list[Path], work: Path, settings: ServiceSettings) -> Path:
     """The path to hand to the reader: an extracted zip, a NIfTI file or the folder of uploaded files."""
-    from msnet.predict import safe_extract
+    from msnet.predict import ZipLimitError, safe_extract
 
     if not files:
         raise HTTPException(422, "no file in the form field `file`: send a .zip, a .nii/.nii.gz or DICOM files")
@@ -277,14 +253,15 @@ def locate_study(files: list[Path], work: Path, settings: ServiceSettings) -> Pa
     if zips and len(files) > 1:
         raise HTTPException(422, "a zip must be sent alone: send one .zip of the study, or its DICOM files")
     if zips:
-        check_zip(files[0], settings)
         out = work / "study"
         out.mkdir()
         try:
             safe_extract(files[0], out, max_bytes=int(settings.max_unzipped_mb * (1 << 20)),
                          max_files=settings.max_files, max_ratio=settings.max_ratio)
+        except ZipLimitError as exc:
+            raise HTTPException(413, exc.problem) from exc
         except MsnetError as exc:
-            raise HTTPException(422, exc.problem) from exc
+            raise HTTPException(422, exc.problem if exc.fix is None else f"{exc.problem}: {exc.fix}") from exc
         members = [p for p in out.rglob("*") if p.is_file() and "__MACOSX" not in p.parts and not p.name.startswith(".")]
         nifti = [p for p in members if p.name.lower().endswith(_NIFTI)]
         return nifti[0] if len(members) == 1 and nifti else out
