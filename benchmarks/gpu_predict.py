@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     from msnet import preprocess as P
     from msnet.bench import temp_bundle
     from msnet.io import read_study
-    from msnet.predict import Predictor
-    from msnet.synthetic import synth_cohort
+    from msnet.inference.predictor import Predictor
+    from msnet.data.synthetic import synth_cohort
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True

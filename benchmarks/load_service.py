@@ -41,8 +41,8 @@ def build_tiny_bundle(root: Path) -> Path:
     import yaml
 
     from msnet.config import load_config
-    from msnet.pipeline import run_pipeline
-    from msnet.synthetic import synth_cohort
+    from msnet.stages.run import run_pipeline
+    from msnet.data.synthetic import synth_cohort
 
     synth_cohort(root / "data", n_patients=12, size=64, seed=5, slices=(10, 16))
     (root / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
@@ -97,8 +97,8 @@ def main() -> int:
 
     import httpx
 
-    from msnet.predict import Predictor
-    from msnet.synthetic import synth_cohort
+    from msnet.inference.predictor import Predictor
+    from msnet.data.synthetic import synth_cohort
 
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="msnet-load-") as tmp:
@@ -113,7 +113,7 @@ def main() -> int:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        code = (f"import logging; logging.basicConfig(level=logging.WARNING); from msnet.service import serve; "
+        code = (f"import logging; logging.basicConfig(level=logging.WARNING); from msnet.service.app import serve; "
                 f"serve({str(bundle)!r}, host='127.0.0.1', port={port}, workers={args.workers}, "
                 f"queue_size={args.clients + 4}, timeout_s={args.deadline_s}, device='cpu', log_level='warning')")
         server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -45,8 +45,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
     import yaml
 
     from msnet.config import load_config
-    from msnet.pipeline import run_pipeline
-    from msnet.synthetic import synth_cohort
+    from msnet.stages.run import run_pipeline
+    from msnet.data.synthetic import synth_cohort
 
     root = tmp_path_factory.mktemp("bundle")
     synth_cohort(root / "data", n_patients=60, size=128, seed=5, slices=(10, 16))

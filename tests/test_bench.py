@@ -8,7 +8,7 @@ pytest.importorskip("onnxruntime")
 
 from msnet.bench import bench_predict, gemm_gflops  # noqa: E402
 from msnet.errors import MsnetError  # noqa: E402
-from msnet.export import synthetic_studies  # noqa: E402
+from msnet.inference.onnx import synthetic_studies  # noqa: E402
 
 
 def test_gemm_rate_positive() -> None:

@@ -34,7 +34,7 @@ def server(tiny_bundle, tmp_path):
     """The app under uvicorn on a free loopback port, in a thread."""
     import uvicorn
 
-    from msnet.service import create_app
+    from msnet.service.app import create_app
 
     port = _free_port()
     app = create_app(tiny_bundle, device="cpu", tmp_dir=str(tmp_path))
@@ -72,7 +72,7 @@ def test_page_uploads_study_and_shows_diagnosis(server, browser, tiny_bundle, tm
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from msnet.synthetic import synth_cohort
+    from msnet.data.synthetic import synth_cohort
 
     synth_cohort(tmp_path / "data", n_patients=1, size=64, seed=21, slices=(10, 12))
     folder = next(p for p in (tmp_path / "data").iterdir() if p.is_dir())

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import COVID_CT_MD, UCSD
-from msnet.cohort import (index_dataset, map_class, read_cohort, read_slice_labels, read_slice_manifest,
+from msnet.data.cohorts import (index_dataset, map_class, read_cohort, read_slice_labels, read_slice_manifest,
                           write_csv_atomic)
 from msnet.errors import MsnetError
-from msnet.synthetic import synth_cohort
+from msnet.data.synthetic import synth_cohort
 
 pytest.importorskip("msnet.io")
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from msnet.errors import MsnetError
-from msnet.evaluate import evaluate_run, format_console_table, headline_table
+from msnet.stages.evaluate import evaluate_run, format_console_table, headline_table
 
 CLASSES = ("COVID-19", "CAP", "NORMAL")
 FIELDS = ["patient_id", "label", "subset", "split", "fold", "prediction"] + [f"p_{c}" for c in CLASSES]

@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from msnet.errors import MsnetError  # noqa: E402
-from msnet.export import (  # noqa: E402
+from msnet.inference.onnx import (  # noqa: E402
     AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, PARITY_TOL, export_bundle, onnx_aggregator_fn,
     onnx_backbone_fn, synthetic_studies)
 from msnet.io import read_study  # noqa: E402
-from msnet.predict import Predictor  # noqa: E402
+from msnet.inference.predictor import Predictor  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from conftest import CAP002, DICOM_ZOO, NORMAL001, P001, UCSD
 from pydicom.pixels import pixel_array
 
 from msnet.errors import MsnetError
-from msnet.io import CTVolume, _gdcm_direct, _gdcm_direct_ok, decode_file, decode_series, describe, read_study
+from msnet.io import CTVolume, describe, read_study
+from msnet.io.decode import _gdcm_direct, decode_file, decode_series, gdcm_direct_ok
 
 CT_SMALL = DICOM_ZOO / "pydicom" / "CT_small.dcm"
 TS_SERIES = DICOM_ZOO / "totalsegmentator-example" / "example_ct_dicom"
@@ -170,10 +171,10 @@ def test_gdcm_direct_matches_pylibjpeg(shared_data, path):
     ds = pydicom.dcmread(path)
     ref = pixel_array(ds, decoding_plugin="pylibjpeg")
     shape = (int(ds.Rows), int(ds.Columns))
-    if _gdcm_direct_ok(ds):  # unsigned 16-bit JPEG Lossless: GDCM reads the file without pydicom
+    if gdcm_direct_ok(ds):  # unsigned 16-bit JPEG Lossless: GDCM reads the file without pydicom
         np.testing.assert_array_equal(_gdcm_direct(str(path), *shape), ref)
-    arr, decoder, err = decode_file(str(path), shape if _gdcm_direct_ok(ds) else None)
-    assert err is None and decoder == ("gdcm-region" if _gdcm_direct_ok(ds) else "gdcm") and arr.dtype == ref.dtype
+    arr, decoder, err = decode_file(str(path), shape if gdcm_direct_ok(ds) else None)
+    assert err is None and decoder == ("gdcm-region" if gdcm_direct_ok(ds) else "gdcm") and arr.dtype == ref.dtype
     np.testing.assert_array_equal(arr, ref)
     wrong, decoder, err = decode_file(str(path), (7, 9))  # direct read refuses: falls back to pydicom
     assert err is None and decoder == "gdcm"

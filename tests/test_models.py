@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msnet import aggregators, backbones
-from msnet.aggregators import AGGREGATORS
-from msnet.backbones import SliceClassifier, count_parameters, known_backbones
+from msnet.models import aggregators, backbones
+from msnet.models.aggregators import AGGREGATORS
+from msnet.models.backbones import SliceClassifier, count_parameters, known_backbones
 from msnet.errors import MsnetError
 
 D = 32  # feature size for aggregator tests (MS-Net's count is checked at d=2048)

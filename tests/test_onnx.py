@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from msnet import aggregators, backbones
-from msnet.aggregators import AGGREGATORS
+from msnet.models import aggregators, backbones
+from msnet.models.aggregators import AGGREGATORS
 
 ort = pytest.importorskip("onnxruntime")
 

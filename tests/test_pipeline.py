@@ -41,7 +41,7 @@ def write_config(folder: Path, **sections) -> Path:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    from msnet.synthetic import synth_cohort
+    from msnet.data.synthetic import synth_cohort
 
     root = tmp_path_factory.mktemp("tiny")
     synth_cohort(root / "data", n_patients=12, size=64, seed=3, slices=(10, 16))
@@ -50,7 +50,7 @@ def cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finetuned(cohort) -> Path:
-    from msnet.finetune import finetune
+    from msnet.stages.finetune import finetune
 
     cfg = load_config(write_config(cohort))
     finetune(cfg)
@@ -58,7 +58,7 @@ def finetuned(cohort) -> Path:
 
 
 def test_finetune_writes_checkpoint_metrics_and_reuses(finetuned):
-    from msnet.finetune import finetune, load_slice_classifier
+    from msnet.stages.finetune import finetune, load_slice_classifier
 
     out = finetuned / "run" / "finetune"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -78,7 +78,7 @@ def test_finetune_writes_checkpoint_metrics_and_reuses(finetuned):
 
 
 def test_finetune_resumes_after_interruption(cohort, tmp_path, monkeypatch):
-    import msnet.finetune as ft
+    import msnet.stages.finetune as ft
 
     root = tmp_path
     os.symlink(cohort / "data", root / "data")
@@ -108,11 +108,11 @@ def test_finetune_resumes_after_interruption(cohort, tmp_path, monkeypatch):
 
 
 def test_extract_train_evaluate(finetuned):
-    from msnet.cohort import read_cohort
-    from msnet.evaluate import evaluate_run
-    from msnet.features import extract, feature_dir
+    from msnet.data.cohorts import read_cohort
+    from msnet.stages.evaluate import evaluate_run
+    from msnet.stages.extract import extract, feature_dir
     from msnet.io import read_study
-    from msnet.train import train
+    from msnet.stages.train import train
 
     cfg = load_config(finetuned / "config.yaml")
     report = extract(cfg)
@@ -143,8 +143,8 @@ def test_extract_train_evaluate(finetuned):
 
 
 def test_cross_validation_predicts_every_patient_once(finetuned):
-    from msnet.features import extract
-    from msnet.train import train
+    from msnet.stages.extract import extract
+    from msnet.stages.train import train
 
     cfg = load_config(finetuned / "config.yaml", ["run_dir=run", "train.aggregators=[msnet]", "train.epochs=2"])
     extract(cfg)
@@ -170,8 +170,8 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_process_extract_equals_single_process_and_finetune_is_valid(finetuned, tmp_path):
-    from msnet.features import extract, feature_dir
-    from msnet.finetune import load_slice_classifier
+    from msnet.stages.extract import extract, feature_dir
+    from msnet.stages.finetune import load_slice_classifier
 
     single = load_config(finetuned / "config.yaml")
     extract(single)
@@ -207,8 +207,8 @@ def test_finetune_on_slice_images_with_held_out_test(tmp_path, shared_data):
     """UCSD layout: slice manifest from `msnet index`, JPEG re-encoding, --test on a held-out folder."""
     import shutil
 
-    from msnet.cohort import index_dataset
-    from msnet.finetune import finetune
+    from msnet.data.cohorts import index_dataset
+    from msnet.stages.finetune import finetune
 
     src = shared_data / "ucsd-covid-ct"
     root = tmp_path / "ucsd"

@@ -15,14 +15,14 @@ from msnet.cli import app
 
 
 def _cohort(bundle: Path):
-    from msnet.cohort import read_cohort, read_slice_labels
+    from msnet.data.cohorts import read_cohort, read_slice_labels
 
     data = bundle.parent.parent / "data"
     return read_cohort(data / "cohort.csv"), read_slice_labels(data / "slice_labels.csv")
 
 
 def test_bundle_holds_everything_predict_needs(tiny_bundle, tmp_path):
-    from msnet.predict import Predictor
+    from msnet.inference.predictor import Predictor
 
     card = json.loads((tiny_bundle / "metadata.json").read_text())
     assert card["classes"] == ["COVID-19", "CAP", "NORMAL"]
@@ -68,7 +68,7 @@ def test_key_slices_find_lesions_and_explain_writes_pngs(tiny_bundle, tmp_path):
     """Top key slices of diseased studies fall on lesion slices far more often than chance."""
     from PIL import Image
 
-    from msnet.predict import Predictor
+    from msnet.inference.predictor import Predictor
 
     rows, labels = _cohort(tiny_bundle)
     predictor = Predictor(tiny_bundle, device="cpu")

@@ -18,14 +18,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("python_multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from msnet.service import UPLOAD_PREFIX, ServiceSettings, create_app, warn_if_exposed  # noqa: E402
+from msnet.service.app import UPLOAD_PREFIX, ServiceSettings, create_app, warn_if_exposed  # noqa: E402
 
 SECRET_NAME, SECRET_ID = "Doe^Jane", "MRN-99871"
 
 
 @pytest.fixture(scope="module")
 def predictor(tiny_bundle):
-    from msnet.predict import Predictor
+    from msnet.inference.predictor import Predictor
 
     return Predictor(tiny_bundle, device="cpu")
 
@@ -35,7 +35,7 @@ def study(tmp_path_factory) -> Path:
     """One synthetic DICOM study whose headers carry a (fake) patient name and ID."""
     import pydicom
 
-    from msnet.synthetic import synth_cohort
+    from msnet.data.synthetic import synth_cohort
 
     root = tmp_path_factory.mktemp("svc")
     synth_cohort(root / "data", n_patients=3, size=64, seed=11, slices=(8, 10))
@@ -266,7 +266,7 @@ def test_api_key(make_client, study, monkeypatch):
 
 
 def test_warning_when_exposed_without_key(caplog):
-    with caplog.at_level(logging.WARNING, logger="msnet.service"):
+    with caplog.at_level(logging.WARNING, logger="msnet.service.app"):
         assert warn_if_exposed("0.0.0.0", None) is True
         assert "without an API key" in caplog.text
         caplog.clear()

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from msnet.cohort import read_cohort, read_slice_labels
+from msnet.data.cohorts import read_cohort, read_slice_labels
 from msnet.errors import MsnetError
-from msnet.synthetic import CONSOLIDATION_HU, GGO_HU, Phantom, plan_cohort, pixel_hash, synth_cohort
+from msnet.data.synthetic import CONSOLIDATION_HU, GGO_HU, Phantom, plan_cohort, pixel_hash, synth_cohort
 
 SIZE, SEED, SLICES = 64, 3, (12, 18)
 
@@ -78,7 +78,7 @@ def test_traps_names_and_instance_numbers(cohort):
 
 def test_round_trip_through_reader_and_index(cohort, tmp_path):
     pytest.importorskip("msnet.io")
-    from msnet.cohort import index_dataset
+    from msnet.data.cohorts import index_dataset
     from msnet.io import read_study
 
     report = index_dataset(cohort, tmp_path / "idx")

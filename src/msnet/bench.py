@@ -65,18 +65,19 @@ def bench_read(study: str | Path, repeats: int = 2, console=None) -> dict:
     """
     import pydicom
 
-    from msnet.io import _gdcm_direct_ok, _quiet_pydicom, decode_file, read_study
+    from msnet.io import read_study
+    from msnet.io.decode import decode_file, gdcm_direct_ok, quiet_pydicom
 
     study = Path(study)
     if not study.is_dir():
         raise MsnetError("not a folder", study, "pass a DICOM study folder")
-    with _quiet_pydicom():  # cap002's GUID-style UIDs would log one line per file
+    with quiet_pydicom():  # cap002's GUID-style UIDs would log one line per file
         plain_s, plain = _best(lambda: _plain_read(study), repeats)
         ours_s, vol = _best(lambda: read_study(study), repeats)
     equal = bool(plain.shape == vol.hu.shape and np.array_equal(plain, vol.hu))
     first = next(p for p in sorted(study.rglob("*")) if p.is_file() and p.name.upper() != "DICOMDIR")
     header = pydicom.dcmread(first, stop_before_pixels=True)
-    direct = (int(header.Rows), int(header.Columns)) if _gdcm_direct_ok(header) else None
+    direct = (int(header.Rows), int(header.Columns)) if gdcm_direct_ok(header) else None
     decoder = decode_file(str(first), direct)[1]
     try:
         cores = len(os.sched_getaffinity(0))
@@ -121,7 +122,7 @@ CONFIGS = ("paper", "cpu")
 
 def default_study() -> Path:
     """P001 of COVID-CT-MD in the shared data folder beside the repository."""
-    from msnet.export import SHARED_DATA, SHARED_SCANS
+    from msnet.inference.onnx import SHARED_DATA, SHARED_SCANS
 
     if not SHARED_SCANS[0].is_dir():
         raise MsnetError("the shared real CT data is missing", SHARED_DATA,
@@ -133,7 +134,7 @@ def temp_bundle(config: str, folder: Path, size: int | None = None, seed: int = 
     """A complete bundle with a random-init backbone and MS-Net for a packaged config (speed only)."""
     import torch
 
-    from msnet import aggregators, backbones
+    from msnet.models import aggregators, backbones
     from msnet.config import load_config
 
     if config not in CONFIGS:
@@ -173,7 +174,7 @@ def _naive(study: Path, bundle: Path, batch: int = 32) -> tuple[float, dict]:
     import torch
 
     from msnet import preprocess as P
-    from msnet.predict import _load_backbone_ckpt
+    from msnet.inference.predictor import _load_backbone_ckpt
 
     ckpt, backbone, _ = _load_backbone_ckpt(bundle / "backbone.pt")
     pp, dc = ckpt["preprocess"], ckpt["data_config"]
@@ -217,16 +218,17 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     import torch
 
     from msnet import preprocess as P
-    from msnet.backbones import flops_per_image
-    from msnet.export import SHARED_SCANS, export_bundle
-    from msnet.io import _quiet_pydicom, read_study
-    from msnet.predict import Predictor
+    from msnet.models.backbones import flops_per_image
+    from msnet.inference.onnx import SHARED_SCANS, export_bundle
+    from msnet.io import read_study
+    from msnet.io.decode import quiet_pydicom
+    from msnet.inference.predictor import Predictor
 
     study = Path(study) if study else default_study()
     if not study.exists():
         raise MsnetError("no such study", study, "pass a DICOM study folder")
     torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="msnet-bench-") as tmp, _quiet_pydicom():
+    with tempfile.TemporaryDirectory(prefix="msnet-bench-") as tmp, quiet_pydicom():
         bundle = temp_bundle(config, Path(tmp) / "bundle", size=size)
         ref = Predictor(bundle, device="cpu", runtime="torch", batch_size=batch_size, threads=threads)
         S = int(ref.preprocess["size"])
@@ -323,11 +325,11 @@ def print_bench_predict(result: dict, console=None) -> None:
 
 _RSS_CHILD = """
 import json, resource, sys
-from msnet.predict import Predictor
+from msnet.inference.predictor import Predictor
 bundle, study, runtime, int8 = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 r = Predictor(bundle, device="cpu", runtime=runtime, int8=int8, threads=2).predict(study)
-from msnet.io import _shutdown_pool
-_shutdown_pool()
+from msnet.io.decode import shutdown_pool
+shutdown_pool()
 def hwm():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
     try:
         line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
@@ -354,8 +356,8 @@ def peak_rss(config: str = "paper", n_slices: int = 200, pixels: int = 512, runt
     import sys
     import tempfile
 
-    from msnet.export import export_bundle
-    from msnet.synthetic import synth_cohort
+    from msnet.inference.onnx import export_bundle
+    from msnet.data.synthetic import synth_cohort
 
     with tempfile.TemporaryDirectory(prefix="msnet-rss-") as tmp:
         tmp = Path(tmp)

@@ -96,7 +96,7 @@ def index(
     check: bool = typer.Option(True, help="Read every study to check it (status/error columns)."),
 ) -> None:
     """Build the cohort manifest (+ slice_labels.csv) from a dataset folder."""
-    from msnet.cohort import index_dataset
+    from msnet.data.cohorts import index_dataset
 
     report = index_dataset(root, out, labels_csv=labels, strict=strict, check=check)
     typer.echo(report.summary())
@@ -114,7 +114,7 @@ def synth(
     max_slices: int = typer.Option(200, help="Most slices of a study."),
 ) -> None:
     """Write a synthetic cohort (DICOM CT series + cohort.csv + slice_labels.csv)."""
-    from msnet.synthetic import synth_cohort
+    from msnet.data.synthetic import synth_cohort
 
     path = synth_cohort(out, n_patients=patients, size=size, seed=seed, slices=(min_slices, max_slices))
     typer.echo(f"wrote {path}")
@@ -132,7 +132,7 @@ def finetune(
 ) -> None:
     """Stage 1: fine-tune the slice backbone on slice labels."""
     from msnet.config import load_config
-    from msnet.finetune import finetune as run_finetune
+    from msnet.stages.finetune import finetune as run_finetune
 
     cfg = load_config(config, _overrides(set_))
     result = run_finetune(cfg, test_dir=test, overwrite=overwrite)
@@ -148,7 +148,7 @@ def extract(
 ) -> None:
     """Stage 2: backbone features of every slice of every study."""
     from msnet.config import load_config
-    from msnet.features import extract as run_extract
+    from msnet.stages.extract import extract as run_extract
 
     cfg = load_config(config, _overrides(set_))
     report = run_extract(cfg, overwrite=overwrite, strict=strict)
@@ -166,7 +166,7 @@ def train(
 ) -> None:
     """Stage 3: train MS-Net (and baselines) on cached features."""
     from msnet.config import load_config
-    from msnet.train import train as run_train
+    from msnet.stages.train import train as run_train
 
     cfg = load_config(config, _overrides(set_))
     if folds is not None:
@@ -178,7 +178,7 @@ def train(
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="Run folder (the config's run_dir).")) -> None:
     """Metrics, bootstrap CIs, plots and report.md for a trained run."""
-    from msnet.evaluate import evaluate_run
+    from msnet.stages.evaluate import evaluate_run
 
     report = evaluate_run(run)
     typer.echo(f"report: {report}")
@@ -192,7 +192,7 @@ def run_all(
 ) -> None:
     """All stages (finetune, extract, train, evaluate), reusing finished work."""
     from msnet.config import load_config
-    from msnet.pipeline import run_pipeline
+    from msnet.stages.run import run_pipeline
 
     cfg = load_config(config, _overrides(set_))
     report = run_pipeline(cfg, overwrite=overwrite)
@@ -206,7 +206,7 @@ def demo(
     overwrite: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
     """The main job: synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report."""
-    from msnet.pipeline import run_demo
+    from msnet.stages.run import run_demo
 
     run_demo(out, n_patients=patients, overwrite=overwrite)
 
@@ -226,7 +226,7 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
 ) -> None:
     """Diagnose studies with a trained bundle."""
-    from msnet.predict import predict_many
+    from msnet.inference.predictor import predict_many
 
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, runtime=runtime,
                                    device=device, int8=int8)
@@ -266,7 +266,7 @@ def serve(
     device: str = typer.Option("auto", help="auto, cpu, cuda …"),
 ) -> None:
     """HTTP API (/v1/predict, /health, /docs) and a web page at / for uploaded studies."""
-    from msnet.service import serve as run_server
+    from msnet.service.app import serve as run_server
 
     run_server(bundle, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
                timeout_s=timeout, queue_size=queue_size, device=device)
@@ -280,7 +280,7 @@ def export(
     calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Studies to calibrate int8 on (default: the training cohort)."),
 ) -> None:
     """ONNX export of backbone + aggregator, with a parity check on a synthetic study."""
-    from msnet.export import export_bundle, print_export
+    from msnet.inference.onnx import export_bundle, print_export
 
     result = export_bundle(bundle, out=onnx, int8=int8, calibration=list(calibration) if calibration else None)
     print_export(result)

@@ -8,20 +8,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 from msnet import CLASSES
 from msnet.errors import MsnetError
+from msnet.files import atomic_write_text
 
 
 @dataclass
@@ -208,52 +206,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = ".tmp") -> Iterator[str]:
-    """Yield a temp file name beside ``path``; on success rename it to ``path``, else remove it.
-
-    An interruption never leaves half a file where a finished one is expected.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
 def save_run_info(cfg: Config, folder: Path, stage: str) -> None:
     """Save the resolved config and package versions next to a stage's outputs."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
     atomic_write_text(folder / "versions.json", json.dumps({"stage": stage, **versions()}, indent=2))
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file, then rename: an interruption never leaves half a checkpoint."""
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def file_hash(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from msnet import preprocess as P
-from msnet.config import Config, atomic_torch_save, atomic_write_text
+from msnet.config import Config
+from msnet.files import atomic_torch_save, atomic_write_text
 from msnet.errors import MsnetError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
     import yaml
 
     from msnet.config import versions
-    from msnet.features import backbone_source, feature_dir
+    from msnet.stages.extract import backbone_source, feature_dir
 
     run = cfg.run_path
     out = Path(out) if out else run / "bundle"
@@ -63,7 +64,7 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
         if ckpt_path is not None:
             shutil.copyfile(ckpt_path, tmp / "backbone.pt")
         else:
-            from msnet.features import load_backbone
+            from msnet.stages.extract import load_backbone
 
             bb = load_backbone(cfg, torch.device("cpu"))
             atomic_torch_save(
@@ -117,64 +118,11 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
     return out
 
 
-# ------------------------------------------------------------------ studies
-
-
-@contextmanager
-def open_study(path: str | Path) -> Iterator[Path]:
-    """Yield a readable study path; a .zip is extracted (checked) to a temp dir removed afterwards."""
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".zip":
-        tmp = Path(tempfile.mkdtemp(prefix="msnet-study-"))
-        try:
-            safe_extract(path, tmp)
-            entries = [p for p in tmp.iterdir() if not p.name.startswith("__MACOSX")]
-            yield entries[0] if len(entries) == 1 and entries[0].suffix.lower() in (".nii", ".gz") else tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        yield path
-
-
-class ZipLimitError(MsnetError):
-    """A zip refused for its size, entry count or compression ratio (a possible zip bomb)."""
-
-
-def check_zip(zip_path: Path, max_bytes: int = 4 << 30, max_files: int = 10000, max_ratio: float = 200.0) -> None:
-    """Refuse a zip before extraction: ZipLimitError for size, count or ratio; MsnetError for a bad
-    archive or a member path outside it (absolute, drive letter, ``..``)."""
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise MsnetError("not a valid zip archive", path=zip_path, fix="zip the study's folder again") from exc
-    total = sum(i.file_size for i in infos)
-    packed = sum(i.compress_size for i in infos) or 1
-    if len(infos) > max_files:
-        raise ZipLimitError(f"zip holds {len(infos)} entries (limit {max_files})", path=zip_path)
-    if total > max_bytes:
-        raise ZipLimitError(f"zip expands to {total >> 20} MiB (limit {max_bytes / (1 << 20):g} MiB)", path=zip_path)
-    if total / packed > max_ratio:
-        raise ZipLimitError(f"zip compression ratio {total / packed:.0f} is implausible for CT "
-                            f"(limit {max_ratio:g}): refused as a possible zip bomb", path=zip_path)
-    for info in infos:
-        name = info.filename.replace("\\", "/")
-        if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or ".." in name.split("/"):
-            raise MsnetError(f"zip member {info.filename!r} points outside the archive", path=zip_path)
-
-
-def safe_extract(zip_path: Path, dest: Path, max_bytes: int = 4 << 30, max_files: int = 10000, max_ratio: float = 200.0) -> None:
-    """Extract a zip after :func:`check_zip`."""
-    check_zip(zip_path, max_bytes, max_files, max_ratio)
-    with zipfile.ZipFile(zip_path) as zf:
-        zf.extractall(dest)
-
-
 # ------------------------------------------------------------------ predictor
 
 
 def _load_backbone_ckpt(path: Path):
-    from msnet.backbones import SliceClassifier, create
+    from msnet.models.backbones import SliceClassifier, create
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     backbone = create(ckpt["backbone"], pretrained=False)
@@ -198,8 +146,8 @@ class Predictor:
 
     def __init__(self, bundle: str | Path, device: str = "auto", runtime: str = "torch",
                  batch_size: int = 16, threads: int | None = None, compile: bool = False, int8: bool = False):
-        from msnet.aggregators import create
-        from msnet.finetune import pick_device
+        from msnet.models.aggregators import create
+        from msnet.device import pick_device
 
         self.bundle = Path(bundle)
         if not (self.bundle / "metadata.json").is_file():
@@ -229,7 +177,7 @@ class Predictor:
             self._compiled = torch.compile(self.backbone)
             self._backbone_fn = self._compiled_backbone
         if runtime == "onnx":
-            from msnet.export import onnx_backbone_fn
+            from msnet.inference.onnx import onnx_backbone_fn
 
             self._backbone_fn = onnx_backbone_fn(self.bundle, int8=int8)
         elif runtime != "torch":
@@ -290,6 +238,7 @@ class Predictor:
     def predict(self, study: str | Path, study_id: str | None = None, explain_dir: Path | None = None, top_k: int = 5) -> dict:
         """One study -> the prediction object of DESIGN.md (plus `explanation` paths with `explain_dir`)."""
         from msnet.io import read_study
+        from msnet.io.archives import open_study
 
         t0 = time.perf_counter()
         timing = {"read": 0.0, "preprocess": 0.0, "backbone": 0.0, "aggregate": 0.0, "total": 0.0}
@@ -331,7 +280,7 @@ class Predictor:
             timing["total"] = time.perf_counter() - t0
         result["slice_scores"] = [round(float(s), 6) for s in scores]
         if explain_dir is not None:
-            from msnet.explain import explain
+            from msnet.inference.explain import explain
 
             t = time.perf_counter()
             result["explanation"] = explain(self, vol, feats, pred, scores, order, Path(explain_dir))

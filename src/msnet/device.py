@@ -1,11 +1,27 @@
-"""Data-parallel helpers for `torchrun --nproc-per-node N -m msnet ...` (gloo on CPU, nccl on GPU)."""
+"""Where computation runs: device choice, seeding, and data-parallel helpers for
+`torchrun --nproc-per-node N -m msnet ...` (gloo on CPU, nccl on GPU)."""
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
 
 
 def world() -> tuple[int, int]:
@@ -30,9 +46,3 @@ def barrier() -> None:
 
 def is_main() -> bool:
     return world()[0] == 0
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t

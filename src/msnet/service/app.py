@@ -245,7 +245,7 @@ async def receive_upload(request: Request, dest: Path, settings: ServiceSettings
 
 def locate_study(files: list[Path], work: Path, settings: ServiceSettings) -> Path:
     """The path to hand to the reader: an extracted zip, a NIfTI file or the folder of uploaded files."""
-    from msnet.predict import ZipLimitError, safe_extract
+    from msnet.io.archives import ZipLimitError, safe_extract
 
     if not files:
         raise HTTPException(422, "no file in the form field `file`: send a .zip, a .nii/.nii.gz or DICOM files")
@@ -337,7 +337,7 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
     if not settings.api_key and os.environ.get(API_KEY_ENV):
         settings = replace(settings, api_key=os.environ[API_KEY_ENV])
     if predictor is None:
-        from msnet.predict import Predictor
+        from msnet.inference.predictor import Predictor
 
         if bundle is None:
             raise MsnetError("no bundle given", fix="pass the bundle folder written by `msnet run` (RUN/bundle)")

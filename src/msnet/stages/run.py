@@ -8,17 +8,18 @@ import shutil
 import time
 from pathlib import Path
 
-from msnet.config import Config, atomic_write_text, load_config
+from msnet.config import Config, load_config
+from msnet.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: Config, overwrite: bool = False) -> Path:
     """finetune -> extract -> train -> evaluate (-> model bundle); returns report.md."""
-    from msnet.evaluate import evaluate_run
-    from msnet.features import extract
-    from msnet.finetune import finetune
-    from msnet.train import train
+    from msnet.stages.evaluate import evaluate_run
+    from msnet.stages.extract import extract
+    from msnet.stages.finetune import finetune
+    from msnet.stages.train import train
 
     timings = {}
     t0 = time.perf_counter()
@@ -40,7 +41,7 @@ def run_pipeline(cfg: Config, overwrite: bool = False) -> Path:
     path = evaluate_run(cfg.run_path)
     timings["evaluate_s"] = time.perf_counter() - t3
     try:
-        from msnet.predict import build_bundle
+        from msnet.inference.predictor import build_bundle
     except ImportError:
         build_bundle = None
     if build_bundle is not None:
@@ -83,7 +84,7 @@ def run_demo(out: Path, n_patients: int = 120, overwrite: bool = False, seed: in
     """Synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report; prints the headline."""
     from rich.console import Console
 
-    from msnet.synthetic import synth_cohort
+    from msnet.data.synthetic import synth_cohort
 
     console = Console()
     out = Path(out)

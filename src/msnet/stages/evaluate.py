@@ -25,6 +25,7 @@ import numpy as np
 
 from msnet import __version__
 from msnet.errors import MsnetError
+from msnet.files import atomic_write, atomic_write_text
 from msnet.metrics import _class_index, bootstrap_ci, classification_metrics, roc_curve, table3
 
 logger = logging.getLogger(__name__)
@@ -36,24 +37,6 @@ _REQUIRED = ("patient_id", "label", "split", "prediction")
 
 
 # --------------------------------------------------------------------------- file helpers
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -154,7 +137,7 @@ def _figure(width: float, height: float):
 
 def _save_png(fig: Any, path: Path) -> None:
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str, path: Path) -> None:
@@ -407,10 +390,10 @@ def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
 
     has_curves = _plot_history(models, out / "training_curves.png")
     _plot_comparison(by_agg, out / "comparison.png")
-    _write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False))
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False))
     _write_predictions(out / "predictions.csv", models, test_rows)
     report = out / "report.md"
-    _write_text(report, _report(run_dir, result, models, plots, has_curves))
+    atomic_write_text(report, _report(run_dir, result, models, plots, has_curves))
     logger.info("report written to %s", report)
     return report
 
@@ -425,7 +408,7 @@ def _write_predictions(path: Path, models: Sequence[dict[str, Any]], rows: dict[
     for m in models:
         for r in rows[m["name"]]:
             writer.writerow({**r, "aggregator": m["name"]})
-    _write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, Any]], plots: dict, curves: bool) -> str:

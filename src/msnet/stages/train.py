@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from msnet.config import Config, atomic_torch_save, atomic_write_text, save_run_info
+from msnet.config import Config, save_run_info
+from msnet.files import atomic_torch_save, atomic_write_text
+from msnet.data.splits import carve, class_weights, stratified_folds
 from msnet.errors import MsnetError
 
 log = logging.getLogger(__name__)
@@ -47,39 +49,6 @@ def random_crop(seq: torch.Tensor, min_fraction: float, gen: torch.Generator) ->
     length = int(torch.randint(lo, n + 1, (), generator=gen))
     start = int(torch.randint(0, n - length + 1, (), generator=gen))
     return seq[start : start + length]
-
-
-def stratified_folds(patients: list[str], labels: list[str], k: int, seed: int) -> list[list[str]]:
-    """k disjoint patient lists with each class spread evenly."""
-    rng = random.Random(seed)
-    folds: list[list[str]] = [[] for _ in range(k)]
-    by_label: dict[str, list[str]] = {}
-    for p, y in zip(patients, labels):
-        by_label.setdefault(y, []).append(p)
-    offset = 0
-    for y in sorted(by_label):
-        group = sorted(by_label[y])
-        rng.shuffle(group)
-        for i, p in enumerate(group):
-            folds[(i + offset) % k].append(p)
-        offset += len(group)
-    return folds
-
-
-def carve(patients: list[str], labels: dict[str, str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Stratified (train, val) patient lists: about ``fraction`` of each class goes to val."""
-    rng = random.Random(seed)
-    train, val = [], []
-    by_label: dict[str, list[str]] = {}
-    for p in patients:
-        by_label.setdefault(labels[p], []).append(p)
-    for y in sorted(by_label):
-        g = sorted(by_label[y])
-        rng.shuffle(g)
-        k = max(1, int(round(len(g) * fraction))) if len(g) > 1 else 0
-        val += g[:k]
-        train += g[k:]
-    return train, val
 
 
 def make_splits(rows: list[dict], cfg: Config) -> list[dict[str, list[str]]]:
@@ -111,7 +80,7 @@ def make_splits(rows: list[dict], cfg: Config) -> list[dict[str, list[str]]]:
 
 
 def load_features(fdir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    from msnet.features import read_manifest
+    from msnet.stages.extract import read_manifest
 
     manifest = fdir / "manifest.csv"
     if not manifest.is_file():
@@ -145,7 +114,6 @@ def fit(
     progress=None,
 ) -> tuple[dict, list[dict]]:
     """Train one aggregator; returns the best state dict (by val accuracy, then loss) and history."""
-    from msnet.finetune import class_weights
 
     t = cfg.train
     torch.manual_seed(seed)
@@ -189,7 +157,7 @@ def fit(
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    from msnet.cohort import write_csv_atomic
+    from msnet.files import write_csv_atomic
 
     write_csv_atomic(path, fields, rows)
 
@@ -198,8 +166,8 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
     """Run stage 3 for every aggregator of the config; returns {aggregator: test accuracy}."""
     from rich.progress import Progress
 
-    from msnet.aggregators import create
-    from msnet.features import feature_dir
+    from msnet.models.aggregators import create
+    from msnet.stages.extract import feature_dir
 
     fdir = feature_dir(cfg)
     rows, feats = load_features(fdir)

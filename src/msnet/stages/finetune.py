@@ -20,9 +20,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from msnet.config import Config, atomic_torch_save, atomic_write_text, save_run_info
+from msnet.config import Config, save_run_info
+from msnet.files import atomic_torch_save, atomic_write_text
+from msnet.data.splits import carve, class_weights
 from msnet.errors import MsnetError
-from msnet import distributed as D
+from msnet import device as D
+from msnet.device import pick_device, seed_everything
 from msnet import preprocess as P
 
 log = logging.getLogger(__name__)
@@ -41,18 +44,6 @@ class SliceSet:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def _evenly(indices: np.ndarray, k: int) -> np.ndarray:
@@ -85,7 +76,6 @@ def select_slices(label: str, slice_labels: np.ndarray | None, n_slices: int, cf
 
 def _split_patients(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Stratified patient-level split (train, val) when the cohort names none."""
-    from msnet.train import carve
 
     by_id = {r["patient_id"]: r for r in rows}
     train, val = carve(sorted(by_id), {p: r["label"] for p, r in by_id.items()}, fraction, seed)
@@ -168,7 +158,7 @@ def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str) 
 
 def image_folder_rows(folder: Path) -> list[dict]:
     """Rows (image_path, label) of a folder laid out as <class>/<images>."""
-    from msnet.cohort import map_class
+    from msnet.data.cohorts import map_class
 
     rows = []
     for cls_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
@@ -185,7 +175,7 @@ def build_slice_sets(cfg: Config) -> dict[str, SliceSet]:
     classes = list(cfg.data.classes)
     ft = cfg.finetune
     if cfg.data.slice_manifest:
-        from msnet.cohort import read_slice_manifest
+        from msnet.data.cohorts import read_slice_manifest
 
         rows = read_slice_manifest(cfg.resolve(cfg.data.slice_manifest))
         train = [r for r in rows if r.get("subset", "train") == "train"]
@@ -205,7 +195,7 @@ def build_slice_sets(cfg: Config) -> dict[str, SliceSet]:
                 train += g[k:]
         return {"train": _image_slices(train, cfg, classes, "train"), "val": _image_slices(val, cfg, classes, "val")}
 
-    from msnet.cohort import read_cohort, read_slice_labels
+    from msnet.data.cohorts import read_cohort, read_slice_labels
 
     if not cfg.data.cohort:
         raise MsnetError("the config names no data.cohort", fix="run `msnet index ROOT -o OUT` and set data.cohort")
@@ -245,20 +235,8 @@ def augment(batch: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Ten
     return torch.stack(out)
 
 
-def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, mean 1 over the classes present.
-
-    >>> class_weights(torch.tensor([0, 0, 0, 1]), 2).tolist()
-    [0.5, 1.5]
-    """
-    counts = torch.bincount(labels, minlength=n_classes).float()
-    w = torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    present = (counts > 0).sum()
-    return w * present / w.sum()
-
-
 def build_model(cfg: Config, n_classes: int, pretrained: bool | None = None):
-    from msnet.backbones import SliceClassifier, create
+    from msnet.models.backbones import SliceClassifier, create
 
     backbone = create(
         cfg.backbone.name,
@@ -399,7 +377,7 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    from msnet.cohort import write_csv_atomic
+    from msnet.files import write_csv_atomic
 
     write_csv_atomic(path, list(history[0]), history)
 
@@ -424,7 +402,7 @@ def save_backbone(model: nn.Module, cfg: Config, classes: list[str], path: Path,
 
 def load_slice_classifier(path: Path, device: torch.device | str = "cpu"):
     """Rebuild a SliceClassifier from a stage-1 checkpoint (no network, no pretrained download)."""
-    from msnet.backbones import SliceClassifier, create
+    from msnet.models.backbones import SliceClassifier, create
 
     if not Path(path).is_file():
         raise MsnetError("backbone checkpoint not found", path=path, fix="run `msnet finetune CONFIG` first")
@@ -444,7 +422,7 @@ def test(cfg: Config, test_dir: Path) -> dict:
     classes = list(model.classes)
     test_dir = Path(test_dir)
     if (test_dir / "cohort.csv").exists():
-        from msnet.cohort import read_cohort, read_slice_labels
+        from msnet.data.cohorts import read_cohort, read_slice_labels
 
         rows = read_cohort(test_dir / "cohort.csv")
         labels_file = test_dir / "slice_labels.csv"

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from msnet import distributed as D
+from msnet import device as D
 from msnet import preprocess as P
-from msnet.cohort import write_csv_atomic
-from msnet.config import Config, atomic_path, atomic_write_text, file_hash, save_run_info
+from msnet.files import write_csv_atomic
+from msnet.config import Config, save_run_info
+from msnet.files import atomic_path, atomic_write_text, file_hash
 from msnet.errors import MsnetError
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ def feature_set_id(backbone_key: str, preprocess: dict) -> str:
 
 
 def load_backbone(cfg: Config, device: torch.device) -> nn.Module:
-    from msnet.backbones import create
-    from msnet.finetune import load_slice_classifier
+    from msnet.models.backbones import create
+    from msnet.stages.finetune import load_slice_classifier
 
     ckpt, _ = backbone_source(cfg)
     if ckpt is not None:
@@ -131,8 +132,8 @@ def extract(cfg: Config, overwrite: bool = False, strict: bool = False) -> Extra
     """Run stage 2 for every study of the cohort; resumable, per-study errors recorded."""
     from rich.progress import Progress
 
-    from msnet.cohort import read_cohort
-    from msnet.finetune import pick_device
+    from msnet.data.cohorts import read_cohort
+    from msnet.device import pick_device
     from msnet.io import read_study
 
     rank, world = D.init_from_env()

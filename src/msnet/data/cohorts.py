@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from msnet.errors import MsnetError
+from msnet.files import write_csv_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +86,6 @@ class IndexReport:
                 lines.append(f"  failed {name}: {row.get('error', '')}")
         lines += [f"  wrote {p}" for p in self.outputs]
         return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- csv helpers
-
-
-def write_csv_atomic(path: Path, header: list[str], rows: list) -> None:
-    """Write a CSV via a temp file in the same folder, then os.replace (rows: lists or dicts)."""
-    from msnet.config import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        for row in rows:
-            w.writerow([row.get(k, "") for k in header] if isinstance(row, dict) else row)
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:

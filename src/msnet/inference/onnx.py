@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from msnet import preprocess as P
-from msnet.config import atomic_write_text
+from msnet.files import atomic_write_text
 from msnet.errors import MsnetError
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class _AggregatorGraph(nn.Module):
 
 
 def _export_models(predictor, out: Path) -> None:
-    from msnet.backbones import export_onnx
+    from msnet.models.backbones import export_onnx
 
     size = int(predictor.preprocess["size"])
     backbone = copy.deepcopy(predictor.backbone).to(memory_format=torch.contiguous_format).float().eval()
@@ -151,7 +151,7 @@ def _export_models(predictor, out: Path) -> None:
 def synthetic_studies(folder: Path, n: int = 3, size: int = 128, slices: tuple[int, int] = (8, 12),
                       seed: int = 11) -> list[Path]:
     """Write ``n`` small synthetic DICOM studies (one per class in turn) and return their folders."""
-    from msnet.synthetic import synth_cohort
+    from msnet.data.synthetic import synth_cohort
 
     synth_cohort(Path(folder), n_patients=n, size=size, seed=seed, slices=slices)
     return sorted(p for p in Path(folder).iterdir() if p.is_dir())
@@ -200,7 +200,7 @@ def _cohort_studies(bundle: Path) -> list[Path]:
     """Training studies of the bundle's cohort (metadata training_data.cohort, else config.yaml data.cohort)."""
     import yaml
 
-    from msnet.cohort import read_cohort
+    from msnet.data.cohorts import read_cohort
 
     meta = json.loads((bundle / "metadata.json").read_text())
     csv = meta.get("training_data", {}).get("cohort") or ""
@@ -289,7 +289,7 @@ def export_bundle(bundle: Path, out: Path | None = None, int8: bool = False,
     >>> export_bundle(Path("runs/cpu/bundle"), int8=True)["int8"]["all_same_class"]  # doctest: +SKIP
     True
     """
-    from msnet.predict import Predictor
+    from msnet.inference.predictor import Predictor
 
     bundle = Path(bundle)
     sources = _calibration_sources(bundle, calibration) if int8 else []

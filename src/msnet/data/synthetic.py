@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msnet.cohort import write_csv_atomic
+from msnet.files import write_csv_atomic
+from msnet.data.splits import carve
 from msnet.errors import MsnetError
 
 logger = logging.getLogger(__name__)
@@ -163,19 +164,14 @@ def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
 
 def _split_subsets(labels: list[str], seed: int, split: tuple[float, float] = (0.2, 0.2)) -> list[str]:
     """Stratified train/val/test per class (val and test fractions; 60/20/20 by default), deterministic per seed."""
+    ids = [str(i) for i in range(len(labels))]
+    rest, test = carve(ids, labels, split[1], seed)
+    _, val = carve(rest, [labels[int(i)] for i in rest], split[0] / max(1e-9, 1.0 - split[1]), seed + 1)
     subsets = ["train"] * len(labels)
-    rng = _rng(seed, 0x5B5E7)
-    for cls in sorted(set(labels)):
-        idx = [i for i, lab in enumerate(labels) if lab == cls]
-        idx = [idx[j] for j in rng.permutation(len(idx))]
-        n = len(idx)
-        n_val, n_test = round(split[0] * n), round(split[1] * n)
-        if n >= 3:
-            n_val, n_test = max(1, n_val), max(1, n_test)
-        for j in idx[n - n_val - n_test:n - n_test]:
-            subsets[j] = "val"
-        for j in idx[n - n_test:]:
-            subsets[j] = "test"
+    for i in val:
+        subsets[int(i)] = "val"
+    for i in test:
+        subsets[int(i)] = "test"
     return subsets
 
 

@@ -1,0 +1,109 @@
+"""Read a study into a :class:`CTVolume`: DICOM folders/files, NIfTI, 2-D images.
+
+``read_study`` is the single entry point. Conventions (see DESIGN.md):
+
+- Slice order is superior to inferior. DICOM slices are sorted by
+  ImagePositionPatient projected on the slice normal (cross product of the
+  ImageOrientationPatient row and column cosines, its sign chosen so that it
+  points to the head); then SliceLocation (descending); InstanceNumber only as
+  a last resort, with a warning. File names are never used.
+- HU = stored x RescaleSlope + RescaleIntercept (float32). Stored values equal
+  to PixelPaddingValue (or within PixelPaddingRangeLimit) and HU values below
+  ``OUT_OF_FIELD_HU`` (-1124, e.g. Toshiba's -2048 outside the field of view)
+  are set to air, -1000 HU. The same floor applies to NIfTI volumes.
+- Several series in a folder: the axial CT image series with the most
+  slices is read (localizers, SR, dose reports and secondary captures never are); the
+  others are listed in the warnings. ``series=`` picks one by
+  SeriesInstanceUID or by index into the series sorted by (SeriesNumber, UID).
+- A file of the chosen series that cannot be decoded is skipped with a
+  warning when other files decode; when none decodes, MsnetError is raised.
+- Compressed pixel data (8 files or more) is decoded by worker processes, one
+  per core, started once per process with ``fork``; they write HU straight
+  into one memory-mapped array (under /dev/shm). Threads would not help:
+  neither decoder releases the GIL. GDCM is the first decoder (about 1.4x
+  faster than pylibjpeg on JPEG Lossless through pydicom, 2.3x when GDCM's
+  region reader decodes an unsigned 16-bit JPEG Lossless file straight into a
+  buffer, without a pydicom pass); each file falls back to pylibjpeg and then
+  to any pydicom decoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from msnet.errors import MsnetError
+from msnet.io.decode import quiet_pydicom
+from msnet.io.dicom import read_dicom, read_header
+from msnet.io.images import is_image, natural_key, read_images
+from msnet.io.nifti import NIFTI_SUFFIXES, read_nifti
+from msnet.io.volume import AIR_HU, OUT_OF_FIELD_HU, CTVolume, describe
+
+__all__ = ["AIR_HU", "OUT_OF_FIELD_HU", "CTVolume", "describe", "read_study"]
+
+_SKIP_NAMES = {"DICOMDIR"}
+
+
+def read_study(path: str | Path, series: str | int | None = None, study_id: str | None = None) -> CTVolume:
+    """Read a DICOM folder/file, a NIfTI file, an image folder or an image file.
+
+    >>> vol = read_study("study_folder")  # doctest: +SKIP
+    >>> vol.hu.shape, vol.z_mm[0] > vol.z_mm[-1]  # doctest: +SKIP
+    ((148, 512, 512), True)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MsnetError("no such file or folder", path, "check the path (quote names with spaces)")
+    try:
+        with quiet_pydicom():
+            return _read_any(path, study_id or _stem(path), series)
+    except MsnetError:
+        raise
+    except Exception as exc:  # a reader failed in a way not foreseen: still name the file
+        raise MsnetError(f"cannot read study ({type(exc).__name__}: {exc})", path,
+                         "check the files; report the message if they open in a DICOM viewer") from exc
+
+
+def _read_any(path: Path, sid: str, series) -> CTVolume:
+    if path.is_file():
+        if path.name.lower().endswith(NIFTI_SUFFIXES):
+            return read_nifti(path, sid)
+        header = read_header(path)
+        if header is not None:
+            return read_dicom([(path, header)], [], path, sid, series)
+        if is_image(path):
+            return read_images([path], path, sid)
+        raise MsnetError("not a DICOM, NIfTI or image file", path,
+                         "pass a DICOM series folder, a .nii/.nii.gz file or an image")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise MsnetError("empty folder", path, "point to the folder that holds the study's files")
+    headers, others = [], []
+    for f in files:
+        if f.name.upper() in _SKIP_NAMES:
+            continue
+        h = read_header(f)
+        (headers.append((f, h)) if h is not None else others.append(f))
+    if headers:
+        return read_dicom(headers, others, path, sid, series)
+    images = [f for f in others if is_image(f)]
+    if images:
+        images.sort(key=lambda p: natural_key(str(p.relative_to(path))))
+        vol = read_images(images, path, sid)
+        skipped = len(others) - len(images)
+        if skipped:
+            vol.warnings.append(f"{skipped} files that are not images were skipped")
+        return vol
+    nifti = [f for f in others if f.name.lower().endswith(NIFTI_SUFFIXES)]
+    fix = f"pass the NIfTI file itself ({nifti[0].name})" if nifti else \
+        "point to a folder of DICOM files (any names, searched recursively) or of PNG/JPEG/TIFF images"
+    raise MsnetError(f"no DICOM files or images among {len(others)} files", path, fix)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name or str(path)
+
+

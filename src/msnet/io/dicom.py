@@ -1,0 +1,245 @@
+"""DICOM series: headers, series choice, geometric slice sort, and the decode of the chosen series."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from msnet.errors import MsnetError
+from msnet.io.decode import decode_series, gdcm_direct_ok
+from msnet.io.volume import CTVolume, check_range
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TYPES = {"CT": "1.2.840.10008.5.1.4.1.1.2", "ECT": "1.2.840.10008.5.1.4.1.1.2.1",
+               "LECT": "1.2.840.10008.5.1.4.1.1.2.2"}
+_CONVERT_FIX = "convert the files to an uncompressed transfer syntax (e.g. `gdcmconv --raw IN OUT`)"
+
+
+def read_header(path: Path):
+    """The dataset without pixel data, or None when the file is not DICOM."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # not DICOM, truncated header, unreadable: the caller decides
+        return None
+
+
+def _series_key(ds) -> str:
+    return str(ds.get("SeriesInstanceUID", "") or "")
+
+
+def _series_info(uid: str, members: list) -> dict:
+    ds = members[0][1]
+    image_type = [str(t).upper() for t in (ds.get("ImageType") or [])]
+    sop = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "") or "")
+    is_image = sop in IMAGE_TYPES.values() or (modality == "CT" and not sop.startswith(
+        ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88", "1.2.840.10008.5.1.4.1.1.104")))
+    n = sum(int(m[1].get("NumberOfFrames", 1) or 1) for m in members)
+    try:
+        number = int(ds.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        number = 10**9
+    iop = ds.get("ImageOrientationPatient")
+    axial = True
+    if iop is not None and len(iop) == 6:
+        normal = np.cross([float(v) for v in iop[:3]], [float(v) for v in iop[3:]])
+        axial = bool(abs(normal[2]) >= 0.7 * (np.linalg.norm(normal) or 1.0))
+    return {"uid": uid, "files": members, "modality": modality or "?", "n": n, "number": number, "axial": axial,
+            "ct": is_image and (modality in ("CT", "") or sop in IMAGE_TYPES.values()),
+            "localizer": "LOCALIZER" in image_type, "is_image": is_image}
+
+
+def _choose_series(headers: list, series, source: Path) -> tuple[dict, list[str], int]:
+    groups: dict[str, list] = {}
+    for f, ds in headers:
+        groups.setdefault(_series_key(ds), []).append((f, ds))
+    infos = sorted((_series_info(u, m) for u, m in groups.items()), key=lambda i: (i["number"], i["uid"]))
+    listing = "; ".join(f"[{k}] {i['modality']} {i['n']} slices UID {i['uid'] or '(none)'}"
+                        for k, i in enumerate(infos))
+    notes: list[str] = []
+    if series is not None:
+        chosen = next((i for i in infos if i["uid"] == str(series)), None)
+        if chosen is None and str(series).strip().lstrip("-").isdigit():
+            k = int(series)
+            chosen = infos[k] if -len(infos) <= k < len(infos) else None
+        if chosen is None:
+            raise MsnetError(f"series {series!r} not found; series here: {listing}", source,
+                             "pass one of the UIDs or indices listed")
+        if not chosen["ct"] or chosen["localizer"]:
+            if not chosen["is_image"] or chosen["modality"] not in ("CT", "?"):
+                raise MsnetError(f"series {series!r} is {chosen['modality']}, not a CT image series",
+                                 source, "choose a CT image series")
+            notes.append(f"series {series!r} is a localizer/scout, read as asked")
+    else:
+        candidates = [i for i in infos if i["ct"] and not i["localizer"]]
+        if not candidates:
+            mods = sorted({i["modality"] for i in infos})
+            raise MsnetError(f"no CT image series found (modalities: {', '.join(mods)}; series: {listing})",
+                             source, "point to a CT study (localizers, SR and secondary captures are not read)")
+        chosen = max(candidates, key=lambda i: (i["axial"], i["n"], -i["number"]))
+    if len(infos) > 1:
+        k = infos.index(chosen)
+        notes.append(f"{len(infos)} series found, read [{k}]; series: {listing}; "
+                     "pass series=UID or index to read another")
+    return chosen, notes, len(infos)
+
+
+def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> CTVolume:
+    chosen, notes, n_series = _choose_series(headers, series, source)
+    if others:
+        shown = ", ".join(p.name for p in others[:3]) + (" ..." if len(others) > 3 else "")
+        notes.insert(0, f"{len(others)} non-DICOM files skipped ({shown})")
+    files, seen = [], set()
+    for f, ds in chosen["files"]:
+        sop = str(ds.get("SOPInstanceUID", "")) or str(f)
+        if sop in seen:
+            notes.append(f"{f.name}: duplicate SOPInstanceUID, skipped")
+            continue
+        seen.add(sop)
+        files.append((f, ds))
+    ts = str(getattr(files[0][1], "file_meta", {}).get("TransferSyntaxUID", "") or "") or None
+    sizes = {(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) for _, ds in files}
+    if len(sizes) > 1:
+        raise MsnetError(f"slices of different sizes in one series: {sorted(sizes)}", source,
+                         "pass series= to pick a single series, or remove the odd files")
+    rows, cols = sizes.pop()
+    slices = []  # (file index, frame index or None)
+    for i, (_, ds) in enumerate(files):
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
+        slices.extend((i, k if multi else None) for k in range(n_frames))
+    geo = [_frame_geometry(files[i][1], k) for i, k in slices]
+    order, z, step, geo_notes = _sort_slices(geo)
+    slot = np.empty(len(slices), int)
+    slot[order] = np.arange(len(slices))
+    try:
+        import gdcm  # noqa: F401
+
+        direct = [gdcm_direct_ok(ds) for _, ds in files]
+    except ImportError:
+        direct = [False] * len(files)
+    tasks: list[tuple] = [(str(f), [], (rows, cols), d) for (f, _), d in zip(files, direct)]
+    for j, (i, k) in enumerate(slices):
+        ds = files[i][1]
+        pad, lim = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+        tasks[i][1].append((k, int(slot[j]), geo[j]["slope"], geo[j]["intercept"],
+                            None if pad is None else int(pad), None if lim is None else int(lim)))
+    hu, results, decoders = decode_series(tasks, len(slices), ts)
+    failures = [(files[i][0], err) for i, (_, err) in enumerate(results) if err]
+    if len(failures) == len(files):
+        f, err = failures[0]
+        fix = "re-export the study from the scanner or archive"
+        if "decode" in err.lower() or "plugin" in err.lower() or "support" in err.lower():
+            fix = f"transfer syntax {ts} cannot be decoded here: {_CONVERT_FIX}"
+        raise MsnetError(f"no slice could be decoded ({len(failures)} files); first error: {err}", f, fix)
+    if failures:
+        bad = {slot[j] for j, (i, _) in enumerate(slices) if results[i][1]}
+        keep = np.array([k not in bad for k in range(len(slices))])
+        hu, z = hu[keep], z[keep]
+        geo_notes = _sort_slices([geo[j] for j in order if slot[j] not in bad])[3]
+        notes += [f"{f.name}: skipped, pixel data could not be decoded ({err})" for f, err in failures]
+    row_mm, col_mm = geo[order[0]]["pixel_mm"]
+    if geo[order[0]]["pixel_mm_missing"]:
+        geo_notes.append("PixelSpacing missing: 1 mm assumed")
+    vol = CTVolume(hu=hu, spacing_mm=(float(step), float(row_mm), float(col_mm)), z_mm=np.asarray(z, float),
+                   study_id=sid, source=str(source), kind="hu", warnings=notes + geo_notes,
+                   transfer_syntax=ts, n_series=n_series, series_uid=chosen["uid"] or None)
+    logger.debug("read %d slices of %s (decoder %s)", vol.n_slices, sid, ", ".join(decoders))
+    check_range(vol)
+    return vol
+
+
+def _frame_geometry(ds, frame: int | None) -> dict:
+    """Position, orientation, spacing and rescale of one slice (classic or per-frame)."""
+    items = [ds]
+    if frame is not None:
+        for seq in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+            groups = ds.get(seq)
+            if groups:
+                items.append(groups[frame] if seq.startswith("PerFrame") and len(groups) > frame else groups[0])
+
+    def find(seq_name, tag, default=None):
+        for it in items[1:]:
+            seq = it.get(seq_name)
+            if seq and tag in seq[0] and seq[0].get(tag) not in (None, ""):
+                return seq[0].get(tag)
+        value = ds.get(tag)
+        return default if value in (None, "") else value
+
+    ipp = find("PlanePositionSequence", "ImagePositionPatient")
+    iop = find("PlaneOrientationSequence", "ImageOrientationPatient")
+    px = find("PixelMeasuresSequence", "PixelSpacing")
+    return {"ipp": None if ipp is None else np.array([float(v) for v in ipp]),
+            "iop": None if iop is None else np.array([float(v) for v in iop]),
+            "loc": None if ds.get("SliceLocation") in (None, "") or frame is not None else float(ds.SliceLocation),
+            "inst": int(ds.get("InstanceNumber") or 0) * 10000 + (frame or 0),
+            "slope": float(find("PixelValueTransformationSequence", "RescaleSlope", 1.0)),
+            "intercept": float(find("PixelValueTransformationSequence", "RescaleIntercept", 0.0)),
+            "pixel_mm": (float(px[0]), float(px[1])) if px else (1.0, 1.0), "pixel_mm_missing": not px,
+            "thickness": find("PixelMeasuresSequence", "SliceThickness")}
+
+
+def _sort_slices(geo: list[dict]) -> tuple[list[int], np.ndarray, float, list[str]]:
+    """Order (superior first), z_mm per slice, slice step, and warnings."""
+    notes: list[str] = []
+    n = len(geo)
+    if all(g["ipp"] is not None and g["iop"] is not None and len(g["iop"]) == 6 for g in geo):
+        iop = geo[0]["iop"]
+        normal = np.cross(iop[:3], iop[3:])
+        normal /= np.linalg.norm(normal) or 1.0
+        if normal[2] < 0:
+            normal = -normal  # point to the head (+z in LPS)
+        pos = np.array([g["ipp"] @ normal for g in geo])
+        tilt = np.degrees(np.arccos(min(1.0, abs(normal[2]))))
+        if tilt > 45:
+            notes.append(f"non-axial orientation (slice normal {np.round(normal, 3).tolist()}); "
+                         "slices ordered along the normal")
+        elif tilt > 1:
+            notes.append(f"oblique slices: normal {tilt:.1f} degrees from the patient z axis")
+        if any(not np.allclose(g["iop"], iop, atol=1e-3) for g in geo):
+            notes.append("ImageOrientationPatient differs between slices")
+    elif all(g["loc"] is not None for g in geo):
+        pos = np.array([g["loc"] for g in geo])
+        notes.append("no ImagePositionPatient/ImageOrientationPatient: sorted by SliceLocation")
+    else:
+        pos = -np.array([g["inst"] for g in geo], float)
+        notes.append("no slice geometry: sorted by InstanceNumber (1 assumed to be the top slice)")
+        order = list(np.argsort(-pos, kind="stable"))
+        t = geo[0]["thickness"]
+        step = float(t) if t else 1.0
+        return order, -np.arange(n) * step, step, notes
+    order = list(np.argsort(-pos, kind="stable"))
+    z = pos[order]
+    steps = -np.diff(z)
+    if n < 2:
+        t = geo[0]["thickness"]
+        return order, z, float(t) if t else 1.0, notes
+    if np.any(steps < 1e-3):
+        notes.append(f"{int(np.sum(steps < 1e-3))} duplicate slice positions")
+    pos_steps = steps[steps >= 1e-3]
+    step = float(np.median(pos_steps)) if pos_steps.size else 1.0
+    gaps = np.flatnonzero(steps > 1.5 * step)
+    if gaps.size:
+        notes.append(f"{gaps.size} gaps in slice positions (largest {steps.max():.2f} mm, median step {step:.2f} mm)")
+    elif pos_steps.size and np.max(np.abs(pos_steps - step)) > max(0.01 * step, 1e-3):
+        notes.append(f"uneven slice steps ({pos_steps.min():.3f}..{pos_steps.max():.3f} mm)")
+    if geo[0]["ipp"] is not None and geo[0]["iop"] is not None and n >= 2:
+        d = geo[order[-1]]["ipp"] - geo[order[0]]["ipp"]
+        if np.linalg.norm(d) > 1e-6:
+            iop = geo[0]["iop"]
+            nn = np.cross(iop[:3], iop[3:])
+            cosang = abs(d @ nn) / (np.linalg.norm(d) * (np.linalg.norm(nn) or 1.0))
+            angle = np.degrees(np.arccos(min(1.0, cosang)))
+            if angle > 0.5:
+                notes.append(f"gantry tilt: slice positions progress {angle:.1f} degrees off the slice normal")
+    return order, z, step, notes
+
+

@@ -1,0 +1,1 @@
+"""HTTP service (FastAPI) and its web page."""
