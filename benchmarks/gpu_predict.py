@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pixels", type=int, default=512, help="synthetic study size (rows = columns)")
     ap.add_argument("--batch-size", type=int, default=150)
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="feature dtype (a bundle serves the dtype its features were extracted with)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args(argv)
 
-    from msnet import preprocess as P
     from msnet.bench import temp_bundle
     from msnet.io import read_study
     from msnet.inference.predictor import Predictor
@@ -67,16 +68,14 @@ def main(argv: list[str] | None = None) -> dict:
         synth_cohort(tmp / "data", n_patients=1, size=args.pixels, slices=(args.slices, args.slices))
         study = next(p for p in (tmp / "data").iterdir() if p.is_dir())
         vol = read_study(study)
-        pred = Predictor(bundle, device=str(device), batch_size=args.batch_size, compile=args.compile)
-        pp, dc = pred.preprocess, pred.data_config
-        x = P.prepare(vol.hu, vol.kind, pp["windows"], pp["size"], dc["mean"], dc["std"])
+        pred = Predictor(bundle, device=str(device), batch_size=args.batch_size, compile=args.compile, dtype=args.dtype)
+        x = pred.spec.prepare(vol.hu, vol.kind)
         if device.type == "cuda":
             x = x.pin_memory()
 
         def backbone_only():
-            with torch.inference_mode():
-                for i in range(0, len(x), pred.batch_size):
-                    pred._backbone_fn(x[i:i + pred.batch_size])
+            for i in range(0, len(x), pred.batch_size):
+                pred.encoder.embed(x[i:i + pred.batch_size])
 
         t = time.perf_counter()
         for _ in range(args.warmup):  # compile / cudnn autotune / allocator
@@ -86,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
         bb = _timed(backbone_only, device, args.repeats)
         e2e = _timed(lambda: pred.predict_volume(vol), device, args.repeats)
         files = _timed(lambda: pred.predict(study), device, max(1, args.repeats // 3))
-        last = pred.predict_volume(vol)
+        last = pred.predict_volume(vol).to_dict()
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backbone": pred.metadata["backbone"]["name"], "input_size": pp["size"], "slices": vol.n_slices,
+        "backbone": pred.metadata["backbone"]["name"], "input_size": pred.spec.size, "slices": vol.n_slices,
         "pixels": args.pixels, "batch_size": args.batch_size, "compile": args.compile,
-        "bf16_autocast": pred.autocast, "warmup_s": round(warmup_s, 2),
+        "dtype": pred.encoder.dtype, "warmup_s": round(warmup_s, 2),
         "backbone_only_s": round(min(bb), 4), "end_to_end_from_hu_s": round(min(e2e), 4),
         "end_to_end_from_files_s": round(min(files), 4),
         "median_end_to_end_from_hu_s": round(sorted(e2e)[len(e2e) // 2], 4),

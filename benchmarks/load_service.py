@@ -2,7 +2,7 @@
 
 Starts the service in a subprocess (loopback only), measures single-request latency, then lets
 ``--clients`` threads of this process post synthetic studies at once. Every answer must be 200
-with the same prediction as a direct :class:`msnet.predict.Predictor` call. Reports p50/p95
+with the same prediction as a direct :class:`msnet.inference.predictor.Predictor` call. Reports p50/p95
 latency against the single-request latency, throughput and the server's peak RSS.
 
     python benchmarks/load_service.py                     # builds a tiny bundle first (~1 min)
@@ -108,7 +108,7 @@ def main() -> int:
         folders = sorted(p for p in (tmp / "studies").iterdir() if p.is_dir())
         payloads = [zip_folder(f) for f in folders]
         predictor = Predictor(bundle, device="cpu")
-        expected = [predictor.predict(f) for f in folders]
+        expected = [predictor.predict(f).to_dict() for f in folders]
         del predictor
 
         port = free_port()

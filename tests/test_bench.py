@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("onnxruntime")
 
 from msnet.bench import bench_predict, gemm_gflops  # noqa: E402
 from msnet.errors import MsnetError  # noqa: E402
-from msnet.inference.onnx import synthetic_studies  # noqa: E402
+from msnet.inference.export import synthetic_studies
 
 
 def test_gemm_rate_positive() -> None:

@@ -15,7 +15,6 @@ from msnet.data.cohorts import (index_dataset, map_class, read_cohort, read_slic
 from msnet.errors import MsnetError
 from msnet.data.synthetic import synth_cohort
 
-pytest.importorskip("msnet.io")
 
 
 def _ranges(labels: np.ndarray) -> list[tuple[int, int]]:

@@ -6,17 +6,17 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
-pytest.importorskip("onnxruntime")
-
-from msnet.errors import MsnetError  # noqa: E402
-from msnet.inference.onnx import (  # noqa: E402
-    AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, PARITY_TOL, export_bundle, onnx_aggregator_fn,
-    onnx_backbone_fn, synthetic_studies)
-from msnet.io import read_study  # noqa: E402
-from msnet.inference.predictor import Predictor  # noqa: E402
+from msnet.errors import MsnetError
+from msnet.inference.encoder import SliceEncoder
+from msnet.inference.export import (PARITY_TOL, _volumes, export_bundle, int8_agreement, synthetic_studies)
+from msnet.inference.onnx import AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, find_onnx, ort_session
+from msnet.inference.predictor import Predictor
+from msnet.io import read_study
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_export_writes_models_and_parity(exported) -> None:
 
 def test_onnx_predictor_matches_torch(exported, study) -> None:
     bundle, _ = exported
-    torch_result = Predictor(bundle, device="cpu", runtime="torch").predict(study)
-    onnx_result = Predictor(bundle, device="cpu", runtime="onnx").predict(study)
+    torch_result = Predictor(bundle, device="cpu", runtime="torch").predict(study).to_dict()
+    onnx_result = Predictor(bundle, device="cpu", runtime="onnx").predict(study).to_dict()
     assert onnx_result["prediction"] == torch_result["prediction"]
     a = np.array(list(torch_result["probabilities"].values()))
     b = np.array(list(onnx_result["probabilities"].values()))
@@ -75,32 +75,64 @@ def test_int8_agreement_file(exported, study) -> None:
     assert agree["ok"] == (agree["all_same_class"] and agree["max_prob_diff"] <= agree["tolerance"])
     assert 0 < agree["calibration_slices"] <= 32
     assert result["int8"]["ok"] == agree["ok"]
-    q = Predictor(bundle, device="cpu", runtime="onnx", int8=True).predict(study)
+    q = Predictor(bundle, device="cpu", runtime="onnx", int8=True).predict(study).to_dict()
     assert abs(sum(q["probabilities"].values()) - 1.0) < 1e-4
 
 
 def test_onnx_aggregator_dynamic_slices(exported) -> None:
     bundle, _ = exported
     ref = Predictor(bundle, device="cpu")
-    fn = onnx_aggregator_fn(bundle)
+    session = ort_session(find_onnx(bundle).parent / AGGREGATOR_ONNX)
     d = ref.metadata["backbone"]["n_features"]
     for n in (3, 40):
         feats = torch.randn(1, n, d)
-        logits = fn(feats)
+        logits = session.run(None, {"features": feats.numpy()})[0]
         with torch.inference_mode():
             expected = ref.aggregator(feats).numpy()
         assert logits.shape == expected.shape == (1, len(ref.classes))
-        assert np.abs(logits.numpy() - expected).max() <= 1e-4
+        assert np.abs(logits - expected).max() <= 1e-4
 
 
-def test_backbone_fn_batches_and_missing_int8(exported, tiny_bundle) -> None:
+def test_onnx_encoder_batches_and_missing_int8(exported, tiny_bundle, tmp_path) -> None:
     bundle, _ = exported
-    fn = onnx_backbone_fn(bundle)
-    size = Predictor(bundle, device="cpu").preprocess["size"]
-    assert fn(torch.zeros(1, 3, size, size)).shape[0] == 1
-    assert fn(torch.zeros(5, 3, size, size)).shape[0] == 5
+    spec = Predictor(bundle, device="cpu").spec
+    enc = SliceEncoder(spec, runtime="onnx", onnx_model=find_onnx(bundle), batch_size=4)
+    assert enc.embed(torch.zeros(1, 3, spec.size, spec.size)).shape[0] == 1
+    assert enc.encode(np.full((5, 40, 40), -800.0, np.float32)).shape[0] == 5
     with pytest.raises(MsnetError, match="int8"):
-        onnx_backbone_fn(tiny_bundle, int8=True)
+        find_onnx(tiny_bundle, int8=True)
+    # export recorded where it wrote: --runtime onnx finds models outside the bundle, and says where it looked
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(bundle / "onnx", outside)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    shutil.rmtree(copy / "onnx")
+    (copy / "onnx.json").write_text(json.dumps({"out": str(outside)}))
+    assert find_onnx(copy) == outside / BACKBONE_ONNX
+    (copy / "onnx.json").unlink()
+    with pytest.raises(MsnetError, match="looked in") as err:
+        find_onnx(copy)
+    assert str(copy / "onnx") in str(err.value)
+
+
+def test_int8_agreement_fails_for_a_broken_quantised_model(exported, study, tmp_path) -> None:
+    """The agreement check must catch an int8 model that disagrees: scale its weights' quantisation."""
+    bundle, _ = exported
+    model = onnx.load(str(bundle / "onnx" / BACKBONE_INT8_ONNX))
+    broken = 0
+    for init in model.graph.initializer:
+        if init.name.endswith("_scale") and init.data_type == onnx.TensorProto.FLOAT:
+            arr = numpy_helper.to_array(init)
+            if arr.ndim == 1 and arr.size > 8:  # per-channel weight scales
+                init.CopyFrom(numpy_helper.from_array(arr * np.linspace(0.2, 5.0, arr.size, dtype=np.float32), init.name))
+                broken += 1
+    assert broken > 0
+    path = tmp_path / "broken_int8.onnx"
+    onnx.save(model, str(path))
+    ref = Predictor(bundle, device="cpu")
+    vols = _volumes(synthetic_studies(tmp_path / "s", n=3, size=96, slices=(10, 12), seed=8))
+    assert not int8_agreement(ref, path, vols)["ok"]
+    assert int8_agreement(ref, bundle / "onnx" / BACKBONE_INT8_ONNX, vols)["ok"]
 
 
 def test_int8_without_calibration_source_fails(exported, tmp_path) -> None:

@@ -110,7 +110,7 @@ def _imagenet_top(bb: backbones.Backbone, image) -> int:
 
 
 def test_efficientnet_lite0_offline_imagenet_weights() -> None:
-    data = pytest.importorskip("skimage.data")
+    import skimage.data as data
     bb = backbones.create("efficientnet_lite0", pretrained=True).eval()
     assert bb.data_config["mean"] == (0.5, 0.5, 0.5) and bb.data_config["std"] == (0.5, 0.5, 0.5)
     assert 281 <= _imagenet_top(bb, data.chelsea()) <= 285  # tabby / tiger / Persian / Siamese / Egyptian cat

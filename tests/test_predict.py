@@ -33,7 +33,7 @@ def test_bundle_holds_everything_predict_needs(tiny_bundle, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(tiny_bundle, moved)
     rows, _ = _cohort(tiny_bundle)
-    result = Predictor(moved, device="cpu").predict(rows[0]["path"])
+    result = Predictor(moved, device="cpu").predict(rows[0]["path"]).to_dict()
     assert set(result) >= {"study_id", "prediction", "probabilities", "n_slices", "key_slices", "timing_s", "warnings"}
     assert abs(sum(result["probabilities"].values()) - 1) < 1e-4
     assert set(result["timing_s"]) == {"read", "preprocess", "backbone", "aggregate", "total"}
@@ -77,7 +77,7 @@ def test_key_slices_find_lesions_and_explain_writes_pngs(tiny_bundle, tmp_path):
         if r["label"] == "NORMAL" or r["subset"] != "test":  # held-out diseased patients
             continue
         lab = labels[r["patient_id"]]
-        res = predictor.predict(r["path"], study_id=r["patient_id"])
+        res = predictor.predict(r["path"], study_id=r["patient_id"]).to_dict()
         top = [s["slice_index"] for s in res["key_slices"][:k]]
         hits += [bool(lab[i]) for i in top]
         base.append(lab.mean())
@@ -85,7 +85,7 @@ def test_key_slices_find_lesions_and_explain_writes_pngs(tiny_bundle, tmp_path):
     assert precision >= min(0.95, chance + 0.3), (precision, chance)
 
     r = next(r for r in rows if r["label"] != "NORMAL")
-    res = predictor.predict(r["path"], study_id=r["patient_id"], explain_dir=tmp_path / "explain", top_k=4)
+    res = predictor.predict(r["path"], study_id=r["patient_id"], explain_dir=tmp_path / "explain", top_k=4).to_dict()
     strip = Image.open(res["explanation"]["key_slices_png"])
     curve = Image.open(res["explanation"]["slice_scores_png"])
     assert strip.size[0] > 3 * strip.size[1] and curve.size[0] > 200

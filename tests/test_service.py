@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import threading
 import time
@@ -12,10 +13,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import jsonschema
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("python_multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from msnet.service.app import UPLOAD_PREFIX, ServiceSettings, create_app, warn_if_exposed  # noqa: E402
@@ -106,7 +106,7 @@ def test_health_and_page(make_client, predictor):
 
 def test_predict_zip_matches_direct_call(make_client, predictor, study, caplog):
     c = make_client()
-    direct = predictor.predict(study, study_id="case-1")
+    direct = predictor.predict(study, study_id="case-1").to_dict()
     with caplog.at_level(logging.DEBUG):
         r = post(c, {"file": ("study.zip", zip_study(study), "application/zip")}, data={"study_id": "case-1"})
     assert r.status_code == 200, r.text
@@ -120,6 +120,9 @@ def test_predict_zip_matches_direct_call(make_client, predictor, study, caplog):
     assert_png_data_url(out["images"]["key_slices"])
     assert_png_data_url(out["images"]["slice_scores"])
     assert "explanation" not in out and str(make_client.tmp) not in r.text  # no server paths leak
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "prediction.schema.json").read_text())
+    jsonschema.validate(out, schema)  # the CLI's and the service's output are one type
+    assert set(out) - {"images"} == set(direct)
     # nothing identifying logged; the pseudonym is
     assert SECRET_NAME not in caplog.text and SECRET_ID not in caplog.text and "Doe" not in caplog.text
     assert "case-1" in caplog.text
@@ -131,7 +134,7 @@ def test_predict_several_dicom_files(make_client, predictor, study):
     r = post(c, files)
     assert r.status_code == 200, r.text
     out = r.json()
-    direct = predictor.predict(study)
+    direct = predictor.predict(study).to_dict()
     assert out["prediction"] == direct["prediction"] and out["n_slices"] == len(files)
     assert out["study_id"].startswith("study-")  # a random pseudonym, not a name from the headers
     assert SECRET_NAME not in r.text and SECRET_ID not in r.text
@@ -150,7 +153,7 @@ def test_predict_nifti(make_client, predictor, study, tmp_path):
     c = make_client()
     r = post(c, {"file": ("vol.nii.gz", path.read_bytes(), "application/gzip")})
     assert r.status_code == 200, r.text
-    out, direct = r.json(), predictor.predict(path)
+    out, direct = r.json(), predictor.predict(path).to_dict()
     assert out["n_slices"] == vol.n_slices and out["prediction"] == direct["prediction"]
     assert out["probabilities"] == pytest.approx(direct["probabilities"], abs=1e-5)
     # a zip holding only the NIfTI file is read as that file

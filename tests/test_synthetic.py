@@ -77,7 +77,6 @@ def test_traps_names_and_instance_numbers(cohort):
 
 
 def test_round_trip_through_reader_and_index(cohort, tmp_path):
-    pytest.importorskip("msnet.io")
     from msnet.data.cohorts import index_dataset
     from msnet.io import read_study
 

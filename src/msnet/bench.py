@@ -60,7 +60,7 @@ def _best(fn, repeats: int):
 def bench_read(study: str | Path, repeats: int = 2, console=None) -> dict:
     """Time ``read_study`` against a plain pydicom loop on one study; print and return the result.
 
-    >>> bench_read("P001")  # doctest: +SKIP
+    e.g. bench_read("P001")
     {'n_slices': 148, 'ours_s': 0.6, 'plain_s': 1.8, 'ratio': 3.0, 'equal': True, ...}
     """
     import pydicom
@@ -92,7 +92,9 @@ def bench_read(study: str | Path, repeats: int = 2, console=None) -> dict:
         "ratio": round(plain_s / ours_s, 2), "equal": equal,
     }
     print_bench_read(result, console)
-    assert equal, "read_study and the plain pydicom loop disagree on the HU array"
+    if not equal:
+        raise MsnetError("read_study and the plain pydicom loop disagree on the HU array", study,
+                         "report this with the study's transfer syntax and the versions of pydicom and GDCM")
     return result
 
 
@@ -122,7 +124,7 @@ CONFIGS = ("paper", "cpu")
 
 def default_study() -> Path:
     """P001 of COVID-CT-MD in the shared data folder beside the repository."""
-    from msnet.inference.onnx import SHARED_DATA, SHARED_SCANS
+    from msnet.inference.export import SHARED_DATA, SHARED_SCANS
 
     if not SHARED_SCANS[0].is_dir():
         raise MsnetError("the shared real CT data is missing", SHARED_DATA,
@@ -132,30 +134,33 @@ def default_study() -> Path:
 
 def temp_bundle(config: str, folder: Path, size: int | None = None, seed: int = 0) -> Path:
     """A complete bundle with a random-init backbone and MS-Net for a packaged config (speed only)."""
+    import tempfile
+
     import torch
 
+    from msnet.config import load_config, versions
+    from msnet.inference import bundle as B
     from msnet.models import aggregators, backbones
-    from msnet.config import load_config
+    from msnet.preprocess import PreprocessSpec
 
     if config not in CONFIGS:
         raise MsnetError(f"unknown bench config {config!r}", fix=f"use one of: {', '.join(CONFIGS)}")
-    cfg = load_config(Path(__file__).parent / "configs" / f"{config}.yaml")
-    size = int(size or cfg.preprocess.size)
+    cfg = load_config(config)
+    if size:
+        cfg.preprocess.size = int(size)
     torch.manual_seed(seed)
     bb = backbones.create(cfg.backbone.name, pretrained=False).eval()
     agg = aggregators.create("msnet", bb.num_features, n_classes=len(cfg.data.classes)).eval()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    preprocess = {"size": size, "windows": [list(w) for w in cfg.preprocess.windows]}
-    torch.save({"backbone": cfg.backbone.name, "backbone_state_dict": bb.state_dict(), "data_config": dict(bb.data_config),
-                "classes": list(cfg.data.classes), "preprocess": preprocess}, folder / "backbone.pt")
-    torch.save({"aggregator": "msnet", "config": dict(agg.config), "in_features": bb.num_features,
-                "classes": list(cfg.data.classes), "state_dict": agg.state_dict()}, folder / "aggregator.pt")
-    meta = {"name": f"bench-{cfg.backbone.name}-msnet", "classes": list(cfg.data.classes),
-            "input": {"size": size}, "backbone": {"name": cfg.backbone.name, "fine_tuned": False},
-            "training_data": {"cohort": ""}, "intended_use": "speed measurement only (random weights)"}
-    (folder / "metadata.json").write_text(json.dumps(meta, indent=2))
-    return folder
+    spec = PreprocessSpec.from_config(cfg.preprocess, bb.data_config)
+    classes = list(cfg.data.classes)
+    with tempfile.TemporaryDirectory(prefix="msnet-bench-ckpt-") as tmp:
+        B.save_backbone(Path(tmp) / B.BACKBONE, bb, spec, classes)
+        B.save_aggregator(Path(tmp) / B.AGGREGATOR, agg, "msnet", classes, spec)
+        card = B.model_card(spec, classes, backbone={"name": cfg.backbone.name, "fine_tuned": False},
+                            aggregator={"name": "msnet"}, training_data={"cohort": ""}, metrics={},
+                            versions=versions(), name=f"bench-{cfg.backbone.name}-msnet")
+        card["intended_use"] = "speed measurement only (random weights)"
+        return B.write_bundle(folder, Path(tmp) / B.BACKBONE, Path(tmp) / B.AGGREGATOR, card)
 
 
 def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
@@ -173,15 +178,14 @@ def _naive(study: Path, bundle: Path, batch: int = 32) -> tuple[float, dict]:
     """Plain PyTorch: pydicom loop, stack, window, resize, eager fp32 backbone in batches of 32, no overlap."""
     import torch
 
-    from msnet import preprocess as P
-    from msnet.inference.predictor import _load_backbone_ckpt
+    from msnet.inference.bundle import load_backbone
 
-    ckpt, backbone, _ = _load_backbone_ckpt(bundle / "backbone.pt")
-    pp, dc = ckpt["preprocess"], ckpt["data_config"]
+    backbone, _, spec, _ = load_backbone(bundle / "backbone.pt")
+    backbone = backbone.to(memory_format=torch.contiguous_format)
     t0 = time.perf_counter()
     hu = _plain_read(study)
     t1 = time.perf_counter()
-    x = P.prepare(hu, "hu", pp["windows"], pp["size"], dc["mean"], dc["std"])
+    x = spec.prepare(hu, "hu")
     t2 = time.perf_counter()
     with torch.inference_mode():
         feats = torch.cat([backbone(x[i:i + batch]) for i in range(0, len(x), batch)])
@@ -191,15 +195,51 @@ def _naive(study: Path, bundle: Path, batch: int = 32) -> tuple[float, dict]:
 
 def _backbone_only(predictor, x) -> float:
     """Seconds for the predictor's backbone over preprocessed slices, in its batch size (no read, no preprocess)."""
-    import torch
-
-    bs = predictor.batch_size
-    predictor._backbone_fn(x[:bs])  # warm-up outside the timing
+    enc = predictor.encoder
+    bs = enc.batch_size
+    enc.embed(x[:bs])  # warm-up outside the timing
     t = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(x), bs):
-            predictor._backbone_fn(x[i:i + bs])
+    for i in range(0, len(x), bs):
+        enc.embed(x[i:i + bs])
     return time.perf_counter() - t
+
+
+def _measure(name: str, predictor, study: Path, x, repeats: int, runs: dict) -> None:
+    """End to end (read -> prediction) and backbone-only seconds of one predictor, best of ``repeats``."""
+    _backbone_only(predictor, x[: predictor.batch_size])  # warm-up (kernels, ORT arenas)
+    e2e, res = _best(lambda: predictor.predict(study), repeats)
+    bb, _ = _best(lambda: _backbone_only(predictor, x), repeats)
+    runs[name] = {"end_to_end_s": e2e, "backbone_only_s": bb, "timing_s": res.timing_s,
+                  "prediction": res.prediction, "probabilities": res.probabilities}
+
+
+def _int8_verdict(runs: dict, export_result: dict, classes: list[str]) -> dict:
+    """int8 is used only where it agrees with fp32 on the synthetic check studies and on this study."""
+    a, b = runs["torch"], runs["onnx_int8"]
+    on_study = {"n_studies": 1, "all_same_class": a["prediction"] == b["prediction"],
+                "max_prob_diff": max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in classes)}
+    agreement = {"synthetic": export_result["int8"], "study": on_study}
+    agreement["ok"] = bool(export_result["int8"]["ok"] and on_study["all_same_class"]
+                           and on_study["max_prob_diff"] <= export_result["int8"]["tolerance"])
+    return agreement
+
+
+def _summary(runs: dict, agreement: dict | None, floor_s: float, naive_s: float) -> dict:
+    fp32 = min(("torch", "onnx_fp32"), key=lambda k: runs[k]["end_to_end_s"])
+    usable = [k for k in runs if k != "onnx_int8" or (agreement and agreement["ok"])]
+    best = min(usable, key=lambda k: runs[k]["end_to_end_s"])
+    ours_s = runs[best]["end_to_end_s"]
+    return {
+        "runs": {k: {**{m: round(v, 3) for m, v in r.items() if m in ("end_to_end_s", "backbone_only_s")},
+                     "timing_s": {m: round(v, 3) for m, v in r["timing_s"].items()},
+                     "prediction": r["prediction"]} for k, r in runs.items()},
+        "fastest": best, "ours_s": round(ours_s, 3), "fp32": fp32, "fp32_s": round(runs[fp32]["end_to_end_s"], 3),
+        "ours_over_floor": round(ours_s / floor_s, 3),
+        "fp32_over_floor": round(runs[fp32]["end_to_end_s"] / floor_s, 3),
+        "naive_over_ours": round(naive_s / ours_s, 3),
+        "end_to_end_over_backbone": round(ours_s / runs[best]["backbone_only_s"], 3),
+        "int8_agreement": agreement, "int8_used": best == "onnx_int8",
+    }
 
 
 def bench_predict(config: str = "cpu", study: Path | None = None, threads: int = 2, repeats: int = 1,
@@ -210,84 +250,51 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     Uses a temporary bundle with random weights (speed does not depend on them). ``size`` overrides the
     config's input size (for quick smoke runs).
 
-    >>> bench_predict("paper")  # doctest: +SKIP
+    e.g. bench_predict("paper")
     {'n_slices': 148, 'floor_s': 7.4, 'naive_s': 19.0, 'ours_s': 5.4, ...}
     """
     import tempfile
 
     import torch
 
-    from msnet import preprocess as P
-    from msnet.models.backbones import flops_per_image
-    from msnet.inference.onnx import SHARED_SCANS, export_bundle
+    from msnet.inference.export import SHARED_SCANS, export_bundle
+    from msnet.inference.predictor import Predictor
     from msnet.io import read_study
     from msnet.io.decode import quiet_pydicom
-    from msnet.inference.predictor import Predictor
+    from msnet.models.backbones import flops_per_image
 
     study = Path(study) if study else default_study()
     if not study.exists():
         raise MsnetError("no such study", study, "pass a DICOM study folder")
     torch.set_num_threads(threads)
+    opts = {"device": "cpu", "batch_size": batch_size, "threads": threads}
     with tempfile.TemporaryDirectory(prefix="msnet-bench-") as tmp, quiet_pydicom():
         bundle = temp_bundle(config, Path(tmp) / "bundle", size=size)
-        ref = Predictor(bundle, device="cpu", runtime="torch", batch_size=batch_size, threads=threads)
-        S = int(ref.preprocess["size"])
+        ref = Predictor(bundle, runtime="torch", **opts)
         vol = read_study(study)  # also starts the decode pool, as in a long-running service
-        n = vol.n_slices
-        flops = flops_per_image(ref.backbone, (3, S, S))
+        flops = flops_per_image(ref.bundle.backbone, (3, ref.spec.size, ref.spec.size))
         gflops = gemm_gflops(threads)
-        floor_s = flops * n / (gflops * 1e9)
-        naive_s, naive = _best(lambda: _naive(study, bundle), repeats)
-        naive_s, naive = naive
-        x = P.prepare(vol.hu, vol.kind, ref.preprocess["windows"], S, ref.data_config["mean"], ref.data_config["std"])
+        floor_s = flops * vol.n_slices / (gflops * 1e9)
+        _, (naive_s, naive) = _best(lambda: _naive(study, bundle), repeats)
+        x = ref.spec.prepare(vol.hu, vol.kind)
         runs: dict[str, dict] = {}
-
-        def measure(name: str, predictor) -> None:
-            _backbone_only(predictor, x[: predictor.batch_size])  # warm-up (kernels, ORT arenas)
-            e2e, res = _best(lambda: predictor.predict(study), repeats)
-            bb, _ = _best(lambda: _backbone_only(predictor, x), repeats)
-            runs[name] = {"end_to_end_s": e2e, "backbone_only_s": bb, "timing_s": res["timing_s"],
-                          "prediction": res["prediction"], "probabilities": res["probabilities"]}
-
-        measure("torch", ref)
+        _measure("torch", ref, study, x, repeats, runs)
         calib = [s for s in SHARED_SCANS[1:] if s.is_dir() and s.resolve() != study.resolve()] or [study]
         t = time.perf_counter()
         exp = export_bundle(bundle, int8=int8, calibration=calib, check_studies=[], n_calibration=64)
         export_s = time.perf_counter() - t
-        ort = Predictor(bundle, device="cpu", runtime="onnx", batch_size=batch_size, threads=threads)
-        measure("onnx_fp32", ort)
+        _measure("onnx_fp32", Predictor(bundle, runtime="onnx", **opts), study, x, repeats, runs)
         agreement = None
         if int8:
-            q = Predictor(bundle, device="cpu", runtime="onnx", int8=True, batch_size=batch_size, threads=threads)
-            measure("onnx_int8", q)
-            a, b = runs["torch"], runs["onnx_int8"]
-            on_study = {"n_studies": 1, "all_same_class": a["prediction"] == b["prediction"],
-                        "max_prob_diff": max(abs(a["probabilities"][c] - b["probabilities"][c]) for c in ref.classes)}
-            agreement = {"synthetic": exp["int8"], "study": on_study}
-            agreement["ok"] = bool(exp["int8"]["ok"] and on_study["all_same_class"]
-                                   and on_study["max_prob_diff"] <= exp["int8"]["tolerance"])
-    fp32 = min(("torch", "onnx_fp32"), key=lambda k: runs[k]["end_to_end_s"])
-    usable = [k for k in runs if k != "onnx_int8" or (agreement and agreement["ok"])]
-    best = min(usable, key=lambda k: runs[k]["end_to_end_s"])
-    ours_s = runs[best]["end_to_end_s"]
+            _measure("onnx_int8", Predictor(bundle, runtime="onnx", int8=True, **opts), study, x, repeats, runs)
+            agreement = _int8_verdict(runs, exp, ref.classes)
     result = {
-        "config": config, "backbone": ref.metadata["backbone"]["name"], "size": S, "study": str(study),
-        "n_slices": n, "threads": threads, "batch_size": batch_size, "repeats": repeats,
+        "config": config, "backbone": ref.metadata["backbone"]["name"], "size": ref.spec.size, "study": str(study),
+        "n_slices": vol.n_slices, "threads": threads, "batch_size": batch_size, "repeats": repeats,
         "gflops_per_slice": round(flops / 1e9, 3), "gemm_gflops": round(gflops, 1),
         "floor_s": round(floor_s, 3), "naive_s": round(naive_s, 3),
         "naive_stages_s": {k: round(v, 3) for k, v in naive.items() if k != "features"},
-        "runs": {k: {**{m: round(v, 3) for m, v in r.items() if m in ("end_to_end_s", "backbone_only_s")},
-                     "timing_s": {m: round(v, 3) for m, v in r["timing_s"].items()},
-                     "prediction": r["prediction"]} for k, r in runs.items()},
-        "export_s": round(export_s, 2),
-        "fastest": best, "ours_s": round(ours_s, 3), "fp32": fp32,
-        "fp32_s": round(runs[fp32]["end_to_end_s"], 3),
-        "ours_over_floor": round(ours_s / floor_s, 3),
-        "fp32_over_floor": round(runs[fp32]["end_to_end_s"] / floor_s, 3),
-        "naive_over_ours": round(naive_s / ours_s, 3),
-        "end_to_end_over_backbone": round(ours_s / runs[best]["backbone_only_s"], 3),
-        "int8_agreement": agreement,
-        "int8_used": best == "onnx_int8",
+        "export_s": round(export_s, 2), **_summary(runs, agreement, floor_s, naive_s),
     }
     print_bench_predict(result, console)
     return result
@@ -338,7 +345,7 @@ def hwm():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's pe
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"self_mb": hwm(),
                   "children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "n_slices": r["n_slices"], "total_s": r["timing_s"]["total"]}))
+                  "n_slices": r.n_slices, "total_s": r.timing_s["total"]}))
 """
 
 
@@ -349,14 +356,14 @@ def peak_rss(config: str = "paper", n_slices: int = 200, pixels: int = 512, runt
     ``self_mb`` is the predicting process (VmHWM), ``children_mb`` the largest decode worker
     (ru_maxrss, counting pages shared with the parent at fork).
 
-    >>> peak_rss("paper", 200)["self_mb"] < 2048  # doctest: +SKIP
+    e.g. peak_rss("paper", 200)["self_mb"] < 2048
     True
     """
     import subprocess
     import sys
     import tempfile
 
-    from msnet.inference.onnx import export_bundle
+    from msnet.inference.export import export_bundle
     from msnet.data.synthetic import synth_cohort
 
     with tempfile.TemporaryDirectory(prefix="msnet-rss-") as tmp:

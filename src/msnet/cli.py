@@ -218,22 +218,26 @@ def demo(
 def predict(
     bundle: Path = typer.Argument(..., help="Model bundle folder (RUN/bundle)."),
     studies: List[Path] = typer.Argument(..., help="DICOM folders, .nii/.nii.gz, image folders or .zip of any."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per study."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write predictions.csv / status.csv / predictions.json here."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per study (docs/prediction.schema.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write predictions.jsonl/.csv/.json and status.csv here, "
+                                       "study by study; a re-run skips finished studies."),
     explain_dir: Optional[Path] = typer.Option(None, "--explain", help="Write Grad-CAM key-slice strips and score plots here."),
     runtime: str = typer.Option("torch", help="torch or onnx (needs `msnet export BUNDLE --onnx`)."),
     int8: bool = typer.Option(False, "--int8", help="With --runtime onnx: the statically quantised backbone."),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="With --runtime onnx: where `msnet export` wrote "
+                                            "the models (default: recorded in the bundle, else BUNDLE/onnx)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
 ) -> None:
     """Diagnose studies with a trained bundle."""
-    from msnet.inference.predictor import predict_many
+    from msnet.inference.batch import predict_many
 
-    results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, runtime=runtime,
-                                   device=device, int8=int8)
-    if json_out:
-        for r in results:
-            typer.echo(json.dumps(r))
-    else:
+    def show(r: dict) -> None:
+        if json_out:
+            typer.echo(json.dumps(r, allow_nan=False))
+
+    results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
+                                   runtime=runtime, device=device, int8=int8, onnx_dir=onnx_dir)
+    if not json_out:
         from rich.console import Console
         from rich.table import Table
 
@@ -246,9 +250,12 @@ def predict(
                           str(r["n_slices"]), ", ".join(str(k["slice_index"]) for k in r["key_slices"][:5]),
                           f"{r['timing_s']['total']:.2f}")
         Console().print(table)
+        for r in results:
+            for w in r["warnings"]:
+                _stderr_console().print(f"[yellow]warning:[/] {r['study_id']}: {w}", highlight=False)
     failed = [s for s in status if s["status"] != "ok"]
     for s in failed:
-        _stderr_console().print(f"[red]failed:[/] {s['study']}: {s['error']}", highlight=False)
+        _stderr_console().print(f"[red]failed:[/] {s['error']}", highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -280,7 +287,7 @@ def export(
     calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Studies to calibrate int8 on (default: the training cohort)."),
 ) -> None:
     """ONNX export of backbone + aggregator, with a parity check on a synthetic study."""
-    from msnet.inference.onnx import export_bundle, print_export
+    from msnet.inference.export import export_bundle, print_export
 
     result = export_bundle(bundle, out=onnx, int8=int8, calibration=list(calibration) if calibration else None)
     print_export(result)

@@ -76,14 +76,14 @@ class FinetuneConfig:
     """Patients held out for validation when the cohort has no `val` subset."""
     early_stopping: int = 0
     """Stop after this many epochs without validation improvement (0 = off)."""
-    num_workers: int = 0
     seed: int = 0
 
 
 @dataclass
 class ExtractConfig:
     batch_size: int = 32
-    channels_last: bool = True
+    dtype: str = "float32"
+    """Feature dtype: float32, or bfloat16 (autocast; served the same way by the bundle)."""
 
 
 @dataclass

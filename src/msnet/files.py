@@ -24,6 +24,11 @@ def _umask() -> int:
     return mask
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """The mode a new file (``base`` 0o666) or folder (0o777) gets under the current umask."""
+    return base & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temp file name beside ``path``; on success give it the umask's modes and rename it
@@ -34,7 +39,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -314,8 +314,13 @@ def bootstrap_ci(
 # --------------------------------------------------------------------------- tables
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+def pct(x: float | None, digits: int = 1, suffix: str = "") -> str:
+    """A fraction as a percentage for tables; "–" when there is none.
+
+    >>> pct(0.8666), pct(None), pct(0.5, 2, "%")
+    ('86.7', '–', '50.00%')
+    """
+    return "–" if x is None else f"{100 * x:.{digits}f}{suffix}"
 
 
 def table1(y_true: Any, y_pred: Any, classes: Sequence[str], title: str = "Class") -> str:
@@ -334,10 +339,10 @@ def table1(y_true: Any, y_pred: Any, classes: Sequence[str], title: str = "Class
     for c, name in enumerate(classes):
         total = int(cm[c].sum())
         sens = cm[c, c] / total if total else None
-        lines.append(f"| {name} | {_pct(sens)} | {int(cm[c, c])}/{total} |")
+        lines.append(f"| {name} | {pct(sens, suffix='%')} | {int(cm[c, c])}/{total} |")
     n, correct = int(cm.sum()), int(np.trace(cm))
     acc = correct / n if n else None
-    lines.append(f"| **Overall accuracy** | **{_pct(acc)}** | **{correct}/{n}** |")
+    lines.append(f"| **Overall accuracy** | **{pct(acc, suffix='%')}** | **{correct}/{n}** |")
     return "\n".join(lines)
 
 
@@ -380,7 +385,7 @@ def table3(rows: Sequence[Mapping[str, Any]], classes: Sequence[str]) -> str:
     for name, cm in by_subset.items():
         cells = [f"{int(cm[c, c])}/{int(cm[c].sum())}" for c in range(k)]
         n, correct = int(cm.sum()), int(np.trace(cm))
-        acc = f"{_pct(correct / n if n else None)} ({correct}/{n})"
+        acc = f"{pct(correct / n if n else None, suffix='%')} ({correct}/{n})"
         label = f"**{name}**" if name == "All" else name
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {acc} |")
     return "\n".join(lines)

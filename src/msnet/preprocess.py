@@ -10,16 +10,18 @@ Nothing here touches files; inputs are arrays of a :class:`msnet.io.CTVolume`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from msnet.errors import MsnetError
+
 LUNG = (-600.0, 1500.0)
 MEDIASTINUM = (40.0, 400.0)
 BONE = (400.0, 1800.0)
-THREE_WINDOWS = [list(LUNG), list(MEDIASTINUM), list(BONE)]
 
 
 def window(hu: np.ndarray | torch.Tensor, level: float, width: float):
@@ -95,3 +97,66 @@ def quantize(unit: torch.Tensor) -> torch.Tensor:
 
 def dequantize(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Everything that turns a slice into backbone input, as one typed record stored with the weights.
+
+    ``kind`` is the input the backbone was trained on (``hu`` or ``grey``); ``windows`` the HU
+    windows as (level, width); ``size`` the square input size; ``mean``/``std`` the backbone's
+    normalisation.
+
+    >>> s = PreprocessSpec(windows=((-600.0, 1500.0),), size=128)
+    >>> PreprocessSpec.from_dict(s.to_dict()) == s
+    True
+    >>> s.prepare(np.zeros((2, 64, 64), np.float32), "hu").shape
+    torch.Size([2, 3, 128, 128])
+    """
+
+    kind: str = "hu"
+    windows: tuple[tuple[float, float], ...] = (LUNG,)
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "windows", tuple((float(lv), float(wd)) for lv, wd in self.windows))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "size", int(self.size))
+        if self.kind not in ("hu", "grey"):
+            raise MsnetError(f"preprocessing kind must be 'hu' or 'grey', got {self.kind!r}")
+        if self.kind == "hu" and len(self.windows) not in (1, 3):
+            raise MsnetError(f"{len(self.windows)} HU windows given", fix="use one window (replicated) or three")
+        if self.size < 8 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise MsnetError(f"implausible preprocessing: size {self.size}, mean {self.mean}, std {self.std}")
+
+    @classmethod
+    def from_config(cls, preprocess, data_config: dict, kind: str = "hu") -> "PreprocessSpec":
+        """From a config's ``preprocess`` section (windows, size) and a backbone's data_config (mean, std)."""
+        return cls(kind=kind, windows=tuple(tuple(w) for w in preprocess.windows), size=preprocess.size,
+                   mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "windows": [list(w) for w in self.windows], "size": self.size,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str | None = None) -> "PreprocessSpec":
+        """Rebuild from :meth:`to_dict` output; a missing or unknown key is a clear error."""
+        keys = {"kind", "windows", "size", "mean", "std"}
+        if not isinstance(d, dict) or set(d) != keys:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise MsnetError(f"preprocessing record has keys {got}, expected {sorted(keys)}", where,
+                             "rebuild the checkpoint with this version of msnet")
+        return cls(kind=d["kind"], windows=tuple(tuple(w) for w in d["windows"]), size=d["size"],
+                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+    def unit(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
+        """Slices (n, H, W) -> (n, c, size, size) in [0, 1]."""
+        return prepare_unit(slices, kind, self.windows, self.size)
+
+    def prepare(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
+        """Slices (n, H, W) -> normalised backbone input (n, 3, size, size)."""
+        return prepare(slices, kind, self.windows, self.size, self.mean, self.std)

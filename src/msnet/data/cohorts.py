@@ -127,8 +127,8 @@ def read_cohort(path: Path, only_ok: bool = False) -> list[dict]:
     Relative paths are taken relative to the manifest's folder. Rows with
     status "failed" are kept unless ``only_ok``.
 
-    >>> rows = read_cohort("out/cohort.csv")  # doctest: +SKIP
-    >>> rows[0]["patient_id"], rows[0]["path"].is_absolute()  # doctest: +SKIP
+    e.g. rows = read_cohort("out/cohort.csv")
+    e.g. rows[0]["patient_id"], rows[0]["path"].is_absolute()
     ('SYN0001', True)
     """
     path = Path(path)
@@ -302,7 +302,9 @@ def _md_label_rows(root: Path, base: Path) -> tuple[dict[str, int], np.ndarray |
 
 def _rows_covid_ct_md(root: Path) -> tuple[list[dict], dict]:
     base = _md_base(root)
-    assert base is not None
+    if base is None:
+        raise MsnetError("not a COVID-CT-MD folder (no class folders such as 'COVID-19 subjects')", root,
+                         "point to the dataset's root or its 'Sample data' folder")
     rows = []
     for d in sorted(base.iterdir()):
         if d.is_dir() and d.name.lower() in _MD_CLASS_DIRS:
@@ -401,8 +403,8 @@ def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, str
     that fails gets status "failed" and its error text, and the run goes on
     (``strict`` re-raises at the first failure).
 
-    >>> report = index_dataset("data/covid-ct-md", "out")  # doctest: +SKIP
-    >>> report.n_ok, report.n_failed  # doctest: +SKIP
+    e.g. report = index_dataset("data/covid-ct-md", "out")
+    e.g. report.n_ok, report.n_failed
     (3, 0)
     """
     root, out_dir = Path(root), Path(out_dir)

@@ -479,7 +479,7 @@ def synth_cohort(out: Path, n_patients: int, size: int = 512, seed: int = 0, sli
 
     ``split`` gives the val and test fractions per class (the rest is train).
 
-    >>> csv_path = synth_cohort(Path(tmp) / "syn", 3, size=64, slices=(6, 8))  # doctest: +SKIP
+    e.g. csv_path = synth_cohort(Path(tmp) / "syn", 3, size=64, slices=(6, 8))
     """
     out = Path(out)
     if size < 32:

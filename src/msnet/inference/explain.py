@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 def grad_cam(predictor, unit_slice: torch.Tensor, feats: torch.Tensor, index: int, target: int) -> np.ndarray:
     """Grad-CAM map (S, S) in [0, 1] of one preprocessed slice for class ``target``."""
-    mean, std = predictor.data_config["mean"], predictor.data_config["std"]
-    x = P.finish(unit_slice[None], mean, std).to(predictor.device)
-    backbone = predictor.backbone
+    spec = predictor.spec
+    x = P.finish(unit_slice[None], spec.mean, spec.std).to(predictor.device)
+    backbone = predictor.bundle.backbone
     with torch.enable_grad():
         fmap = backbone.forward_features(x)
         fmap.retain_grad()
@@ -49,15 +49,14 @@ def explain(predictor, vol, feats: torch.Tensor, pred: int, scores: np.ndarray, 
     from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    pp = predictor.preprocess
-    size = pp["size"]
+    spec = predictor.spec
     cls = predictor.classes[pred]
     k = len(order)
     fig = Figure(figsize=(2.6 * max(k, 1), 3.0), dpi=110)
     for j, i in enumerate(order):
-        unit = P.prepare_unit(vol.hu[i : i + 1], vol.kind, pp["windows"], size)[0]
+        unit = spec.unit(vol.hu[i : i + 1], vol.kind)[0]
         cam = grad_cam(predictor, unit, feats, int(i), pred)
-        show = P.prepare_unit(vol.hu[i : i + 1], vol.kind, [[-600.0, 1500.0]] if vol.kind == "hu" else [], size)[0, 0]
+        show = P.prepare_unit(vol.hu[i : i + 1], vol.kind, [P.LUNG] if vol.kind == "hu" else [], spec.size)[0, 0]
         ax = fig.add_subplot(1, k, j + 1)
         ax.imshow(show.numpy(), cmap="gray", vmin=0, vmax=1)
         ax.imshow(cam, cmap="jet", alpha=0.35 * (cam > 0.15), vmin=0, vmax=1)

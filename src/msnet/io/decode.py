@@ -44,7 +44,7 @@ def to_hu(stored: np.ndarray, slope: float, intercept: float, padding=None, padd
     """Stored values to HU (float32), padding and out-of-field pixels set to air.
 
     >>> to_hu(np.array([[0, 1024, 63536]], np.uint16), 1.0, -1024.0, padding=63536).tolist()
-    [[-1000.0, 0.0, -1000.0]]
+    [[-1024.0, 0.0, -1000.0]]
     """
     if out is None:
         out = np.empty(stored.shape, np.float32)

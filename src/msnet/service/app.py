@@ -282,7 +282,8 @@ def _run_study(app_state: Any, files: list[Path], work: Path, study_id: str) -> 
     settings: ServiceSettings = app_state.settings
     study = locate_study(files, work, settings)
     try:
-        result = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain", top_k=settings.top_k)
+        result = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
+                                             top_k=settings.top_k).to_dict()
     except MsnetError as exc:
         raise HTTPException(422, _public_message(exc, work)) from exc
     paths = result.pop("explanation", None) or {}
@@ -331,7 +332,7 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
                **overrides: Any) -> FastAPI:
     """The FastAPI app for one bundle; ``overrides`` replace fields of ``settings``.
 
-    >>> app = create_app("runs/cpu/bundle", max_upload_mb=200, workers=2)  # doctest: +SKIP
+    e.g. app = create_app("runs/cpu/bundle", max_upload_mb=200, workers=2)
     """
     settings = replace(settings or ServiceSettings(), **overrides)
     if not settings.api_key and os.environ.get(API_KEY_ENV):
@@ -455,7 +456,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key
           device: str = "auto", log_level: str = "info") -> None:
     """Run the service with uvicorn until interrupted (``msnet serve``).
 
-    >>> serve("runs/cpu/bundle", port=8000)  # doctest: +SKIP
+    e.g. serve("runs/cpu/bundle", port=8000)
     """
     import uvicorn
 

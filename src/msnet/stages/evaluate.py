@@ -4,7 +4,7 @@ Reads ``RUN/train/<model>/{predictions.csv, history.csv, info.json}`` (one folde
 trained aggregator / feature set) and optionally ``RUN/finetune/metrics.json``; writes
 ``RUN/evaluate/{metrics.json, predictions.csv, report.md, *.png}``.
 
->>> report = evaluate_run(Path("runs/demo"))  # doctest: +SKIP
+e.g. report = evaluate_run(Path("runs/demo"))
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import io
 import json
 import logging
 import math
-import os
 import re
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import numpy as np
 from msnet import __version__
 from msnet.errors import MsnetError
 from msnet.files import atomic_write, atomic_write_text
-from msnet.metrics import _class_index, bootstrap_ci, classification_metrics, roc_curve, table3
+from msnet.metrics import _class_index, bootstrap_ci, classification_metrics, pct, roc_curve, table3
 
 logger = logging.getLogger(__name__)
 
@@ -225,14 +223,10 @@ def _plot_comparison(entries: dict[str, dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------- tables
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
 def _with_ci(value: float | None, ci: Sequence[float] | None) -> str:
     if value is None:
         return "–"
-    return f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else _pct(value)
+    return f"{pct(value)} [{pct(ci[0])}, {pct(ci[1])}]" if ci else pct(value)
 
 
 def headline_table(metrics_json: dict[str, Any]) -> str:
@@ -261,26 +255,29 @@ def headline_table(metrics_json: dict[str, Any]) -> str:
             str(info.get("backbone", "–")),
             str(info.get("features", "–")),
             _with_ci(m.get("accuracy"), (m.get("ci") or {}).get("accuracy")),
-            _pct(m.get("balanced_accuracy")),
-            _pct(m.get("macro_f1")),
-            _pct(m.get("macro_auc")),
+            pct(m.get("balanced_accuracy")),
+            pct(m.get("macro_f1")),
+            pct(m.get("macro_auc")),
         ]
-        cells += [_pct((m.get("sensitivity") or {}).get(c)) for c in classes]
+        cells += [pct((m.get("sensitivity") or {}).get(c)) for c in classes]
         cells.append(f"{int(n_par):,}" if isinstance(n_par, (int, float)) else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_console_table(metrics: dict[str, Any]) -> Any:
-    """The headline comparison as a ``rich.table.Table`` for the terminal."""
+    """The headline comparison as a compact ``rich.table.Table`` (fits 80 columns; full table: report.md)."""
     from rich.table import Table
 
-    lines = headline_table(metrics).splitlines()
-    table = Table(title="patient-level test metrics (%)")
-    for col in lines[0].strip("| ").split(" | "):
-        table.add_column(col, justify="left" if col in ("model", "backbone", "features") else "right")
-    for line in lines[2:]:
-        table.add_row(*[c.replace("**", "") for c in line.strip("| ").split(" | ")])
+    classes = metrics["classes"]
+    table = Table(title=f"patient-level test results (%), n = {metrics.get('n', '?')}; "
+                        "per-class columns: sensitivity")
+    for col in ["model", "acc.", "95% CI", "bal. acc.", "AUC", *classes]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in metrics["by_aggregator"].items():
+        lo, hi = (m.get("ci") or {}).get("accuracy") or (None, None)
+        table.add_row(name, pct(m.get("accuracy")), f"{pct(lo)}–{pct(hi)}", pct(m.get("balanced_accuracy")),
+                      pct(m.get("macro_auc")), *[pct((m.get("sensitivity") or {}).get(c)) for c in classes])
     return table
 
 
@@ -293,8 +290,8 @@ def _per_class_table(m: dict[str, Any]) -> str:
     for c in m["classes"]:
         lines.append(
             f"| {c} | {m['support'][c]} | {_with_ci(m['sensitivity'][c], ci.get(f'sensitivity_{c}'))} | "
-            f"{_pct(m['specificity'][c])} | {_pct(m['precision'][c])} | {_pct(m['f1_per_class'][c])} | "
-            f"{_pct(m['auc_per_class'][c])} |"
+            f"{pct(m['specificity'][c])} | {pct(m['precision'][c])} | {pct(m['f1_per_class'][c])} | "
+            f"{pct(m['auc_per_class'][c])} |"
         )
     return "\n".join(lines)
 
@@ -428,8 +425,8 @@ def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, An
     if "fold_accuracy" in pm:
         accs = list(pm["fold_accuracy"].values())
         parts.append(
-            f"Accuracy per fold: {', '.join(f'{k}: {_pct(v)}' for k, v in pm['fold_accuracy'].items())} "
-            f"(mean {_pct(float(np.mean(accs)))}, sd {_pct(float(np.std(accs)))})."
+            f"Accuracy per fold: {', '.join(f'{k}: {pct(v)}' for k, v in pm['fold_accuracy'].items())} "
+            f"(mean {pct(float(np.mean(accs)))}, sd {pct(float(np.std(accs)))})."
         )
     parts += [f"## Per test subset ({primary}, Table 3 form)", pm["table3"]]
     parts.append("## Confusion matrices and ROC curves")

@@ -9,23 +9,22 @@ nothing else does.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from msnet import device as D
 from msnet import preprocess as P
 from msnet.files import write_csv_atomic
 from msnet.config import Config, save_run_info
-from msnet.files import atomic_path, atomic_write_text, file_hash
+from msnet.files import atomic_path, atomic_write_text, file_hash, read_csv_rows
 from msnet.errors import MsnetError
+from msnet.inference.encoder import SliceEncoder
 
 log = logging.getLogger(__name__)
 
@@ -68,48 +67,44 @@ def backbone_source(cfg: Config) -> tuple[Path | None, str]:
     return None, f"{b.name}|pretrained={b.pretrained}|weights={file_hash(weights) if weights else ''}"
 
 
-def feature_set_id(backbone_key: str, preprocess: dict) -> str:
-    blob = json.dumps({"backbone": backbone_key, "preprocess": preprocess}, sort_keys=True)
+def feature_set_id(backbone_key: str, spec: dict, dtype: str = "float32") -> str:
+    blob = json.dumps({"backbone": backbone_key, "preprocess": spec, "dtype": dtype}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def load_backbone(cfg: Config, device: torch.device) -> nn.Module:
+def load_encoder(cfg: Config, device: torch.device | str = "cpu") -> SliceEncoder:
+    """The run's SliceEncoder: the fine-tuned backbone (with its stored spec) or the configured one."""
+    from msnet.inference.bundle import load_backbone
     from msnet.models.backbones import create
-    from msnet.stages.finetune import load_slice_classifier
+    from msnet.stages.finetune import spec_for
 
     ckpt, _ = backbone_source(cfg)
     if ckpt is not None:
-        return load_slice_classifier(ckpt, device).backbone.eval()
-    b = cfg.backbone
-    return create(b.name, pretrained=b.pretrained, weights=cfg.resolve(b.weights) if b.weights else None).to(device).eval()
+        backbone, _, spec, _ = load_backbone(ckpt, device)
+    else:
+        b = cfg.backbone
+        backbone = create(b.name, pretrained=b.pretrained, weights=cfg.resolve(b.weights) if b.weights else None)
+        spec = spec_for(cfg, backbone)
+    return SliceEncoder(spec, backbone, device=device, dtype=cfg.extract.dtype, batch_size=cfg.extract.batch_size)
+
+
+def run_spec(cfg: Config) -> P.PreprocessSpec:
+    """The spec the run's features are made with, without loading weights."""
+    from msnet.models.backbones import create
+    from msnet.stages.finetune import spec_for
+
+    ckpt, _ = backbone_source(cfg)
+    if ckpt is not None:
+        from msnet.inference.bundle import checkpoint_info
+
+        return P.PreprocessSpec.from_dict(checkpoint_info(ckpt)["preprocess"], str(ckpt))
+    return spec_for(cfg, create(cfg.backbone.name, pretrained=False))
 
 
 def feature_dir(cfg: Config) -> Path:
     """Folder of the feature set the config describes (stage 3 reads it)."""
     _, key = backbone_source(cfg)
-    return cfg.run_path / "features" / feature_set_id(key, asdict(cfg.preprocess))
-
-
-@torch.inference_mode()
-def volume_features(
-    backbone: nn.Module,
-    slices: np.ndarray,
-    kind: str,
-    windows,
-    size: int,
-    batch_size: int = 32,
-    device: torch.device | str = "cpu",
-    channels_last: bool = True,
-) -> np.ndarray:
-    """(l, H, W) HU or grey slices -> (l, d) float32 pooled backbone features."""
-    cfg = backbone.data_config
-    feats = []
-    for i in range(0, len(slices), batch_size):
-        x = P.prepare(slices[i : i + batch_size], kind, windows, size, cfg["mean"], cfg["std"]).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        feats.append(backbone(x).float().cpu())
-    return torch.cat(feats).numpy().astype(np.float32)
+    return cfg.run_path / "features" / feature_set_id(key, run_spec(cfg).to_dict(), cfg.extract.dtype)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -117,109 +112,97 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(tmp, arr)
 
 
-def read_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _write_manifest(path: Path, rows: list[dict]) -> None:
     write_csv_atomic(path, MANIFEST_FIELDS, rows)
 
 
+class _Extractor:
+    """One study at a time: reuse its cached features when its content and the encoder are unchanged."""
+
+    def __init__(self, cfg: Config, out: Path, overwrite: bool) -> None:
+        from msnet.device import pick_device
+
+        self.cfg, self.out, self.overwrite = cfg, out, overwrite
+        self.previous = {r["patient_id"]: r for r in read_csv_rows(out / "manifest.csv")}
+        self.device = pick_device(cfg.device)
+        self.encoder: SliceEncoder | None = None
+
+    def __call__(self, row: dict, report: ExtractReport) -> dict:
+        from msnet.io import read_study
+
+        pid = row["patient_id"]
+        rec = {k: row.get(k, "") for k in ("patient_id", "label", "subset", "path")}
+        rec.update(file=f"{pid}.npy", status="ok", error="")
+        if row.get("status", "ok") not in ("", "ok"):
+            raise MsnetError(f"study was marked failed by the index: {row.get('error', '')}", path=row["path"])
+        shash = study_hash(row["path"])
+        prev = self.previous.get(pid) or {}
+        if (not self.overwrite and prev.get("status") == "ok" and prev.get("study_hash") == shash
+                and (self.out / rec["file"]).is_file()):
+            report.n_cached += 1
+            return {**rec, "n_slices": prev["n_slices"], "study_hash": shash}
+        if self.encoder is None:
+            self.encoder = load_encoder(self.cfg, self.device)
+        vol = read_study(row["path"], study_id=pid)
+        _save_npy(self.out / rec["file"], self.encoder.encode(vol.hu, vol.kind).numpy())
+        return {**rec, "n_slices": vol.n_slices, "study_hash": shash}
+
+
+def _gather_ranks(out: Path, done: list[dict], rows: list[dict], rank: int, world: int) -> list[dict]:
+    """torchrun: every rank writes its part of the manifest; rank 0 merges them in cohort order."""
+    _write_manifest(out / f"manifest.rank{rank}.csv", done)
+    D.barrier()
+    if D.is_main():
+        done = []
+        for k in range(world):
+            part = out / f"manifest.rank{k}.csv"
+            done += read_csv_rows(part)
+            part.unlink()
+        order = {r["patient_id"]: i for i, r in enumerate(rows)}
+        done.sort(key=lambda r: order[r["patient_id"]])
+    D.barrier()
+    return done
+
+
 def extract(cfg: Config, overwrite: bool = False, strict: bool = False) -> ExtractReport:
     """Run stage 2 for every study of the cohort; resumable, per-study errors recorded."""
-    from rich.progress import Progress
-
     from msnet.data.cohorts import read_cohort
-    from msnet.device import pick_device
-    from msnet.io import read_study
+    from msnet.progress import track
 
     rank, world = D.init_from_env()
     if not cfg.data.cohort:
         raise MsnetError("the config names no data.cohort", fix="run `msnet index ROOT -o OUT` and set data.cohort")
     rows = read_cohort(cfg.resolve(cfg.data.cohort))
     _, key = backbone_source(cfg)
-    set_id = feature_set_id(key, asdict(cfg.preprocess))
+    spec = run_spec(cfg)
+    set_id = feature_set_id(key, spec.to_dict(), cfg.extract.dtype)
     out = cfg.run_path / "features" / set_id
     out.mkdir(parents=True, exist_ok=True)
     if D.is_main():
         save_run_info(cfg, out, "extract")
-    previous = {r["patient_id"]: r for r in read_manifest(out / "manifest.csv")}
-    device = pick_device(cfg.device)
-    backbone = None
+    one = _Extractor(cfg, out, overwrite)
     report = ExtractReport(out)
-    mine = rows[rank::world]
     done: list[dict] = []
-    with Progress(disable=not D.is_main(), transient=True) as progress:
-        task = progress.add_task("extracting features", total=len(mine))
-        for r in mine:
-            pid = r["patient_id"]
-            rec = {k: r.get(k, "") for k in ("patient_id", "label", "subset", "path")}
-            rec.update(file=f"{pid}.npy", status="ok", error="")
-            try:
-                if r.get("status", "ok") not in ("", "ok"):
-                    raise MsnetError(f"study was marked failed by the index: {r.get('error', '')}", path=r["path"])
-                shash = study_hash(r["path"])
-                prev = previous.get(pid)
-                if (
-                    not overwrite
-                    and prev
-                    and prev.get("status") == "ok"
-                    and prev.get("study_hash") == shash
-                    and (out / rec["file"]).is_file()
-                ):
-                    rec.update(n_slices=prev["n_slices"], study_hash=shash)
-                    report.n_cached += 1
-                else:
-                    if backbone is None:
-                        backbone = load_backbone(cfg, device)
-                        if cfg.extract.channels_last:
-                            backbone = backbone.to(memory_format=torch.channels_last)
-                    vol = read_study(r["path"], study_id=pid)
-                    feats = volume_features(
-                        backbone, vol.hu, vol.kind, cfg.preprocess.windows, cfg.preprocess.size,
-                        cfg.extract.batch_size, device, cfg.extract.channels_last,
-                    )
-                    _save_npy(out / rec["file"], feats)
-                    rec.update(n_slices=vol.n_slices, study_hash=shash)
-                report.n_ok += 1
-            except MsnetError as exc:
-                if strict:
-                    raise
-                rec.update(status="failed", error=str(exc), n_slices="", study_hash="")
-                report.n_failed += 1
-                report.failures.append(f"{pid}: {exc}")
-                log.error("%s: %s", pid, exc)
-            done.append(rec)
-            progress.advance(task)
+    for r in track(rows[rank::world], "extracting features", unit="studies", enabled=D.is_main()):
+        try:
+            done.append(one(r, report))
+        except MsnetError as exc:
+            if strict:
+                raise
+            done.append({**{k: r.get(k, "") for k in ("patient_id", "label", "subset", "path")},
+                         "file": f"{r['patient_id']}.npy", "status": "failed", "error": str(exc)})
+            report.failures.append(str(exc))
+            log.error("%s", exc)
     if world > 1:
-        _write_manifest(out / f"manifest.rank{rank}.csv", done)
-        D.barrier()
-        if D.is_main():
-            done = []
-            for k in range(world):
-                part = out / f"manifest.rank{k}.csv"
-                done += read_manifest(part)
-                part.unlink()
-            order = {r["patient_id"]: i for i, r in enumerate(rows)}
-            done.sort(key=lambda r: order[r["patient_id"]])
-            report.n_ok = sum(r["status"] == "ok" for r in done)
-            report.n_failed = len(done) - report.n_ok
-        D.barrier()
+        done = _gather_ranks(out, done, rows, rank, world)
+    report.n_ok = sum(r["status"] == "ok" for r in done)
+    report.n_failed = len(done) - report.n_ok
     if D.is_main():
         _write_manifest(out / "manifest.csv", done)
         dim = next((int(np.load(out / r["file"], mmap_mode="r").shape[1]) for r in done if r["status"] == "ok"), None)
-        meta = {
-            "set_id": set_id,
-            "backbone": cfg.backbone.name,
-            "backbone_key": key,
-            "preprocess": asdict(cfg.preprocess),
-            "classes": list(cfg.data.classes),
-            "n_features": dim,
-            "n_studies": len(done),
-        }
+        meta = {"set_id": set_id, "backbone": cfg.backbone.name, "backbone_key": key, "preprocess": spec.to_dict(),
+                "feature_dtype": cfg.extract.dtype, "encoder": one.encoder.describe() if one.encoder else None,
+                "classes": list(cfg.data.classes), "n_features": dim, "n_studies": len(done)}
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
         atomic_write_text(cfg.run_path / "features" / "latest.json", json.dumps({"set_id": set_id}))
     return report

@@ -13,7 +13,7 @@ import io as _io
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from msnet.config import Config, save_run_info
 from msnet.files import atomic_torch_save, atomic_write_text
 from msnet.data.splits import carve, class_weights
 from msnet.errors import MsnetError
+from msnet.metrics import table1
 from msnet import device as D
 from msnet.device import pick_device, seed_everything
 from msnet import preprocess as P
@@ -266,14 +267,6 @@ def slice_metrics(data: SliceSet, probs: np.ndarray, classes: list[str]) -> dict
     return classification_metrics(y, probs.argmax(1), probs, classes)
 
 
-def _table1(metrics: dict, classes: list[str]) -> str:
-    head = "| " + " | ".join(f"{c} sensitivity" for c in classes) + " | accuracy |"
-    sep = "|" + "---|" * (len(classes) + 1)
-    sens = metrics.get("sensitivity", {})
-    vals = " | ".join("—" if sens.get(c) is None else f"{100 * sens[c]:.2f}%" for c in classes)
-    return f"{head}\n{sep}\n| {vals} | {100 * metrics['accuracy']:.2f}% |"
-
-
 def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False) -> dict:
     """Run stage 1; returns the slice-level validation metrics (and test metrics with `test_dir`)."""
     from rich.progress import Progress
@@ -306,7 +299,7 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
     state_file = out / "state.pt"
     start_epoch, history, best = 0, [], {"accuracy": -1.0, "loss": float("inf"), "epoch": -1}
     if state_file.exists() and not overwrite:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
@@ -366,7 +359,8 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
     best_model = load_slice_classifier(out / "backbone.pt", device)
     probs = predict_slices(best_model, val_set, cfg, device)
     metrics = slice_metrics(val_set, probs, classes)
-    metrics.update(best_epoch=best["epoch"], n_train=len(train_set), n_val=len(val_set), table1=_table1(metrics, classes))
+    metrics.update(best_epoch=best["epoch"], n_train=len(train_set), n_val=len(val_set),
+                   table1=table1(val_set.labels.numpy(), probs.argmax(1), classes))
     if D.is_main():
         atomic_write_text(done_file, json.dumps(metrics, indent=2))
         if state_file.exists():
@@ -382,35 +376,31 @@ def _write_history(path: Path, history: list[dict]) -> None:
     write_csv_atomic(path, list(history[0]), history)
 
 
-def save_backbone(model: nn.Module, cfg: Config, classes: list[str], path: Path, extra: dict | None = None) -> None:
-    """Checkpoint that rebuilds the fine-tuned slice classifier on its own."""
-    from msnet import __version__
+def spec_for(cfg: Config, backbone) -> "P.PreprocessSpec":
+    """The preprocessing a run's backbone is trained and served with."""
+    kind = "grey" if cfg.data.slice_manifest and not cfg.data.slice_labels else "hu"
+    return P.PreprocessSpec.from_config(cfg.preprocess, backbone.data_config, kind)
 
-    atomic_torch_save(
-        {
-            "backbone": cfg.backbone.name,
-            "state_dict": model.state_dict(),
-            "data_config": dict(model.backbone.data_config),
-            "classes": classes,
-            "preprocess": asdict(cfg.preprocess),
-            "msnet_version": __version__,
-            **(extra or {}),
-        },
-        path,
-    )
+
+def save_backbone(model: nn.Module, cfg: Config, classes: list[str], path: Path, extra: dict | None = None) -> None:
+    """The fine-tuned slice classifier as a bundle backbone checkpoint (backbone + slice head + spec)."""
+    from msnet.inference.bundle import save_backbone as save
+
+    save(path, model.backbone, spec_for(cfg, model.backbone), classes, head=model.fc, extra=extra)
 
 
 def load_slice_classifier(path: Path, device: torch.device | str = "cpu"):
     """Rebuild a SliceClassifier from a stage-1 checkpoint (no network, no pretrained download)."""
-    from msnet.models.backbones import SliceClassifier, create
+    from msnet.inference.bundle import load_backbone
+    from msnet.models.backbones import SliceClassifier
 
     if not Path(path).is_file():
         raise MsnetError("backbone checkpoint not found", path=path, fix="run `msnet finetune CONFIG` first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = SliceClassifier(create(ckpt["backbone"], pretrained=False), len(ckpt["classes"]))
-    model.load_state_dict(ckpt["state_dict"])
-    model.classes = ckpt["classes"]
-    model.preprocess = ckpt["preprocess"]
+    backbone, head, spec, meta = load_backbone(path)
+    model = SliceClassifier(backbone, len(meta["classes"]))
+    model.fc.load_state_dict(head.state_dict())
+    model.classes = list(meta["classes"])
+    model.spec = spec
     return model.to(device).eval()
 
 

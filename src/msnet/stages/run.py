@@ -10,6 +10,7 @@ from pathlib import Path
 
 from msnet.config import Config, load_config
 from msnet.files import atomic_write_text
+from msnet.stages.evaluate import format_console_table
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +41,57 @@ def run_pipeline(cfg: Config, overwrite: bool = False) -> Path:
     log.info("stage 4/4: evaluating")
     path = evaluate_run(cfg.run_path)
     timings["evaluate_s"] = time.perf_counter() - t3
-    try:
-        from msnet.inference.predictor import build_bundle
-    except ImportError:
-        build_bundle = None
-    if build_bundle is not None:
-        bundle = build_bundle(cfg)
-        log.info("model bundle: %s", bundle)
+    bundle = build_bundle(cfg)
+    log.info("model bundle: %s", bundle)
     atomic_write_text(cfg.run_path / "timings.json", json.dumps(timings, indent=2))
     return path
 
 
-def headline(metrics: dict):
-    """A compact terminal table of the test metrics of every model (full table: report.md)."""
-    from rich.table import Table
+def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None) -> Path:
+    """Collect the run's backbone, aggregator, config and a model card into ``RUN/bundle``."""
+    from dataclasses import asdict
 
-    classes = metrics["classes"]
-    table = Table(title=f"patient-level test results (%), n = {metrics['n']}; per-class columns: sensitivity")
-    for col in ["model", "acc.", "95% CI", "bal. acc.", "AUC", *classes]:
-        table.add_column(col, justify="left" if col == "model" else "right")
+    import yaml
 
-    def pct(v):
-        return "—" if v is None else f"{100 * v:.1f}"
+    from msnet.config import versions
+    from msnet.errors import MsnetError
+    from msnet.inference import bundle as B
+    from msnet.stages.extract import backbone_source, feature_dir, load_encoder
 
-    for name, m in metrics["by_aggregator"].items():
-        lo, hi = m["ci"]["accuracy"]
-        table.add_row(name, pct(m["accuracy"]), f"{pct(lo)}–{pct(hi)}", pct(m["balanced_accuracy"]),
-                      pct(m["macro_auc"]), *[pct(m["sensitivity"][c]) for c in classes])
-    return table
+    run = cfg.run_path
+    adir = run / "train" / aggregator
+    agg_ckpt = next((p for p in [adir / "model.pt", *sorted(adir.glob("model_fold*.pt"))] if p.is_file()), None)
+    if agg_ckpt is None:
+        raise MsnetError(f"no trained {aggregator!r} model", adir, "run `msnet train CONFIG` first")
+    ckpt_path, _ = backbone_source(cfg)
+    if ckpt_path is None:  # no fine-tuning: the configured backbone, written in the bundle schema
+        encoder = load_encoder(cfg)
+        ckpt_path = run / "train" / "backbone.pt"
+        B.save_backbone(ckpt_path, encoder.backbone, encoder.spec, list(cfg.data.classes))
+    binfo, ainfo = B.checkpoint_info(ckpt_path), B.checkpoint_info(agg_ckpt)
+
+    def read_json(path: Path) -> dict:
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    metrics = read_json(run / "evaluate" / "metrics.json")
+    by_agg = metrics.get("by_aggregator", {}).get(aggregator, metrics)
+    ft = read_json(run / "finetune" / "metrics.json")
+    fmeta = read_json(feature_dir(cfg) / "meta.json")
+    card = B.model_card(
+        spec=B.PreprocessSpec.from_dict(binfo["preprocess"]), classes=list(ainfo["classes"]),
+        name=f"msnet-{cfg.backbone.name}-{aggregator}",
+        backbone={"name": cfg.backbone.name, "fine_tuned": cfg.finetune.enabled, "n_features": ainfo["in_features"]},
+        aggregator={"name": aggregator, "config": ainfo["config"], "fold": ainfo.get("fold", 0),
+                    "feature_dtype": ainfo.get("feature_dtype", "float32")},
+        training_data={"cohort": str(cfg.resolve(cfg.data.cohort)) if cfg.data.cohort else "",
+                       "n_studies": fmeta.get("n_studies"), "feature_set": ainfo.get("feature_set")},
+        metrics={"patient_level_test": {k: by_agg.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1",
+                                                                     "macro_auc", "sensitivity") if k in by_agg},
+                 "slice_level_val": {k: ft.get(k) for k in ("accuracy", "sensitivity") if k in ft}},
+        versions=versions(),
+    )
+    return B.write_bundle(Path(out) if out else run / "bundle", ckpt_path, agg_ckpt, card,
+                          yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 
 def demo_config(out: Path) -> Config:
@@ -101,7 +125,7 @@ def run_demo(out: Path, n_patients: int = 120, overwrite: bool = False, seed: in
     elapsed = time.perf_counter() - start
     metrics["elapsed_s"] = elapsed
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    console.print(headline(metrics))
+    console.print(format_console_table(metrics))
     console.print(
         f"\nMS-Net patient-level test accuracy: [bold]{metrics['accuracy']:.3f}[/] "
         f"({elapsed:.0f} s)\nreport: {report}\nmetrics: {out / 'metrics.json'}"

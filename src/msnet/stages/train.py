@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,11 @@ import torch
 import torch.nn as nn
 
 from msnet.config import Config, save_run_info
-from msnet.files import atomic_torch_save, atomic_write_text
+from msnet.files import atomic_write_text
 from msnet.data.splits import carve, class_weights, stratified_folds
 from msnet.errors import MsnetError
+from msnet.inference.bundle import save_aggregator
+from msnet.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,12 @@ def make_splits(rows: list[dict], cfg: Config) -> list[dict[str, list[str]]]:
 
 
 def load_features(fdir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    from msnet.stages.extract import read_manifest
+    from msnet.files import read_csv_rows
 
     manifest = fdir / "manifest.csv"
     if not manifest.is_file():
         raise MsnetError("no feature manifest", path=manifest, fix="run `msnet extract CONFIG` first")
-    rows = [r for r in read_manifest(manifest) if r["status"] == "ok"]
+    rows = [r for r in read_csv_rows(manifest) if r["status"] == "ok"]
     if not rows:
         raise MsnetError("no study has features", path=manifest, fix="check the failures in manifest.csv")
     feats = {r["patient_id"]: torch.from_numpy(np.load(fdir / r["file"])) for r in rows}
@@ -215,19 +216,11 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
                 best, hist = fit(model, tx, ty, vx, vy, cfg, len(classes), seed, progress)
                 history += [{"fold": k, **h} for h in hist]
                 model.load_state_dict(best["state"])
-                ckpt = {
-                    "aggregator": name,
-                    "config": dict(getattr(model, "config", {})),
-                    "in_features": in_features,
-                    "classes": classes,
-                    "state_dict": model.state_dict(),
-                    "feature_set": meta["set_id"],
-                    "backbone": meta["backbone"],
-                    "preprocess": meta["preprocess"],
-                    "best_epoch": best["epoch"],
-                    "fold": k,
-                }
-                atomic_torch_save(ckpt, adir / ("model.pt" if len(splits) == 1 else f"model_fold{k}.pt"))
+                save_aggregator(adir / ("model.pt" if len(splits) == 1 else f"model_fold{k}.pt"), model, name, classes,
+                                PreprocessSpec.from_dict(meta["preprocess"], str(fdir / "meta.json")),
+                                extra={"feature_set": meta["set_id"], "backbone": meta["backbone"],
+                                       "feature_dtype": meta.get("feature_dtype", "float32"),
+                                       "best_epoch": best["epoch"], "fold": k})
                 for role in ("train", "val", "test"):
                     pids = split[role]
                     if not pids:
