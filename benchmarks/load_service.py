@@ -25,16 +25,11 @@ import time
 import zipfile
 from pathlib import Path
 
-TINY_CONFIG = {
-    "run_dir": "run",
-    "device": "cpu",
-    "data": {"cohort": "data/cohort.csv", "slice_labels": "data/slice_labels.csv"},
-    "preprocess": {"size": 64},
-    "backbone": {"name": "efficientnet_lite0", "pretrained": False, "freeze": 2},
-    "finetune": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "max_slices_per_patient": 4, "normal_slices_per_patient": 4},
-    "extract": {"batch_size": 16},
-    "train": {"aggregators": ["msnet"], "epochs": 3, "batch_size": 4},
-}
+import yaml
+
+import msnet
+
+TINY_CONFIG = yaml.safe_load((Path(msnet.__file__).parent / "configs" / "tiny.yaml").read_text())
 
 
 def build_tiny_bundle(root: Path) -> Path:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
+
+import msnet
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -15,6 +18,7 @@ CAP002 = SAMPLE / "Cap subjects" / "cap002"
 NORMAL001 = SAMPLE / "Normal subjects" / "normal001"
 DICOM_ZOO = SHARED_DATA / "dicom-zoo"
 UCSD = SHARED_DATA / "ucsd-covid-ct"
+SHIPPED_TINY = Path(msnet.__file__).parent / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -24,16 +28,12 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-TINY_CONFIG = {
-    "run_dir": "run",
-    "device": "cpu",
-    "data": {"cohort": "data/cohort.csv", "slice_labels": "data/slice_labels.csv"},
-    "preprocess": {"size": 112},
-    "backbone": {"name": "efficientnet_lite0", "pretrained": True, "freeze": 0},
-    "finetune": {"epochs": 8, "batch_size": 16, "lr": 5e-4, "max_slices_per_patient": 8, "normal_slices_per_patient": 6},
-    "extract": {"batch_size": 16},
-    "train": {"aggregators": ["msnet"], "epochs": 40, "batch_size": 4, "lr": 1e-3},
-}
+TINY_CONFIG = {**yaml.safe_load(SHIPPED_TINY.read_text()), "preprocess": {"size": 112},
+               "backbone": {"name": "efficientnet_lite0", "pretrained": True, "freeze": 0},
+               "finetune": {"epochs": 8, "batch_size": 16, "lr": 5e-4, "max_slices_per_patient": 8,
+                            "normal_slices_per_patient": 6},
+               "train": {"aggregators": ["msnet"], "epochs": 40, "batch_size": 4, "lr": 1e-3}}
+"""The tiny shipped config, with enough training that the bundle learns the synthetic lesions."""
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +42,6 @@ def tiny_bundle(tmp_path_factory) -> Path:
     enough patients that the backbone learns the lesions rather than the patients..
 
     The cohort is at ``bundle/../../data`` (cohort.csv, slice_labels.csv)."""
-    import yaml
-
     from msnet.config import load_config
     from msnet.stages.run import run_pipeline
     from msnet.data.synthetic import synth_cohort

@@ -70,7 +70,7 @@ def test_aggregator_runs_once_and_volume_is_not_changed(tiny_bundle) -> None:
     # the single pass gives the same answer as separate forward and slice_scores passes
     feats = pred.extra["features"][None]
     with torch.no_grad():
-        probs = torch.softmax(predictor.aggregator(feats), dim=1)[0].numpy()
+        probs = torch.softmax(predictor.aggregator(feats) / predictor.bundle.temperature, dim=1)[0].numpy()
     scores = predictor.aggregator.slice_scores(feats)[0].numpy()
     assert np.allclose([pred.probabilities[c] for c in predictor.classes], probs, atol=1e-5)
     assert [k["slice_index"] for k in pred.key_slices][0] == int(scores.argmax())
@@ -79,7 +79,8 @@ def test_aggregator_runs_once_and_volume_is_not_changed(tiny_bundle) -> None:
 def test_cli_and_batch_outputs_follow_one_schema(tiny_bundle, tmp_path) -> None:
     rows = _rows(tiny_bundle)
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["predict", str(tiny_bundle), rows[0]["path"], rows[1]["path"], "--json", "--out", str(out)])
+    res = CliRunner().invoke(app, ["predict", str(tiny_bundle), str(rows[0]["path"]), str(rows[1]["path"]), "--json",
+                                   "--out", str(out)])
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2
@@ -112,7 +113,7 @@ def test_batch_keeps_finished_studies_and_resumes(tiny_bundle, tmp_path) -> None
     seen.clear()
     predictor.predict = lambda study, **kw: (seen.append(str(study)), real(study, **kw))[1]
     results, status = predict_many(predictor, [Path(r["path"]) for r in rows], out=out)
-    assert seen == [rows[2]["path"]]
+    assert seen == [str(rows[2]["path"])]
     assert [s["status"] for s in status] == ["ok"] * 3 and len(results) == 3
 
 

@@ -13,18 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
+import msnet
 from msnet.config import load_config
+from msnet.errors import MsnetError
 
-TINY = {
-    "run_dir": "run",
-    "device": "cpu",
-    "data": {"cohort": "data/cohort.csv", "slice_labels": "data/slice_labels.csv"},
-    "preprocess": {"size": 64},
-    "backbone": {"name": "efficientnet_lite0", "pretrained": False, "freeze": 2},
-    "finetune": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "max_slices_per_patient": 4, "normal_slices_per_patient": 4},
-    "extract": {"batch_size": 16},
-    "train": {"aggregators": ["msnet", "mean"], "epochs": 3, "batch_size": 4},
-}
+TINY = yaml.safe_load((Path(msnet.__file__).parent / "configs" / "tiny.yaml").read_text())
 
 
 def write_config(folder: Path, **sections) -> Path:
@@ -64,7 +57,7 @@ def test_finetune_writes_checkpoint_metrics_and_reuses(finetuned):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert set(metrics["sensitivity"]) == {"COVID-19", "CAP", "NORMAL"}
-    assert "COVID-19 sensitivity" in metrics["table1"]
+    assert "| COVID-19 |" in metrics["table1"] and "Overall accuracy" in metrics["table1"]
     with open(out / "history.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 2
     assert (out / "config.yaml").exists() and (out / "versions.json").exists()
@@ -100,7 +93,7 @@ def test_finetune_resumes_after_interruption(cohort, tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "predict_slices", real)
     import torch
 
-    assert torch.load(state, weights_only=False)["epoch"] == 0  # epoch 1 finished before the interruption
+    assert torch.load(state, weights_only=True)["epoch"] == 0  # epoch 1 finished before the interruption
     ft.finetune(cfg)
     with open(root / "run" / "finetune" / "history.csv") as fh:
         epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
@@ -125,7 +118,11 @@ def test_extract_train_evaluate(finetuned):
     again = extract(cfg)
     assert again.n_cached == 12  # cache hit: nothing recomputed
     other = load_config(finetuned / "config.yaml", ["preprocess.size=48"])
-    assert feature_dir(other) != fdir  # preprocessing is part of the cache key
+    with pytest.raises(MsnetError, match="fine-tune again"):  # features the fine-tuned backbone never saw
+        feature_dir(other)
+    frozen = load_config(finetuned / "config.yaml", ["finetune.enabled=false"])
+    assert feature_dir(load_config(finetuned / "config.yaml", ["finetune.enabled=false", "preprocess.size=48"])) \
+        != feature_dir(frozen)  # preprocessing is part of the cache key
 
     results = train(cfg)
     assert set(results) == {"msnet", "mean"}

@@ -171,18 +171,24 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return config_from_dict(data)
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship with msnet (``msnet/configs/*.yaml``)."""
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (a file, or the name of a shipped one: `paper`, `cpu`).
+    """Load a YAML config (a file, or the name of a shipped one: `paper`, `cpu`, `ucsd`, `tiny`).
 
     Relative paths inside a config file resolve against the file's folder; those of a
     shipped config (loaded by name) against the working directory.
     """
     p = Path(path)
-    shipped = not p.exists() and str(path) in ("paper", "cpu")
+    shipped = not p.exists() and str(path) in shipped_configs()
     if shipped:  # a shipped config by name: relative paths resolve against the working directory
         p = Path(__file__).parent / "configs" / f"{path}.yaml"
     if not p.is_file():
-        raise MsnetError("config file not found", path=p, fix="pass a YAML file, or `paper` / `cpu`")
+        raise MsnetError("config file not found", path=p,
+                         fix=f"pass a YAML file, or the name of a shipped one: {', '.join(shipped_configs())}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:

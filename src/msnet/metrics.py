@@ -28,6 +28,8 @@ __all__ = [
     "positive_class_index",
     "table1",
     "table3",
+    "calibration",
+    "fit_temperature",
 ]
 
 
@@ -233,6 +235,9 @@ def classification_metrics(
         "support": {c: int(v) for c, v in zip(classes, cm.sum(axis=1))},
         "confusion_matrix": cm.tolist(),
     }
+    if probs is not None:
+        cal = calibration(t, pr)
+        out["ece"], out["brier"] = cal["ece"], cal["brier"]
     if k == 2:
         pos = positive_class_index(classes)
         out["positive_class"] = classes[pos]
@@ -242,6 +247,75 @@ def classification_metrics(
         out["f1"] = out["macro_f1"]
         out["auc"] = macro_auc
     return out
+
+
+def calibration(y_true: Any, probs: Any, n_bins: int = 15) -> dict[str, Any]:
+    """How far the top-class probability is from the accuracy it promises.
+
+    ``ece``: expected calibration error over ``n_bins`` equal-width confidence bins (Guo et al. 2017);
+    ``brier``: multi-class Brier score (mean squared distance to the one-hot label, 0..2);
+    ``bins``: per bin the mean confidence, the accuracy and the count (for reliability diagrams).
+
+    >>> c = calibration([0, 1, 1, 0], [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]], n_bins=5)
+    >>> round(c["ece"], 3), round(c["brier"], 3)
+    (0.3, 0.25)
+    """
+    pr = np.asarray(probs, dtype=np.float64)
+    t = _as_labels(y_true, pr.shape[1], "y_true")
+    conf = pr.max(axis=1)
+    correct = (pr.argmax(axis=1) == t).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        sel = which == b
+        if sel.any():
+            gap = abs(correct[sel].mean() - conf[sel].mean())
+            ece += gap * sel.sum() / max(1, t.size)
+            bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "confidence": float(conf[sel].mean()),
+                         "accuracy": float(correct[sel].mean()), "n": int(sel.sum())})
+    onehot = np.eye(pr.shape[1])[t]
+    return {"ece": float(ece), "brier": float(((pr - onehot) ** 2).sum(axis=1).mean()) if t.size else None,
+            "bins": bins, "n_bins": n_bins}
+
+
+def fit_temperature(logits: Any, y_true: Any, lo: float = 0.05, hi: float = 20.0) -> float:
+    """Temperature T minimising the negative log-likelihood of softmax(logits / T) (Guo et al. 2017),
+    by golden-section search over log T. T > 1 softens over-confident probabilities.
+
+    Logits 2·onehot + N(0, 1) have the Bayes posterior softmax(2·logits), i.e. T = 0.5:
+
+    >>> rng = np.random.default_rng(0)
+    >>> y = rng.integers(0, 3, 400)
+    >>> logits = np.eye(3)[y] * 2.0 + rng.normal(0, 1, (400, 3))
+    >>> t1 = fit_temperature(logits, y); t5 = fit_temperature(logits * 5, y)
+    >>> round(t1, 1), round(t5 / t1, 3)
+    (0.5, 5.0)
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    t = _as_labels(y_true, z.shape[1], "y_true")
+    if t.size == 0:
+        return 1.0
+
+    def nll(log_temp: float) -> float:
+        s = z / np.exp(log_temp)
+        s = s - s.max(axis=1, keepdims=True)
+        return float((np.log(np.exp(s).sum(axis=1)) - s[np.arange(t.size), t]).mean())
+
+    a, b = np.log(lo), np.log(hi)
+    g = (np.sqrt(5.0) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(80):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+    return float(np.exp((a + b) / 2))
 
 
 def bootstrap_ci(

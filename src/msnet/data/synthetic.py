@@ -26,13 +26,14 @@ Layout::
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from msnet.files import write_csv_atomic
+from msnet.files import atomic_write_text, write_csv_atomic
 from msnet.data.splits import carve
 from msnet.errors import MsnetError
 
@@ -43,6 +44,8 @@ MIN_LESION_FRACTION = 3e-4
 (about 7.5 mm across at 512 px): a reader would not label the tip of a blob that shows as
 a few pixels, and neither do we."""
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SYNTHETIC_MARKER = "synthetic.json"
+"""Written beside a synthetic cohort's cohort.csv: models trained on it say so in every prediction."""
 GGO_HU = (-700.0, -300.0)
 CONSOLIDATION_HU = (-100.0, 50.0)
 _N_FIELDS = 8  # vessel bases A0..A3, lesion shape, lesion texture, septa, bronchi
@@ -495,8 +498,16 @@ def synth_cohort(out: Path, n_patients: int, size: int = 512, seed: int = 0, sli
     write_csv_atomic(out / "slice_labels.csv", ["patient_id", "slice_index", "label"], slice_rows)
     path = out / "cohort.csv"
     write_csv_atomic(path, ["patient_id", "label", "path", "subset"], cohort_rows)
+    atomic_write_text(out / SYNTHETIC_MARKER, json.dumps(
+        {"synthetic": True, "generator": "msnet.data.synthetic", "n_patients": n_patients, "size": size,
+         "seed": seed, "slices": list(slices), "classes": list(classes)}, indent=2))
     logger.info("synthetic cohort: %d patients, %d slices in %s", len(plans), len(slice_rows), out)
     return path
+
+
+def is_synthetic(cohort_csv: str | Path) -> bool:
+    """True when the cohort beside ``cohort_csv`` was written by :func:`synth_cohort`."""
+    return (Path(cohort_csv).parent / SYNTHETIC_MARKER).is_file()
 
 
 def pixel_hash(folder: Path) -> str:

@@ -35,6 +35,8 @@ __all__ = ["Bundle", "PreprocessSpec", "SCHEMA_VERSION", "checkpoint_info", "loa
            "model_card", "read_bundle", "save_aggregator", "save_backbone", "write_bundle"]
 
 SCHEMA_VERSION = 1
+SYNTHETIC_WARNING = ("this model was trained on synthetic phantoms only (msnet synth / msnet demo): its "
+                     "answers on real CT mean nothing")
 BACKBONE = "backbone.pt"
 AGGREGATOR = "aggregator.pt"
 CARD = "metadata.json"
@@ -203,7 +205,7 @@ def model_card(spec: PreprocessSpec, classes: list[str], backbone: dict, aggrega
         "metrics": metrics,
         "intended_use": INTENDED_USE,
         "versions": versions,
-    }
+    } | ({"warning": SYNTHETIC_WARNING} if training_data.get("synthetic") else {})
 
 
 def write_bundle(out: str | Path, backbone_ckpt: Path, aggregator_ckpt: Path, card: dict,

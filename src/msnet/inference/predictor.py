@@ -139,6 +139,8 @@ class Predictor:
         timing = dict(timing or _timing())
         t0 = time.perf_counter()
         warnings = list(vol.warnings)
+        if self.metadata.get("warning"):
+            warnings.insert(0, self.metadata["warning"])
         if self.spec.kind == "hu" and vol.kind == "grey":
             warnings.append("grey-level images, not HU: windowing skipped")
         feats = self.encoder.encode(vol.hu, vol.kind, timing)

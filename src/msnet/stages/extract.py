@@ -94,11 +94,18 @@ def run_spec(cfg: Config) -> P.PreprocessSpec:
     from msnet.stages.finetune import spec_for
 
     ckpt, _ = backbone_source(cfg)
-    if ckpt is not None:
-        from msnet.inference.bundle import checkpoint_info
+    if ckpt is None:
+        return spec_for(cfg, create(cfg.backbone.name, pretrained=False))
+    from msnet.inference.bundle import checkpoint_info
 
-        return P.PreprocessSpec.from_dict(checkpoint_info(ckpt)["preprocess"], str(ckpt))
-    return spec_for(cfg, create(cfg.backbone.name, pretrained=False))
+    spec = P.PreprocessSpec.from_dict(checkpoint_info(ckpt)["preprocess"], str(ckpt))
+    wanted = (tuple(tuple(float(v) for v in w) for w in cfg.preprocess.windows), int(cfg.preprocess.size))
+    if (spec.windows, spec.size) != wanted:
+        raise MsnetError(f"the fine-tuned backbone was trained with windows {list(map(list, spec.windows))} at "
+                         f"{spec.size} px, the config asks for {list(map(list, wanted[0]))} at {wanted[1]} px", ckpt,
+                         "fine-tune again with this preprocessing (`msnet finetune CONFIG --overwrite`) or restore "
+                         "the config's preprocess section")
+    return spec
 
 
 def feature_dir(cfg: Config) -> Path:

@@ -267,9 +267,113 @@ def slice_metrics(data: SliceSet, probs: np.ndarray, classes: list[str]) -> dict
     return classification_metrics(y, probs.argmax(1), probs, classes)
 
 
+@dataclass
+class _Trainer:
+    """One fine-tuning run's moving parts: model (DDP-wrapped when distributed), optimiser, loss, state."""
+
+    cfg: Config
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: nn.Module
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "loss": float("inf"), "epoch": -1})
+    start_epoch: int = 0
+
+    @property
+    def train_model(self) -> nn.Module:
+        if self.world > 1 and not hasattr(self, "_ddp"):
+            self._ddp = nn.parallel.DistributedDataParallel(self.model)
+        return self._ddp if self.world > 1 else self.model
+
+    def resume(self, state_file: Path) -> None:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.start_epoch, self.history, self.best = state["epoch"] + 1, state["history"], state["best"]
+        log.info("resuming fine-tuning at epoch %d", self.start_epoch + 1)
+
+    def epoch(self, epoch: int, train_set: SliceSet, advance) -> float:
+        """One pass over this rank's shard of the training slices; returns the mean training loss."""
+        cfg, bs = self.cfg, self.cfg.finetune.batch_size
+        mean, std = self.model.backbone.data_config["mean"], self.model.backbone.data_config["std"]
+        gen = torch.Generator().manual_seed(cfg.finetune.seed * 1000 + epoch)
+        order = torch.randperm(len(train_set), generator=gen)[self.rank::self.world]  # same permutation everywhere
+        self.train_model.train()
+        total, n_seen = 0.0, 0
+        for i in range(0, len(order), bs):
+            idx = order[i : i + bs]
+            x = P.to_three_channels(P.dequantize(train_set.images[idx]))
+            x = P.normalize(augment(x, cfg, gen), mean, std).to(self.device)
+            y = train_set.labels[idx].to(self.device)
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.train_model(x), y)
+            loss.backward()
+            self.opt.step()
+            total += loss.item() * len(idx)
+            n_seen += len(idx)
+            advance()
+        return total / max(n_seen, 1)
+
+    def validate(self, epoch: int, train_loss: float, val_set: SliceSet, out: Path, classes: list[str]) -> bool:
+        """Score the validation slices, log, checkpoint the best and the resume state; True if improved."""
+        probs = predict_slices(self.model, val_set, self.cfg, self.device)
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), val_set.labels))
+        val_acc = float((probs.argmax(1) == val_set.labels.numpy()).mean())
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
+        self.history.append(row)
+        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch + 1, self.cfg.finetune.epochs,
+                 train_loss, val_loss, val_acc)
+        improved = val_acc > self.best["accuracy"] or (val_acc == self.best["accuracy"] and val_loss < self.best["loss"])
+        if improved:
+            self.best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1}
+            if D.is_main():
+                save_backbone(self.model, self.cfg, classes, out / "backbone.pt",
+                              extra={"epoch": epoch + 1, "val_accuracy": val_acc})
+        if D.is_main():
+            atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
+                               "history": self.history, "best": self.best}, out / "state.pt")
+            _write_history(out / "history.csv", self.history)
+        return improved
+
+
+def _trainer(cfg: Config, train_set: SliceSet, n_classes: int, rank: int, world: int) -> _Trainer:
+    device = pick_device(cfg.device)
+    model = build_model(cfg, n_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay)
+    weights = class_weights(train_set.labels, n_classes) if cfg.finetune.class_weights else None
+    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+    return _Trainer(cfg, model, opt, loss_fn, device, rank, world)
+
+
+def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device) -> tuple[np.ndarray, float]:
+    """Fit the slice classifier's temperature on the validation slices and store it in its checkpoint;
+    returns the calibrated validation probabilities and the temperature."""
+    from msnet.inference.bundle import checkpoint_info
+    from msnet.metrics import fit_temperature
+
+    model = load_slice_classifier(path, device)
+    logits = np.log(np.clip(predict_slices(model, val_set, cfg, device), 1e-12, None))
+    temperature = fit_temperature(logits, val_set.labels.numpy())
+    if D.is_main():
+        info = checkpoint_info(path)
+        extra = {k: info[k] for k in ("epoch", "val_accuracy") if k in info}
+        save_backbone(model, cfg, list(info["classes"]), path, extra={**extra, "temperature": temperature})
+    return _softmax(logits / temperature), temperature
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False) -> dict:
     """Run stage 1; returns the slice-level validation metrics (and test metrics with `test_dir`)."""
-    from rich.progress import Progress
+    from msnet.progress import Rate
 
     rank, world = D.init_from_env()
     out = cfg.run_path / "finetune"
@@ -284,87 +388,28 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
     if D.is_main():
         save_run_info(cfg, out, "finetune")
     seed_everything(cfg.finetune.seed)
-    device = pick_device(cfg.device)
     data = build_slice_sets(cfg)
     train_set, val_set = data["train"], data["val"]
     log.info("fine-tuning on %d slices, validating on %d (classes %s)", len(train_set), len(val_set), classes)
-
-    model = build_model(cfg, len(classes)).to(device)
-    mean, std = model.backbone.data_config["mean"], model.backbone.data_config["std"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay)
-    weights = class_weights(train_set.labels, len(classes)) if cfg.finetune.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
-
-    state_file = out / "state.pt"
-    start_epoch, history, best = 0, [], {"accuracy": -1.0, "loss": float("inf"), "epoch": -1}
-    if state_file.exists() and not overwrite:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
-        log.info("resuming fine-tuning at epoch %d", start_epoch + 1)
-
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model)
-
-    bs = cfg.finetune.batch_size
-    stale = 0
-    with Progress(disable=not D.is_main(), transient=True) as progress:
-        task = progress.add_task("fine-tuning", total=cfg.finetune.epochs * ((len(train_set) // world + bs - 1) // bs))
-        progress.update(task, completed=start_epoch * ((len(train_set) // world + bs - 1) // bs))
-        for epoch in range(start_epoch, cfg.finetune.epochs):
-            gen = torch.Generator().manual_seed(cfg.finetune.seed * 1000 + epoch)
-            order = torch.randperm(len(train_set), generator=gen)
-            order = order[rank::world]  # each rank its shard (same permutation everywhere)
-            train_model.train()
-            total, n_seen = 0.0, 0
-            for i in range(0, len(order), bs):
-                idx = order[i : i + bs]
-                x = P.to_three_channels(P.dequantize(train_set.images[idx]))
-                x = P.normalize(augment(x, cfg, gen), mean, std).to(device)
-                y = train_set.labels[idx].to(device)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(train_model(x), y)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-                n_seen += len(idx)
-                progress.advance(task)
-            probs = predict_slices(model, val_set, cfg, device)
-            val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), val_set.labels))
-            val_acc = float((probs.argmax(1) == val_set.labels.numpy()).mean())
-            row = {"epoch": epoch + 1, "train_loss": total / max(n_seen, 1), "val_loss": val_loss, "val_accuracy": val_acc}
-            history.append(row)
-            log.info("epoch %d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch + 1, row["train_loss"], val_loss, val_acc)
-            improved = val_acc > best["accuracy"] or (val_acc == best["accuracy"] and val_loss < best["loss"])
-            if improved:
-                best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1}
-                stale = 0
-                if D.is_main():
-                    save_backbone(model, cfg, classes, out / "backbone.pt", extra={"epoch": epoch + 1, "val_accuracy": val_acc})
-            else:
-                stale += 1
-            if D.is_main():
-                atomic_torch_save(
-                    {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "history": history, "best": best},
-                    state_file,
-                )
-                _write_history(out / "history.csv", history)
-            if cfg.finetune.early_stopping and stale >= cfg.finetune.early_stopping:
-                log.info("early stopping after %d epochs without improvement", stale)
-                break
+    tr = _trainer(cfg, train_set, len(classes), rank, world)
+    if (out / "state.pt").exists() and not overwrite:
+        tr.resume(out / "state.pt")
+    stale, rate = 0, Rate(cfg.finetune.epochs - tr.start_epoch, "epochs")
+    for epoch in range(tr.start_epoch, cfg.finetune.epochs):
+        train_loss = tr.epoch(epoch, train_set, lambda: None)
+        stale = 0 if tr.validate(epoch, train_loss, val_set, out, classes) else stale + 1
+        log.info("fine-tuning: %s", rate.update())
+        if cfg.finetune.early_stopping and stale >= cfg.finetune.early_stopping:
+            log.info("early stopping after %d epochs without improvement", stale)
+            break
     D.barrier()
-    best_model = load_slice_classifier(out / "backbone.pt", device)
-    probs = predict_slices(best_model, val_set, cfg, device)
+    probs, temperature = _calibrate(out / "backbone.pt", val_set, cfg, tr.device)
     metrics = slice_metrics(val_set, probs, classes)
-    metrics.update(best_epoch=best["epoch"], n_train=len(train_set), n_val=len(val_set),
+    metrics.update(best_epoch=tr.best["epoch"], n_train=len(train_set), n_val=len(val_set), temperature=temperature,
                    table1=table1(val_set.labels.numpy(), probs.argmax(1), classes))
     if D.is_main():
         atomic_write_text(done_file, json.dumps(metrics, indent=2))
-        if state_file.exists():
-            state_file.unlink()
+        (out / "state.pt").unlink(missing_ok=True)
     if test_dir is not None:
         metrics["test"] = test(cfg, test_dir)
     return metrics
@@ -401,6 +446,7 @@ def load_slice_classifier(path: Path, device: torch.device | str = "cpu"):
     model.fc.load_state_dict(head.state_dict())
     model.classes = list(meta["classes"])
     model.spec = spec
+    model.temperature = float(meta.get("temperature", 1.0))
     return model.to(device).eval()
 
 
@@ -419,9 +465,10 @@ def test(cfg: Config, test_dir: Path) -> dict:
         data = _cohort_slices(rows, read_slice_labels(labels_file) if labels_file.exists() else {}, cfg, classes, "test")
     else:
         data = _image_slices(image_folder_rows(test_dir), cfg, classes, "test")
-    probs = predict_slices(model, data, cfg, device)
+    probs = _softmax(np.log(np.clip(predict_slices(model, data, cfg, device), 1e-12, None)) / model.temperature)
     metrics = slice_metrics(data, probs, classes)
     metrics["n"] = len(data)
+    metrics["temperature"] = model.temperature
     metrics["test_dir"] = str(test_dir)
     if data.formats:  # the file-format shortcut check: accuracy per encoded format and class
         fmt = np.array(data.formats)

@@ -54,6 +54,7 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
     import yaml
 
     from msnet.config import versions
+    from msnet.data.synthetic import is_synthetic
     from msnet.errors import MsnetError
     from msnet.inference import bundle as B
     from msnet.stages.extract import backbone_source, feature_dir, load_encoder
@@ -77,6 +78,7 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
     by_agg = metrics.get("by_aggregator", {}).get(aggregator, metrics)
     ft = read_json(run / "finetune" / "metrics.json")
     fmeta = read_json(feature_dir(cfg) / "meta.json")
+    synthetic = bool(cfg.data.cohort) and is_synthetic(cfg.resolve(cfg.data.cohort))
     card = B.model_card(
         spec=B.PreprocessSpec.from_dict(binfo["preprocess"]), classes=list(ainfo["classes"]),
         name=f"msnet-{cfg.backbone.name}-{aggregator}",
@@ -84,7 +86,8 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
         aggregator={"name": aggregator, "config": ainfo["config"], "fold": ainfo.get("fold", 0),
                     "feature_dtype": ainfo.get("feature_dtype", "float32")},
         training_data={"cohort": str(cfg.resolve(cfg.data.cohort)) if cfg.data.cohort else "",
-                       "n_studies": fmeta.get("n_studies"), "feature_set": ainfo.get("feature_set")},
+                       "n_studies": fmeta.get("n_studies"), "feature_set": ainfo.get("feature_set"),
+                       "synthetic": synthetic},
         metrics={"patient_level_test": {k: by_agg.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1",
                                                                      "macro_auc", "sensitivity") if k in by_agg},
                  "slice_level_val": {k: ft.get(k) for k in ("accuracy", "sensitivity") if k in ft}},

@@ -94,13 +94,30 @@ def load_features(fdir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, seqs: list[torch.Tensor], batch_size: int = 16) -> np.ndarray:
+def predict_proba(model: nn.Module, seqs: list[torch.Tensor], batch_size: int = 16,
+                  temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities softmax(logits / temperature) of each feature sequence."""
     model.eval()
     out = []
-    for i in range(0, len(seqs), batch_size):
-        x, mask = pad_batch(seqs[i : i + batch_size])
-        out.append(torch.softmax(model(x, mask).float(), dim=1))
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            x, mask = pad_batch(seqs[i : i + batch_size])
+            out.append(torch.softmax(model(x, mask).float() / temperature, dim=1))
     return torch.cat(out).numpy()
+
+
+def fit_temperature_on(model: nn.Module, val_x: list[torch.Tensor], val_y: torch.Tensor) -> float:
+    """Temperature scaling on the validation patients (Guo et al. 2017). A validation set the model gets
+    entirely right says nothing about under-confidence, so then the temperature is not below 1."""
+    from msnet.metrics import fit_temperature
+
+    if len(val_x) < 2:
+        return 1.0
+    logits = np.log(np.clip(predict_proba(model, val_x), 1e-12, None))
+    temperature = fit_temperature(logits, val_y.numpy())
+    if (logits.argmax(1) == val_y.numpy()).all():
+        temperature = max(temperature, 1.0)
+    return temperature
 
 
 def fit(
@@ -163,11 +180,42 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
     write_csv_atomic(path, fields, rows)
 
 
+def _train_fold(name: str, k: int, split: dict, feats: dict, y_of: dict, by_id: dict, meta: dict, fdir: Path,
+                adir: Path, cfg: Config, classes: list[str], n_splits: int, progress) -> tuple[list[dict], list[dict], int]:
+    """Train one aggregator on one split, calibrate it on the split's validation patients, save it, and
+    return its (calibrated) predictions for every patient of the split, its history and its size."""
+    from msnet.models.aggregators import create
+
+    seed = cfg.train.seed * 100 + k
+    torch.manual_seed(seed)
+    model = create(name, int(meta["n_features"]), n_classes=len(classes))
+    tx, vx = [feats[p] for p in split["train"]], [feats[p] for p in split["val"]]
+    ty, vy = torch.tensor([y_of[p] for p in split["train"]]), torch.tensor([y_of[p] for p in split["val"]])
+    best, hist = fit(model, tx, ty, vx, vy, cfg, len(classes), seed, progress)
+    model.load_state_dict(best["state"])
+    temperature = fit_temperature_on(model, vx, vy)
+    save_aggregator(adir / ("model.pt" if n_splits == 1 else f"model_fold{k}.pt"), model, name, classes,
+                    PreprocessSpec.from_dict(meta["preprocess"], str(fdir / "meta.json")),
+                    extra={"feature_set": meta["set_id"], "backbone": meta["backbone"],
+                           "feature_dtype": meta.get("feature_dtype", "float32"), "temperature": temperature,
+                           "best_epoch": best["epoch"], "fold": k})
+    preds = []
+    for role in ("train", "val", "test"):
+        pids = split[role]
+        if not pids:
+            continue
+        for p, pr in zip(pids, predict_proba(model, [feats[p] for p in pids], temperature=temperature)):
+            r = by_id[p]
+            preds.append({"patient_id": p, "label": r["label"], "subset": r.get("subset", "") or role, "split": role,
+                          "fold": k, "prediction": classes[int(pr.argmax())],
+                          **{f"p_{c}": f"{v:.6f}" for c, v in zip(classes, pr)}})
+    return preds, [{"fold": k, **h} for h in hist], sum(p.numel() for p in model.parameters())
+
+
 def train(cfg: Config, overwrite: bool = False) -> dict:
     """Run stage 3 for every aggregator of the config; returns {aggregator: test accuracy}."""
     from rich.progress import Progress
 
-    from msnet.models.aggregators import create
     from msnet.stages.extract import feature_dir
 
     fdir = feature_dir(cfg)
@@ -190,7 +238,6 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
 
     by_id = {r["patient_id"]: r for r in rows}
     y_of = {p: classes.index(r["label"]) for p, r in by_id.items()}
-    in_features = int(meta["n_features"])
     results = {}
     with Progress(transient=True) as progress:
         for name in cfg.train.aggregators:
@@ -205,34 +252,10 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
             task = progress.add_task(f"training {name}", total=len(splits))
             n_params = 0
             for k, split in enumerate(splits):
-                seed = cfg.train.seed * 100 + k
-                torch.manual_seed(seed)
-                model = create(name, in_features, n_classes=len(classes))
-                n_params = sum(p.numel() for p in model.parameters())
-                tx = [feats[p] for p in split["train"]]
-                ty = torch.tensor([y_of[p] for p in split["train"]])
-                vx = [feats[p] for p in split["val"]]
-                vy = torch.tensor([y_of[p] for p in split["val"]])
-                best, hist = fit(model, tx, ty, vx, vy, cfg, len(classes), seed, progress)
-                history += [{"fold": k, **h} for h in hist]
-                model.load_state_dict(best["state"])
-                save_aggregator(adir / ("model.pt" if len(splits) == 1 else f"model_fold{k}.pt"), model, name, classes,
-                                PreprocessSpec.from_dict(meta["preprocess"], str(fdir / "meta.json")),
-                                extra={"feature_set": meta["set_id"], "backbone": meta["backbone"],
-                                       "feature_dtype": meta.get("feature_dtype", "float32"),
-                                       "best_epoch": best["epoch"], "fold": k})
-                for role in ("train", "val", "test"):
-                    pids = split[role]
-                    if not pids:
-                        continue
-                    probs = predict_proba(model, [feats[p] for p in pids])
-                    for p, pr in zip(pids, probs):
-                        r = by_id[p]
-                        preds.append({
-                            "patient_id": p, "label": r["label"], "subset": r.get("subset", "") or role,
-                            "split": role, "fold": k, "prediction": classes[int(pr.argmax())],
-                            **{f"p_{c}": f"{v:.6f}" for c, v in zip(classes, pr)},
-                        })
+                fold_preds, hist, n_params = _train_fold(name, k, split, feats, y_of, by_id, meta, fdir, adir, cfg,
+                                                         classes, len(splits), progress)
+                preds += fold_preds
+                history += hist
                 progress.advance(task)
             progress.remove_task(task)
             _write_csv(adir / "history.csv", history, ["fold", "epoch", "train_loss", "val_loss", "val_accuracy"])
