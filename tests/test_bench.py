@@ -32,3 +32,12 @@ def test_bench_predict_smoke(tmp_path) -> None:
 def test_bench_predict_bad_config(tmp_path) -> None:
     with pytest.raises(MsnetError, match="config"):
         bench_predict("gpu", study=tmp_path)
+
+
+def test_bench_extract_smoke() -> None:
+    from msnet.bench import bench_extract
+
+    r = bench_extract("cpu", n_patients=2, slices=(6, 6), pixels=64, size=64)
+    assert r["n_slices"] == 12 and set(r["runs"]) == {"torch", "onnx_fp32", "onnx_int8"}
+    assert r["runs"]["onnx_fp32"]["cosine_min"] > 0.9999  # fp32 ONNX computes the same features
+    assert all(v["slices_per_s"] > 0 for v in r["runs"].values())

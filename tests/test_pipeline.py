@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,26 @@ def test_finetune_on_slice_images_with_held_out_test(tmp_path, shared_data):
     assert test["n"] == 12 and set(test) >= {"accuracy", "f1", "auc", "sensitivity", "by_format"}
     assert sum(v["n"] for v in test["by_format"].values()) == 12
     assert result["n_train"] + result["n_val"] == 24  # the val folder itself is never trained on
+
+
+def test_extract_on_onnx_int8_records_agreement_or_refuses(finetuned):
+    """Extraction runs on ONNX Runtime through the same encoder; int8 is kept only where it agrees."""
+    from msnet.stages.extract import extract, feature_dir
+
+    base = load_config(finetuned / "config.yaml")
+    cfg = load_config(finetuned / "config.yaml", ["extract.runtime=onnx", "extract.int8=true",
+                                                  "extract.int8_min_cosine=0.0"])  # this barely trained backbone
+    assert extract(cfg).n_ok == 12
+    fdir = feature_dir(cfg)
+    assert fdir != feature_dir(base)  # its own feature set
+    meta = json.loads((fdir / "meta.json").read_text())
+    agree = meta["int8_agreement"]
+    assert meta["runtime"] == "onnx-int8" and agree["ok"] and agree["slices"] > 0
+    assert -1.0 <= agree["cosine_min"] <= agree["cosine_mean"] <= 1.0
+    assert (fdir / "onnx" / "backbone_int8.onnx").is_file()
+    strict = load_config(finetuned / "config.yaml", ["extract.runtime=onnx", "extract.int8=true",
+                                                     "extract.int8_min_cosine=1.0", "run_dir=run_strict"])
+    (finetuned / "run_strict").mkdir()
+    shutil.copytree(finetuned / "run" / "finetune", finetuned / "run_strict" / "finetune")
+    with pytest.raises(MsnetError, match="int8 features disagree"):
+        extract(strict, strict=True)

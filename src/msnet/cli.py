@@ -145,12 +145,16 @@ def extract(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set extract.batch_size=16."),
     overwrite: bool = typer.Option(False, help="Recompute cached features."),
     strict: bool = typer.Option(False, help="Stop at the first study that fails."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="torch or onnx (default: the config's extract.runtime)."),
+    int8: bool = typer.Option(False, "--int8", help="With --runtime onnx: a static int8 backbone, used only where its "
+                              "features agree with fp32 on held-out studies."),
 ) -> None:
     """Stage 2: backbone features of every slice of every study."""
     from msnet.config import load_config
     from msnet.stages.extract import extract as run_extract
 
-    cfg = load_config(config, _overrides(set_))
+    extra = ([f"extract.runtime={runtime}"] if runtime else []) + (["extract.int8=true"] if int8 else [])
+    cfg = load_config(config, _overrides(set_) + extra)
     report = run_extract(cfg, overwrite=overwrite, strict=strict)
     typer.echo(report.summary())
     if report.n_failed:
@@ -319,6 +323,19 @@ def bench_predict(
     from msnet.bench import bench_predict as run
 
     run(config=config, study=study, threads=threads, repeats=repeats, int8=int8)
+
+
+@bench_app.command("extract")
+def bench_extract(
+    config: str = typer.Option("cpu", help="paper (SE-ResNet50, 224 px) or cpu (EfficientNet-Lite0)."),
+    patients: int = typer.Option(6, help="Synthetic studies in the cohort."),
+    threads: int = typer.Option(2, help="Threads for every runtime."),
+    size: Optional[int] = typer.Option(None, help="Input size (default: the config's)."),
+) -> None:
+    """Cohort extraction speed: torch against ONNX Runtime fp32 and int8, through the same SliceEncoder."""
+    from msnet.bench import bench_extract as run
+
+    run(config=config, n_patients=patients, threads=threads, size=size)
 
 
 def main() -> None:

@@ -84,6 +84,12 @@ class ExtractConfig:
     batch_size: int = 32
     dtype: str = "float32"
     """Feature dtype: float32, or bfloat16 (autocast; served the same way by the bundle)."""
+    runtime: str = "torch"
+    """torch, or onnx (ONNX Runtime on the CPU; the backbone is exported next to the features)."""
+    int8: bool = False
+    """With runtime onnx: a statically quantised backbone, used only if its features agree with fp32
+    (cosine >= int8_min_cosine on held-out studies; figures in the feature set's meta.json)."""
+    int8_min_cosine: float = 0.999
 
 
 @dataclass

@@ -73,6 +73,32 @@ class SliceEncoder:
             return int(self._session.get_outputs()[0].shape[-1])
         return int(self.backbone.num_features)
 
+    def to_onnx(self, folder: str | Path, int8: bool = False, calibration: np.ndarray | None = None,
+                threads: int | None = None) -> "SliceEncoder":
+        """The same encoder on ONNX Runtime: the backbone exported (and with ``int8`` statically quantised
+        on ``calibration``, preprocessed input slices (n, 3, S, S)) into ``folder``."""
+        from msnet.inference.onnx import BACKBONE_INT8_ONNX, BACKBONE_ONNX, export_backbone, quantize_backbone
+
+        if self.runtime != "torch":
+            raise MsnetError("to_onnx needs a torch encoder")
+        folder = Path(folder)
+        fp32 = export_backbone(self.backbone, self.spec.size, folder / BACKBONE_ONNX)
+        model = fp32
+        if int8:
+            if calibration is None or not len(calibration):
+                raise MsnetError("int8 quantisation needs calibration slices")
+            model = quantize_backbone(fp32, folder / BACKBONE_INT8_ONNX, calibration)
+        return SliceEncoder(self.spec, runtime="onnx", onnx_model=model, batch_size=self.batch_size, threads=threads)
+
+    def calibration_slices(self, volumes: list, n_slices: int = 96) -> np.ndarray:
+        """Preprocessed slices (n, 3, S, S) spread evenly over ``volumes`` (CTVolume), for int8 calibration."""
+        per = max(1, -(-n_slices // max(1, len(volumes))))
+        out = []
+        for vol in volumes:
+            idx = np.unique(np.linspace(0, vol.n_slices - 1, min(per, vol.n_slices)).round().astype(int))
+            out.append(self.spec.prepare(vol.hu[idx], vol.kind).numpy())
+        return np.ascontiguousarray(np.concatenate(out)[:n_slices], dtype=np.float32)
+
     def describe(self) -> dict:
         """What produced the features (recorded next to cached features and in predictions)."""
         return {"runtime": self.runtime, "dtype": self.dtype, "device": self.device.type,

@@ -13,10 +13,8 @@ and records the folder in ``BUNDLE/onnx.json`` so that ``--runtime onnx`` finds 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +27,8 @@ import torch.nn as nn
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
 from msnet.inference.encoder import SliceEncoder
-from msnet.inference.onnx import AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD, ort_session
+from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD, ort_session,
+                                  quantize_backbone)
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +55,10 @@ class _AggregatorGraph(nn.Module):
 
 
 def _export_models(predictor, out: Path) -> None:
+    from msnet.inference.onnx import export_backbone
     from msnet.models.backbones import export_onnx
 
-    size = predictor.spec.size
-    backbone = copy.deepcopy(predictor.bundle.backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
-    export_onnx(backbone, (torch.randn(2, 3, size, size),), out / BACKBONE_ONNX, ["images"], ["features"],
-                {"images": {0: "batch"}, "features": {0: "batch"}})
+    export_backbone(predictor.bundle.backbone, predictor.spec.size, out / BACKBONE_ONNX)
     d = int(predictor.bundle.info["aggregator"]["in_features"])
     export_onnx(_AggregatorGraph(predictor.aggregator).eval(), (torch.randn(1, 7, d),), out / AGGREGATOR_ONNX,
                 ["features"], ["logits"], {"features": {1: "slices"}})
@@ -148,44 +145,7 @@ def calibration_batch(predictor, studies: Sequence[Path], n_slices: int = 96, ma
     studies = list(studies)
     if len(studies) > max_studies:
         studies = [studies[i] for i in np.linspace(0, len(studies) - 1, max_studies).round().astype(int)]
-    per = max(1, -(-n_slices // max(1, len(studies))))
-    out = []
-    for s in studies:
-        vol = read_study(s)
-        idx = np.unique(np.linspace(0, vol.n_slices - 1, min(per, vol.n_slices)).round().astype(int))
-        out.append(predictor.spec.prepare(vol.hu[idx], vol.kind).numpy())
-    return np.ascontiguousarray(np.concatenate(out)[:n_slices], dtype=np.float32)
-
-
-def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, batch: int = 8) -> Path:
-    """Static int8 quantisation (QDQ, per-channel weights, MinMax calibration) of a backbone ONNX model."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"images": calibration[i:i + batch]} for i in range(0, len(calibration), batch)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory(prefix="msnet-quant-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        except Exception as exc:  # pre-processing is an optimisation only
-            log.warning("quantisation pre-processing skipped (%s)", exc)
-            shutil.copyfile(fp32, pre)
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(max(level, logging.WARNING))  # the quantiser logs one INFO line per tensor
-        try:
-            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            extra_options={"CalibTensorRangeSymmetric": False})
-        finally:
-            root.setLevel(level)
-    return out
+    return predictor.encoder.calibration_slices([read_study(s) for s in studies], n_slices)
 
 
 # ------------------------------------------------------------------ main entry

@@ -1,14 +1,5 @@
-"""ONNX export of a model bundle, parity checks, and static int8 quantisation.
-
-``export_bundle`` writes, by default under ``BUNDLE/onnx/``::
-
-    backbone.onnx          slice backbone, input images (n, 3, S, S) -> features (n, d), dynamic n
-    aggregator.onnx        aggregator, features (1, l, d) -> logits (1, k), dynamic l
-    parity.json            torch vs ONNX Runtime on synthetic studies (max probability difference)
-    backbone_int8.onnx     with ``int8=True``: statically quantised backbone (QDQ, per-channel weights)
-    int8_agreement.json    with ``int8=True``: fp32 vs int8 (same class, max probability difference)
-
-``onnx_backbone_fn`` gives :class:`msnet.predict.Predictor` its backbone through ONNX Runtime.
+"""ONNX Runtime sessions, ONNX export of a backbone, static int8 quantisation, and where a bundle's
+ONNX models are (``msnet export``, :mod:`msnet.inference.export`, writes them).
 """
 
 from __future__ import annotations
@@ -16,8 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from msnet.errors import MsnetError
@@ -96,3 +90,50 @@ def find_onnx(bundle: str | Path, onnx_dir: str | Path | None = None, int8: bool
     looked = " and ".join(str(p) for p in dict.fromkeys(places))
     fix = (f"run `msnet export {bundle} --onnx DIR{' --int8' if int8 else ''}` first, or pass --onnx-dir DIR")
     raise MsnetError(f"no {name} found (looked in {looked})", bundle, fix)
+
+
+def export_backbone(backbone, size: int, path: str | Path) -> Path:
+    """A backbone as ONNX: images (n, 3, size, size) -> features (n, d), dynamic n; a copy in fp32 is
+    exported, the module itself is left as it was."""
+    import copy
+
+    import torch
+
+    from msnet.models.backbones import export_onnx
+
+    module = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
+    return export_onnx(module, (torch.randn(2, 3, size, size),), path, ["images"], ["features"],
+                       {"images": {0: "batch"}, "features": {0: "batch"}})
+
+
+def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, batch: int = 8) -> Path:
+    """Static int8 quantisation (QDQ, per-channel weights, MinMax calibration) of a backbone ONNX model."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"images": calibration[i:i + batch]} for i in range(0, len(calibration), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="msnet-quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        try:
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        except Exception as exc:  # pre-processing is an optimisation only
+            log.warning("quantisation pre-processing skipped (%s)", exc)
+            shutil.copyfile(fp32, pre)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantiser logs one INFO line per tensor
+        try:
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            extra_options={"CalibTensorRangeSymmetric": False})
+        finally:
+            root.setLevel(level)
+    return out
+
+

@@ -67,9 +67,54 @@ def backbone_source(cfg: Config) -> tuple[Path | None, str]:
     return None, f"{b.name}|pretrained={b.pretrained}|weights={file_hash(weights) if weights else ''}"
 
 
-def feature_set_id(backbone_key: str, spec: dict, dtype: str = "float32") -> str:
-    blob = json.dumps({"backbone": backbone_key, "preprocess": spec, "dtype": dtype}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def feature_set_id(backbone_key: str, spec: dict, dtype: str = "float32", runtime: str = "torch") -> str:
+    key = {"backbone": backbone_key, "preprocess": spec, "dtype": dtype}
+    if runtime != "torch":  # the torch set keeps the id it always had
+        key["runtime"] = runtime
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def runtime_key(cfg: Config) -> str:
+    """torch, onnx or onnx-int8: how the run's features are computed."""
+    e = cfg.extract
+    if e.runtime not in ("torch", "onnx"):
+        raise MsnetError(f"unknown extract.runtime {e.runtime!r}", fix="use torch or onnx")
+    if e.int8 and e.runtime != "onnx":
+        raise MsnetError("extract.int8 needs extract.runtime=onnx", fix="--set extract.runtime=onnx")
+    return "torch" if e.runtime == "torch" else ("onnx-int8" if e.int8 else "onnx")
+
+
+def onnx_encoder(cfg: Config, torch_encoder: SliceEncoder, rows: list[dict], folder: Path) -> tuple[SliceEncoder, dict]:
+    """The run's encoder on ONNX Runtime. For int8: calibrated on training studies, then checked against
+    fp32 on held-out studies (per-slice cosine of the features); refused below extract.int8_min_cosine."""
+    from msnet.io import read_study
+
+    if not cfg.extract.int8:
+        return torch_encoder.to_onnx(folder), {}
+    ok = [r for r in rows if r.get("status", "ok") in ("", "ok")]
+    train = [r for r in ok if r.get("subset", "train") in ("", "train")] or ok
+    held = [r for r in ok if r.get("subset", "") not in ("", "train")] or ok[-max(1, len(ok) // 10):]
+
+    def pick(rs: list[dict], k: int) -> list[dict]:  # k rows spread evenly
+        return [rs[i] for i in np.unique(np.linspace(0, len(rs) - 1, min(k, len(rs))).round().astype(int))]
+
+    calib = torch_encoder.calibration_slices([read_study(r["path"]) for r in pick(train, 12)], 96)
+    q = torch_encoder.to_onnx(folder, int8=True, calibration=calib)
+    cos = []
+    for r in pick(held, 4):
+        vol = read_study(r["path"])
+        a, b = torch_encoder.encode(vol.hu, vol.kind), q.encode(vol.hu, vol.kind)
+        cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1).numpy())
+    c = np.concatenate(cos)
+    agreement = {"held_out_studies": len(cos), "slices": int(c.size), "cosine_min": float(c.min()),
+                 "cosine_mean": float(c.mean()), "threshold": cfg.extract.int8_min_cosine,
+                 "ok": bool(c.min() >= cfg.extract.int8_min_cosine)}
+    atomic_write_text(folder / "int8_agreement.json", json.dumps(agreement, indent=2))
+    if not agreement["ok"]:
+        raise MsnetError(f"int8 features disagree with fp32 (per-slice cosine down to {c.min():.4f}, "
+                         f"threshold {cfg.extract.int8_min_cosine})", folder / "int8_agreement.json",
+                         "extract with --set extract.int8=false (ONNX fp32) or the torch runtime")
+    return q, agreement
 
 
 def load_encoder(cfg: Config, device: torch.device | str = "cpu") -> SliceEncoder:
@@ -111,7 +156,7 @@ def run_spec(cfg: Config) -> P.PreprocessSpec:
 def feature_dir(cfg: Config) -> Path:
     """Folder of the feature set the config describes (stage 3 reads it)."""
     _, key = backbone_source(cfg)
-    return cfg.run_path / "features" / feature_set_id(key, run_spec(cfg).to_dict(), cfg.extract.dtype)
+    return cfg.run_path / "features" / feature_set_id(key, run_spec(cfg).to_dict(), cfg.extract.dtype, runtime_key(cfg))
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -126,13 +171,21 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 class _Extractor:
     """One study at a time: reuse its cached features when its content and the encoder are unchanged."""
 
-    def __init__(self, cfg: Config, out: Path, overwrite: bool) -> None:
+    def __init__(self, cfg: Config, out: Path, overwrite: bool, rows: list[dict]) -> None:
         from msnet.device import pick_device
 
-        self.cfg, self.out, self.overwrite = cfg, out, overwrite
+        self.cfg, self.out, self.overwrite, self.rows = cfg, out, overwrite, rows
         self.previous = {r["patient_id"]: r for r in read_csv_rows(out / "manifest.csv")}
         self.device = pick_device(cfg.device)
         self.encoder: SliceEncoder | None = None
+        self.int8_agreement: dict = {}
+
+    def _encoder(self) -> SliceEncoder:
+        if self.encoder is None:
+            self.encoder = load_encoder(self.cfg, self.device)
+            if self.cfg.extract.runtime == "onnx":
+                self.encoder, self.int8_agreement = onnx_encoder(self.cfg, self.encoder, self.rows, self.out / "onnx")
+        return self.encoder
 
     def __call__(self, row: dict, report: ExtractReport) -> dict:
         from msnet.io import read_study
@@ -148,10 +201,9 @@ class _Extractor:
                 and (self.out / rec["file"]).is_file()):
             report.n_cached += 1
             return {**rec, "n_slices": prev["n_slices"], "study_hash": shash}
-        if self.encoder is None:
-            self.encoder = load_encoder(self.cfg, self.device)
+        encoder = self._encoder()
         vol = read_study(row["path"], study_id=pid)
-        _save_npy(self.out / rec["file"], self.encoder.encode(vol.hu, vol.kind).numpy())
+        _save_npy(self.out / rec["file"], encoder.encode(vol.hu, vol.kind).numpy())
         return {**rec, "n_slices": vol.n_slices, "study_hash": shash}
 
 
@@ -182,12 +234,12 @@ def extract(cfg: Config, overwrite: bool = False, strict: bool = False) -> Extra
     rows = read_cohort(cfg.resolve(cfg.data.cohort))
     _, key = backbone_source(cfg)
     spec = run_spec(cfg)
-    set_id = feature_set_id(key, spec.to_dict(), cfg.extract.dtype)
+    set_id = feature_set_id(key, spec.to_dict(), cfg.extract.dtype, runtime_key(cfg))
     out = cfg.run_path / "features" / set_id
     out.mkdir(parents=True, exist_ok=True)
     if D.is_main():
         save_run_info(cfg, out, "extract")
-    one = _Extractor(cfg, out, overwrite)
+    one = _Extractor(cfg, out, overwrite, rows)
     report = ExtractReport(out)
     done: list[dict] = []
     for r in track(rows[rank::world], "extracting features", unit="studies", enabled=D.is_main()):
@@ -205,10 +257,13 @@ def extract(cfg: Config, overwrite: bool = False, strict: bool = False) -> Extra
     report.n_ok = sum(r["status"] == "ok" for r in done)
     report.n_failed = len(done) - report.n_ok
     if D.is_main():
+        previous_meta = json.loads((out / "meta.json").read_text()) if (out / "meta.json").is_file() else {}
         _write_manifest(out / "manifest.csv", done)
         dim = next((int(np.load(out / r["file"], mmap_mode="r").shape[1]) for r in done if r["status"] == "ok"), None)
         meta = {"set_id": set_id, "backbone": cfg.backbone.name, "backbone_key": key, "preprocess": spec.to_dict(),
-                "feature_dtype": cfg.extract.dtype, "encoder": one.encoder.describe() if one.encoder else None,
+                "feature_dtype": cfg.extract.dtype, "runtime": runtime_key(cfg),
+                "encoder": one.encoder.describe() if one.encoder else previous_meta.get("encoder"),
+                "int8_agreement": one.int8_agreement or previous_meta.get("int8_agreement"),
                 "classes": list(cfg.data.classes), "n_features": dim, "n_studies": len(done)}
         atomic_write_text(out / "meta.json", json.dumps(meta, indent=2))
         atomic_write_text(cfg.run_path / "features" / "latest.json", json.dumps({"set_id": set_id}))
