@@ -39,7 +39,7 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
         force=True,
     )
     # third-party chatter
-    for name in ("PIL", "matplotlib", "pydicom", "timm", "urllib3", "httpx"):
+    for name in ("PIL", "matplotlib", "pydicom", "timm", "urllib3", "httpx", "dicomweb_client", "pynetdicom", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -58,14 +58,15 @@ def _overrides(values: Optional[List[str]]) -> list[str]:
 
 @app.command()
 def inspect(
-    study: Path = typer.Argument(..., help="DICOM folder, .nii/.nii.gz, image folder or image file."),
+    study: str = typer.Argument(..., help="DICOM folder, .nii/.nii.gz, image folder, image file or DICOMweb study URL."),
     json_out: bool = typer.Option(False, "--json", help="Emit one JSON object."),
     series: Optional[str] = typer.Option(None, help="SeriesInstanceUID or index of the series to read."),
 ) -> None:
     """Read a study; print slices, spacing, z order, HU range, series chosen, warnings."""
     from msnet.io import describe, read_study
+    from msnet.io.dicomweb import is_dicomweb_url
 
-    vol = read_study(study, series=series)
+    vol = read_study(study if is_dicomweb_url(study) else Path(study), series=series)
     info = describe(vol)
     if json_out:
         typer.echo(json.dumps(info))
@@ -221,7 +222,8 @@ def demo(
 @app.command()
 def predict(
     bundle: Path = typer.Argument(..., help="Model bundle folder (RUN/bundle)."),
-    studies: List[Path] = typer.Argument(..., help="DICOM folders, .nii/.nii.gz, image folders or .zip of any."),
+    studies: List[str] = typer.Argument(..., help="DICOM folders, .nii/.nii.gz, image folders, .zip of any, "
+                                        "DICOMweb study URLs."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object per study (docs/prediction.schema.json)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write predictions.jsonl/.csv/.json and status.csv here, "
                                        "study by study; a re-run skips finished studies."),
@@ -231,16 +233,26 @@ def predict(
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="With --runtime onnx: where `msnet export` wrote "
                                             "the models (default: recorded in the bundle, else BUNDLE/onnx)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1 …"),
+    dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Write SR + Key Object Selection (+ Grad-CAM as Secondary Capture with --explain) per study here."),
+    store: Optional[str] = typer.Option(None, "--store", help="Send them by STOW-RS to this DICOMweb URL (credentials: MSNET_DICOMWEB_* variables)."),
+    store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send them by C-STORE to AET@HOST:PORT."),
+    ae_title: str = typer.Option("MSNET", "--ae-title", help="Calling AE title for --store-aet."),
 ) -> None:
-    """Diagnose studies with a trained bundle."""
+    """Diagnose studies with a trained bundle; optionally write the results as DICOM into the source study."""
     from msnet.inference.batch import predict_many
+
+    on_study = None
+    if dicom_out or store or store_aet:
+        from msnet.service.pacs import StoreTargets, result_writer
+
+        on_study = result_writer(bundle, dicom_out, StoreTargets(store, store_aet, ae_title))
 
     def show(r: dict) -> None:
         if json_out:
             typer.echo(json.dumps(r, allow_nan=False))
 
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
-                                   runtime=runtime, device=device, int8=int8, onnx_dir=onnx_dir)
+                                   on_study=on_study, runtime=runtime, device=device, int8=int8, onnx_dir=onnx_dir)
     if not json_out:
         from rich.console import Console
         from rich.table import Table
@@ -281,6 +293,41 @@ def serve(
 
     run_server(bundle, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
                timeout_s=timeout, queue_size=queue_size, device=device)
+
+
+@app.command()
+def listen(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    ae_title: str = typer.Option("MSNET", "--ae-title", help="This listener's AE title (called AE title)."),
+    port: int = typer.Option(11112, help="DICOM port."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 for the network)."),
+    allow: Optional[List[str]] = typer.Option(None, "--allow", help="Calling AE title allowed to send (repeat; default: any)."),
+    quiet_seconds: float = typer.Option(10.0, "--quiet-seconds", help="A study is complete after this many seconds without a new image."),
+    store: Optional[str] = typer.Option(None, "--store", help="Send SR + KOS by STOW-RS to this DICOMweb URL."),
+    store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send SR + KOS by C-STORE to AET@HOST:PORT."),
+    dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also keep SR + KOS per study here."),
+    spool: Path = typer.Option(Path("msnet-spool"), help="Private folder for received images (removed after each study)."),
+    log_file: Optional[Path] = typer.Option(None, "--log", help="JSON-lines outcome log (default SPOOL/outcomes.jsonl)."),
+    max_studies: int = typer.Option(8, help="Studies held at once (receiving, waiting, running); more are refused (0xA700)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+) -> None:
+    """DICOM C-STORE listener: CT studies in, diagnosis out as SR + Key Object Selection (stops cleanly on SIGTERM)."""
+    from msnet.inference.dicom_out import parse_aet_target
+    from msnet.inference.predictor import Predictor
+    from msnet.io.dicomweb import service_url
+    from msnet.service.listener import Listener, ListenerSettings
+    from msnet.service.pacs import StoreTargets
+
+    if store_aet:
+        parse_aet_target(store_aet)
+    if store:
+        service_url(store)
+    if not (store or store_aet or dicom_out):
+        log.warning("no --store, --store-aet or --dicom-out: results go to the outcome log only")
+    settings = ListenerSettings(spool=spool, ae_title=ae_title, host=host, port=port, allowed_aets=tuple(allow or ()),
+                                quiet_s=quiet_seconds, max_studies=max_studies, log_path=log_file, dicom_out=dicom_out,
+                                targets=StoreTargets(store, store_aet, ae_title))
+    Listener(Predictor(bundle, device=device), bundle, settings).serve_forever()
 
 
 @app.command()

@@ -51,12 +51,16 @@ def _write_tables(out: Path, classes: list[str], results: list[dict], status: li
     atomic_write_text(out / "predictions.json", json.dumps(results, indent=2, allow_nan=False))
 
 
-def predict_many(bundle: Path | Predictor, studies: list[Path], out: Path | None = None,
-                 explain_dir: Path | None = None, on_result=None, **predictor_kwargs) -> tuple[list[dict], list[dict]]:
-    """Predict every study; a bad one is recorded (status ``failed`` with the message) and skipped.
+def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path | None = None,
+                 explain_dir: Path | None = None, on_result=None, on_study=None,
+                 **predictor_kwargs) -> tuple[list[dict], list[dict]]:
+    """Predict every study (paths or DICOMweb URLs); a bad one is recorded (status ``failed`` with the
+    message) and skipped.
 
-    Returns (prediction dicts, status rows). ``on_result(prediction_dict)`` is called as each study
-    finishes (the CLI prints there). With ``out``, studies a previous run finished are not redone.
+    Returns (prediction dicts, status rows). ``on_study(volume, prediction_dict)`` runs for each study
+    before it counts as done (e.g. writing SR + KOS back to the PACS; a MsnetError there fails the
+    study); ``on_result(prediction_dict)`` is called as each study finishes (the CLI prints there).
+    With ``out``, studies a previous run finished are not redone.
     """
     from rich.progress import track
 
@@ -78,10 +82,15 @@ def predict_many(bundle: Path | Predictor, studies: list[Path], out: Path | None
             r = done[key]
         else:
             try:
-                r = predictor.predict(study, explain_dir=explain_dir).to_dict()
+                pred = predictor.predict(study, explain_dir=explain_dir)
+                r = pred.to_dict()
+                if on_study is not None:
+                    on_study(pred.extra["volume"], r)
+                del pred
             except MsnetError as exc:
                 log.error("%s", exc)
-                status.append({"study": key, "study_id": Path(study).name, "status": "failed", "error": str(exc)})
+                status.append({"study": key, "study_id": key.rstrip("/").split("/")[-1].removesuffix(".zip"),
+                               "status": "failed", "error": str(exc)})
                 if out is not None:
                     _write_tables(out, predictor.classes, results, status)
                 continue

@@ -145,11 +145,15 @@ class Bundle:
 
     @property
     def sha256(self) -> str:
-        """Hash of the weights (backbone + aggregator checkpoints): which model made a prediction."""
-        h = hashlib.sha256()
-        for f in (BACKBONE, AGGREGATOR):
-            h.update(file_hash(self.path / f).encode())
-        return h.hexdigest()
+        return bundle_sha256(self.path)
+
+
+def bundle_sha256(path: str | Path) -> str:
+    """Hash of a bundle's weights (backbone + aggregator checkpoints): which model made a prediction."""
+    h = hashlib.sha256()
+    for f in (BACKBONE, AGGREGATOR):
+        h.update(file_hash(Path(path) / f).encode())
+    return h.hexdigest()
 
 
 def read_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:

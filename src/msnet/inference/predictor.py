@@ -120,14 +120,19 @@ class Predictor:
 
     def predict(self, study: str | Path, study_id: str | None = None, explain_dir: Path | None = None,
                 top_k: int = 5) -> Prediction:
-        """One study (folder, file or .zip) -> :class:`Prediction`."""
+        """One study (folder, file, .zip or DICOMweb study URL) -> :class:`Prediction`; the volume read
+        stays in ``prediction.extra["volume"]`` for callers that write results back as DICOM."""
         from msnet.io import read_study
         from msnet.io.archives import open_study
+        from msnet.io.dicomweb import is_dicomweb_url
 
         t0 = time.perf_counter()
         timing = _timing()
-        with open_study(study) as path:
-            vol = read_study(path, study_id=study_id or Path(study).name.removesuffix(".zip"))
+        if is_dicomweb_url(study):
+            vol = read_study(str(study), study_id=study_id)
+        else:
+            with open_study(study) as path:
+                vol = read_study(path, study_id=study_id or Path(study).name.removesuffix(".zip"))
         timing["read"] = time.perf_counter() - t0
         result = self.predict_volume(vol, timing, explain_dir=explain_dir, top_k=top_k)
         result.timing_s["total"] = timing["read"] + result.timing_s["total"]
@@ -163,7 +168,7 @@ class Predictor:
             n_slices=vol.n_slices,
             key_slices=[{"slice_index": int(i), "score": round(float(scores[i]), 6)} for i in order],
             slice_scores=[round(float(s), 6) for s in scores], timing_s=timing, warnings=warnings,
-            model=dict(self.model_info), extra={"features": feats},
+            model=dict(self.model_info), extra={"features": feats, "volume": vol},
         )
         if explain_dir is not None:
             from msnet.inference.explain import explain

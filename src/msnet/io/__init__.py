@@ -1,4 +1,4 @@
-"""Read a study into a :class:`CTVolume`: DICOM folders/files, NIfTI, 2-D images.
+"""Read a study into a :class:`CTVolume`: DICOM folders/files, NIfTI, 2-D images, DICOMweb study URLs.
 
 ``read_study`` is the single entry point. Conventions (see DESIGN.md):
 
@@ -15,6 +15,8 @@
   slices is read (localizers, SR, dose reports and secondary captures never are); the
   others are listed in the warnings. ``series=`` picks one by
   SeriesInstanceUID or by index into the series sorted by (SeriesNumber, UID).
+- A DICOMweb URL (:mod:`msnet.io.dicomweb`) is read like a folder: the series is chosen from the
+  study's metadata, then only its instances are fetched into a temporary folder.
 - A file of the chosen series that cannot be decoded is skipped with a
   warning when other files decode; when none decodes, MsnetError is raised.
 - Compressed pixel data (8 files or more) is decoded by worker processes, one
@@ -34,6 +36,7 @@ from pathlib import Path
 from msnet.errors import MsnetError
 from msnet.io.decode import quiet_pydicom
 from msnet.io.dicom import read_dicom, read_header
+from msnet.io.dicomweb import is_dicomweb_url, read_dicomweb
 from msnet.io.images import is_image, natural_key, read_images
 from msnet.io.nifti import NIFTI_SUFFIXES, read_nifti
 from msnet.io.volume import AIR_HU, OUT_OF_FIELD_HU, CTVolume, describe
@@ -44,17 +47,22 @@ _SKIP_NAMES = {"DICOMDIR"}
 
 
 def read_study(path: str | Path, series: str | int | None = None, study_id: str | None = None) -> CTVolume:
-    """Read a DICOM folder/file, a NIfTI file, an image folder or an image file.
+    """Read a DICOM folder/file, a NIfTI file, an image folder or an image file, or a DICOMweb
+    study URL (a ``str`` starting with http:// or https://, see :mod:`msnet.io.dicomweb`).
 
     e.g. vol = read_study("study_folder")
     e.g. vol.hu.shape, vol.z_mm[0] > vol.z_mm[-1]
     ((148, 512, 512), True)
     """
-    path = Path(path)
-    if not path.exists():
-        raise MsnetError("no such file or folder", path, "check the path (quote names with spaces)")
+    url = is_dicomweb_url(path)
+    if not url:
+        path = Path(path)
+        if not path.exists():
+            raise MsnetError("no such file or folder", path, "check the path (quote names with spaces)")
     try:
         with quiet_pydicom():
+            if url:
+                return read_dicomweb(path, series=series, study_id=study_id)
             return _read_any(path, study_id or _stem(path), series)
     except MsnetError:
         raise

@@ -133,6 +133,9 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
         tasks[i][1].append((k, int(slot[j]), geo[j]["slope"], geo[j]["intercept"],
                             None if pad is None else int(pad), None if lim is None else int(lim)))
     hu, results, decoders = decode_series(tasks, len(slices), ts)
+    sops = [""] * len(slices)
+    for j, (i, _) in enumerate(slices):
+        sops[slot[j]] = str(files[i][1].get("SOPInstanceUID", "") or "")
     failures = [(files[i][0], err) for i, (_, err) in enumerate(results) if err]
     if len(failures) == len(files):
         f, err = failures[0]
@@ -143,7 +146,7 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
     if failures:
         bad = {slot[j] for j, (i, _) in enumerate(slices) if results[i][1]}
         keep = np.array([k not in bad for k in range(len(slices))])
-        hu, z = hu[keep], z[keep]
+        hu, z, sops = hu[keep], z[keep], [s for s, k in zip(sops, keep) if k]
         geo_notes = _sort_slices([geo[j] for j in order if slot[j] not in bad])[3]
         notes += [f"{f.name}: skipped, pixel data could not be decoded ({err})" for f, err in failures]
     row_mm, col_mm = geo[order[0]]["pixel_mm"]
@@ -151,7 +154,8 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
         geo_notes.append("PixelSpacing missing: 1 mm assumed")
     vol = CTVolume(hu=hu, spacing_mm=(float(step), float(row_mm), float(col_mm)), z_mm=np.asarray(z, float),
                    study_id=sid, source=str(source), kind="hu", warnings=notes + geo_notes,
-                   transfer_syntax=ts, n_series=n_series, series_uid=chosen["uid"] or None)
+                   transfer_syntax=ts, n_series=n_series, series_uid=chosen["uid"] or None,
+                   sop_instance_uids=sops, dicom_headers=files[slices[order[0]][0]][1])
     logger.debug("read %d slices of %s (decoder %s)", vol.n_slices, sid, ", ".join(decoders))
     check_range(vol)
     return vol

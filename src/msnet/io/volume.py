@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,11 @@ class CTVolume:
     transfer_syntax: str | None = None
     n_series: int = 1
     series_uid: str | None = None
+    sop_instance_uids: list[str] | None = None
+    """DICOM only: the SOPInstanceUID of each slice, in canonical order (kept in sync with ``hu``)."""
+    dicom_headers: Any = field(default=None, repr=False, compare=False)
+    """DICOM only: the header (no pixel data) of the first slice in canonical order, for writing results
+    into the source study. It holds patient identifiers: never print or log it."""
 
     @property
     def n_slices(self) -> int:

@@ -1,0 +1,387 @@
+"""A diagnosis as DICOM objects in the source study, and the two ways to send them to an archive.
+
+- :func:`write_sr`: a Comprehensive SR, TID 1500 measurement report: one measurement group holding
+  the predicted class (Finding), each class's probability, the algorithm (model name, version,
+  bundle hash), the lung as finding site and the key slices as source images; plus a root
+  "Qualitative Evaluations" container with a comment that names the class and says "research use
+  only, not for diagnosis".
+- :func:`write_kos`: a Key Object Selection document ("Of Interest") referencing the key slices'
+  SOP instances, so viewers list them as key images.
+- :func:`write_secondary_capture`: a PNG (the Grad-CAM strip) as a Secondary Capture image.
+- :func:`store_stow` (DICOMweb STOW-RS) and :func:`store_cstore` (DIMSE C-STORE).
+
+Every object goes into the source study (same StudyInstanceUID; patient and study modules copied
+from the source header, as DICOM requires) in a new series with its own UIDs. The objects are built
+with highdicom, which validates them on construction. The input is explicit: a DICOM-read
+:class:`msnet.io.CTVolume` (its ``sop_instance_uids`` and ``dicom_headers``), the class, the
+probabilities, the key slice indices (canonical order) and the model's identity.
+
+>>> model = ModelIdentity("msnet-efficientnet_lite0-msnet", "0.1.0", "ab12...")  # doctest: +SKIP
+>>> write_sr(vol, "CAP", {"COVID-19": .1, "CAP": .8, "NORMAL": .1}, [40, 41], "out", model)  # doctest: +SKIP
+PosixPath('out/msnet-sr.dcm')
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from msnet.errors import MsnetError
+from msnet.files import atomic_path
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "msnet"
+SR_SERIES_NUMBER, KO_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902, 9903
+RESEARCH_ONLY = "Research use only, not for diagnosis: not a medical device; not to be used to guide patient care."
+LOCAL_SCHEME = "99MSNET"
+"""Private coding scheme (PS3.16: designators starting with 99 are local) for what no standard code names."""
+_SNOMED = {  # the default classes as SNOMED CT concepts; other class names get a local code
+    "COVID-19": ("840539006", "COVID-19"),
+    "CAP": ("385093006", "Community acquired pneumonia"),
+    "NORMAL": ("17621005", "Normal"),
+}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the SR names as the algorithm: the bundle's model name, the msnet version, the bundle's hash."""
+
+    name: str
+    version: str
+    bundle_hash: str
+
+
+def model_identity(bundle: str | Path) -> ModelIdentity:
+    """Name and version from the bundle's model card; the sha256 of its weights (as in every Prediction)."""
+    from msnet.inference.bundle import bundle_sha256
+
+    bundle = Path(bundle)
+    card = json.loads((bundle / "metadata.json").read_text())
+    version = str(card.get("versions", {}).get("msnet") or card.get("version") or "unknown")
+    return ModelIdentity(str(card.get("name") or bundle.name), version, bundle_sha256(bundle))
+
+
+def class_concept(name: str):
+    """The coded concept for a class: SNOMED CT for the default classes, else a local code.
+
+    >>> class_concept("CAP").value, class_concept("CAP").scheme_designator
+    ('385093006', 'SCT')
+    """
+    from highdicom.sr import CodedConcept
+
+    if name in _SNOMED:
+        value, meaning = _SNOMED[name]
+        return CodedConcept(value, "SCT", meaning)
+    return CodedConcept(_local_code("C", name), LOCAL_SCHEME, name[:64])
+
+
+def probability_concept(name: str):
+    """The measurement name for one class's probability (local code, meaning "Probability of NAME")."""
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(_local_code("P", name), LOCAL_SCHEME, f"Probability of {name}"[:64])
+
+
+def _local_code(prefix: str, name: str) -> str:
+    slug = re.sub(r"[^A-Z0-9-]", "", name.upper())
+    if not slug or len(slug) > 14 or slug != name.upper():
+        slug = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{prefix}-{slug}"
+
+
+# ------------------------------------------------------------------ source references
+
+
+def _check_source(volume) -> None:
+    if getattr(volume, "dicom_headers", None) is None or not getattr(volume, "sop_instance_uids", None):
+        raise MsnetError("DICOM results need a DICOM study (this one was not read from DICOM files)",
+                         getattr(volume, "source", None), "pass the DICOM series: a folder, a .zip or a DICOMweb URL")
+
+
+def _references(volume, indices: Sequence[int]) -> list:
+    """One header-only dataset per key slice: the source header with that slice's SOPInstanceUID."""
+    _check_source(volume)
+    uids = volume.sop_instance_uids
+    header = volume.dicom_headers
+    refs, seen = [], set()
+    for i in indices:
+        if not 0 <= int(i) < len(uids):
+            raise MsnetError(f"key slice {i} is outside the study's {len(uids)} slices", volume.source,
+                             "pass the prediction made on this very volume")
+        uid = uids[int(i)]
+        if not uid:
+            raise MsnetError(f"slice {i} has no SOPInstanceUID", volume.source, "re-export the study from the archive")
+        if uid in seen:  # frames of one multi-frame instance
+            continue
+        seen.add(uid)
+        ds = copy.deepcopy(header)
+        ds.SOPInstanceUID = uid
+        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                        "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):
+            if keyword not in ds:
+                setattr(ds, keyword, None)  # type 2 in the output: present, empty
+        refs.append(ds)
+    if not refs:
+        raise MsnetError("no key slices to reference", volume.source, "the prediction lists no key slices")
+    return refs
+
+
+def _device(model: ModelIdentity):
+    from highdicom.sr import DeviceObserverIdentifyingAttributes, ObserverContext
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=[model.bundle_hash]), name="msnet", manufacturer_name=MANUFACTURER,
+            model_name=model.name[:64], serial_number=model.bundle_hash[:16]))
+
+
+def _identify_local_scheme(ds) -> None:
+    """Name the private coding scheme in the dataset (Coding Scheme Identification Sequence)."""
+    from pydicom import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = LOCAL_SCHEME
+    item.CodingSchemeName = "msnet local codes"
+    item.CodingSchemeResponsibleOrganization = "msnet project"
+    ds.CodingSchemeIdentificationSequence = [item]
+
+
+def _save(ds, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return path
+
+
+def _built(what: str, volume, build):
+    """Run a highdicom constructor; its validation errors become MsnetError naming the study. Its
+    warnings are silenced and identifying values are cut out of error messages: both can quote the
+    patient's name or id."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build()
+    except MsnetError:
+        raise
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise MsnetError(f"cannot build the {what} from this study's headers ({_redact(str(exc), volume)})",
+                         volume.source, "check the source's UIDs and patient/study attributes (e.g. with dciodvfy)") from exc
+
+
+_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber",
+                "ReferringPhysicianName", "InstitutionName", "StudyID")
+
+
+def _redact(text: str, volume) -> str:
+    header = getattr(volume, "dicom_headers", None)
+    for keyword in _IDENTIFYING if header is not None else ():
+        value = str(header.get(keyword, "") or "").strip()
+        if len(value) >= 2:
+            text = text.replace(value, "<redacted>")
+    return text
+
+
+# ------------------------------------------------------------------ writers
+
+
+def write_sr(volume, prediction: str, probabilities: dict[str, float], key_slices: Sequence[int],
+             out_dir: str | Path, model: ModelIdentity, filename: str = "msnet-sr.dcm") -> Path:
+    """Write the Comprehensive SR (TID 1500) stating the diagnosis; returns its path."""
+    import highdicom as hd
+    from highdicom.sr import (AlgorithmIdentification, CodedConcept, ComprehensiveSR, ContainerContentItem,
+                              FindingSite, Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations,
+                              ObservationContext, RelationshipTypeValues, SourceImageForMeasurementGroup,
+                              TextContentItem, TrackingIdentifier)
+    from pydicom.sr.codedict import codes
+
+    refs = _references(volume, key_slices)
+    if prediction not in probabilities:
+        raise MsnetError(f"predicted class {prediction!r} is not among the probabilities {list(probabilities)}",
+                         volume.source, "pass the prediction's own probabilities")
+    algorithm = AlgorithmIdentification(name=model.name[:64], version=model.version[:64],
+                                        parameters=[f"bundle sha256 {model.bundle_hash}"])
+
+    def build():
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="msnet study diagnosis"),
+            finding_type=class_concept(prediction),
+            algorithm_id=algorithm,
+            finding_sites=[FindingSite(codes.SCT.Lung)],
+            measurements=[Measurement(name=probability_concept(c), value=float(p), unit=codes.UCUM.NoUnits)
+                          for c, p in probabilities.items()],
+            source_images=[SourceImageForMeasurementGroup(str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in refs],
+        )
+        report = MeasurementReport(
+            observation_context=ObservationContext(observer_device_context=_device(model)),
+            procedure_reported=CodedConcept("169069000", "SCT", "CT of chest"),
+            imaging_measurements=[group],
+            title=codes.DCM.ImagingMeasurementReport,
+        )
+        note = ContainerContentItem(name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
+                                    relationship_type=RelationshipTypeValues.CONTAINS)
+        note.ContentSequence = [TextContentItem(
+            name=codes.DCM.Comment, relationship_type=RelationshipTypeValues.CONTAINS,
+            value=(f"msnet result: {prediction} (probability {probabilities[prediction]:.3f}); "
+                   f"model {model.name} {model.version}. {RESEARCH_ONLY}")[:1024])]
+        report[0].ContentSequence.append(note)
+        sr = ComprehensiveSR(
+            evidence=refs, content=report[0], series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True)
+        sr.SeriesDescription = "msnet diagnosis (research use only)"
+        _identify_local_scheme(sr)
+        return sr
+
+    return _save(_built("SR", volume, build), Path(out_dir) / filename)
+
+
+def write_kos(volume, prediction: str, key_slices: Sequence[int], out_dir: str | Path, model: ModelIdentity,
+              filename: str = "msnet-ko.dcm") -> Path:
+    """Write the Key Object Selection document referencing the key slices; returns its path."""
+    import highdicom as hd
+    from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
+    from pydicom.sr.codedict import codes
+
+    refs = _references(volume, key_slices)
+
+    def build():
+        content = KeyObjectSelection(
+            document_title=codes.DCM.OfInterest, referenced_objects=refs, observer_device_context=_device(model),
+            description=f"msnet key slices for {prediction} (research use only, not for diagnosis)"[:1024])
+        ko = KeyObjectSelectionDocument(
+            evidence=refs, content=content, series_instance_uid=hd.UID(), series_number=KO_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER)
+        ko.SeriesDescription = "msnet key slices (research use only)"
+        return ko
+
+    return _save(_built("Key Object Selection", volume, build), Path(out_dir) / filename)
+
+
+def write_secondary_capture(volume, png: str | Path, out_dir: str | Path, model: ModelIdentity,
+                            filename: str = "msnet-sc.dcm") -> Path:
+    """Write an image (e.g. the Grad-CAM key-slice strip) as an RGB Secondary Capture; returns its path."""
+    import highdicom as hd
+    import numpy as np
+    from PIL import Image
+
+    _check_source(volume)
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+
+    def build():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=_references(volume, [0])[0], pixel_array=pixels, photometric_interpretation="RGB",
+            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=hd.UID(),
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer=MANUFACTURER, patient_orientation=("L", "P"),
+            transfer_syntax_uid="1.2.840.10008.1.2.1")
+        sc.SeriesDescription = "msnet key slices, Grad-CAM (research use only)"
+        sc.BodyPartExamined = "CHEST"  # unpaired: Laterality (type 2C) stays absent
+        sc.ImageComments = f"{model.name} {model.version}. {RESEARCH_ONLY}"[:10240]
+        return sc
+
+    return _save(_built("Secondary Capture", volume, build), Path(out_dir) / filename)
+
+
+def write_results(volume, prediction: Any, out_dir: str | Path, model: ModelIdentity,
+                  explanation_png: str | Path | None = None) -> list[Path]:
+    """SR + KOS (+ Secondary Capture) for one prediction (a dict or an object with ``to_dict()``),
+    in ``out_dir/<study_id>/``."""
+    d = prediction.to_dict() if hasattr(prediction, "to_dict") else prediction
+    keys = [int(k["slice_index"]) for k in d["key_slices"]]
+    folder = Path(out_dir) / _safe_name(str(d.get("study_id") or volume.study_id))
+    files = [write_sr(volume, d["prediction"], d["probabilities"], keys, folder, model),
+             write_kos(volume, d["prediction"], keys, folder, model)]
+    if explanation_png is not None:
+        files.append(write_secondary_capture(volume, explanation_png, folder, model))
+    return files
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._") or "study"
+    return name[:120]
+
+
+# ------------------------------------------------------------------ sending
+
+
+def store_stow(url: str, files: Sequence[str | Path]) -> int:
+    """Send DICOM files to a DICOMweb server by STOW-RS (``url``: the service's base URL, or a study
+    URL on it); retried like a read. Returns the number of instances stored."""
+    import pydicom
+
+    from msnet.io.dicomweb import client, retrying, service_url
+
+    base = service_url(url)
+    datasets = [pydicom.dcmread(f) for f in files]
+    if not datasets:
+        return 0
+    answer = retrying("STOW-RS store", base, lambda: client(base).store_instances(datasets))
+    failed = list(getattr(answer, "FailedSOPSequence", []) or [])
+    if failed:
+        reasons = sorted({str(getattr(f, "FailureReason", "?")) for f in failed})
+        raise MsnetError(f"the server refused {len(failed)} of {len(datasets)} objects (failure reasons {reasons})",
+                         base, "check the server's log; it must accept SR, KO and SC storage")
+    logger.info("stored %d objects by STOW-RS", len(datasets))
+    return len(datasets)
+
+
+def parse_aet_target(target: str) -> tuple[str, str, int]:
+    """``AET@HOST:PORT`` -> (AE title, host, port).
+
+    >>> parse_aet_target("ORTHANC@pacs.local:4242")
+    ('ORTHANC', 'pacs.local', 4242)
+    """
+    m = re.fullmatch(r"([^@\\]{1,16})@(\[[^\]]+\]|[^:@]+):(\d{1,5})", target.strip())
+    if m is None or not 0 < int(m[3]) < 65536:
+        raise MsnetError(f"not a C-STORE destination: {target!r}", fix="write it as AET@HOST:PORT, e.g. ORTHANC@pacs:4242")
+    return m[1].strip(), m[2].strip("[]"), int(m[3])
+
+
+def store_cstore(target: str, files: Sequence[str | Path], calling_aet: str = "MSNET", attempts: int = 3) -> int:
+    """Send DICOM files by C-STORE to ``AET@HOST:PORT``. Returns the number stored."""
+    import time
+
+    import pydicom
+    from pynetdicom import AE
+
+    called, host, port = parse_aet_target(target)
+    datasets = [pydicom.dcmread(f) for f in files]
+    if not datasets:
+        return 0
+    ae = AE(ae_title=calling_aet)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, [str(datasets[0].file_meta.TransferSyntaxUID), "1.2.840.10008.1.2.1",
+                                             "1.2.840.10008.1.2"])
+    for k in range(attempts):
+        assoc = ae.associate(host, port, ae_title=called)
+        if assoc.is_established:
+            break
+        if k + 1 < attempts:
+            time.sleep(2**k)
+    else:
+        raise MsnetError(f"no association with {called} after {attempts} tries (rejected, aborted or unreachable)",
+                         target, "check the AE title, host and port, and that the archive knows this calling AE title")
+    try:
+        bad = []
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success or warning
+                bad.append(f"{ds.SOPClassUID.name}: status {'none' if code is None else hex(code)}")
+    finally:
+        assoc.release()
+    if bad:
+        raise MsnetError(f"C-STORE failed for {len(bad)} of {len(datasets)} objects ({'; '.join(bad)})", target,
+                         "check the archive's log")
+    logger.info("stored %d objects by C-STORE to %s", len(datasets), called)
+    return len(datasets)

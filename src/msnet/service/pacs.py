@@ -1,0 +1,134 @@
+"""The PACS path as four steps a test can call one by one: read, predict, write, store.
+
+``msnet listen`` goes through :func:`diagnose`; ``msnet predict ... --dicom-out/--store/--store-aet``
+hands :func:`result_writer` to the batch loop.
+
+>>> pred, files = diagnose(predictor, "http://pacs/dicom-web/studies/1.2.3", bundle="run/bundle",
+...                        store_url="http://pacs/dicom-web")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from msnet.io.dicomweb import is_dicomweb_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreTargets:
+    """Where results go besides ``dicom_out``: a DICOMweb base URL (STOW-RS) and/or ``AET@HOST:PORT``."""
+
+    url: str | None = None
+    aet: str | None = None
+    calling_aet: str = "MSNET"
+
+    def __bool__(self) -> bool:
+        return bool(self.url or self.aet)
+
+
+def default_study_id(study: str | Path) -> str | None:
+    """The id a study is reported under: the folder or zip name; None for a URL (its StudyInstanceUID)."""
+    return None if is_dicomweb_url(study) else Path(study).name.removesuffix(".zip")
+
+
+def read(study: str | Path, study_id: str | None = None):
+    """Step 1: a folder, file, zip or DICOMweb URL -> CTVolume (with SOP instance UIDs and the source header)."""
+    from msnet.io import read_study
+    from msnet.io.archives import open_study
+
+    if is_dicomweb_url(study):
+        return read_study(str(study), study_id=study_id)
+    with open_study(study) as path:
+        return read_study(path, study_id=study_id or default_study_id(study))
+
+
+def predict(predictor, volume, explain_dir: Path | None = None) -> dict:
+    """Step 2: the prediction for a volume already read, as the JSON dict of DESIGN.md."""
+    if hasattr(predictor, "predict_volume"):
+        p = predictor.predict_volume(volume, explain_dir=explain_dir)
+    else:
+        p = predictor.predict(volume, study_id=volume.study_id, explain_dir=explain_dir)
+    return p.to_dict() if hasattr(p, "to_dict") else dict(p)
+
+
+def write(volume, prediction: dict, out_dir: Path, bundle: Path) -> list[Path]:
+    """Step 3: SR + Key Object Selection (+ the Grad-CAM strip as Secondary Capture when explained)."""
+    from msnet.inference.dicom_out import model_identity, write_results
+
+    png = (prediction.get("explanation") or {}).get("key_slices_png")
+    return write_results(volume, prediction, out_dir, model_identity(bundle), explanation_png=png)
+
+
+def store(files: list[Path], targets: StoreTargets) -> int:
+    """Step 4: send the files by STOW-RS and/or C-STORE; returns how many objects were sent per target."""
+    from msnet.inference.dicom_out import store_cstore, store_stow
+
+    n = 0
+    if targets.url:
+        n = store_stow(targets.url, files)
+    if targets.aet:
+        n = store_cstore(targets.aet, files, calling_aet=targets.calling_aet)
+    return n
+
+
+@contextmanager
+def _out_folder(dicom_out: Path | None) -> Iterator[Path]:
+    if dicom_out is not None:
+        yield Path(dicom_out)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="msnet-dicom-out-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def diagnose(predictor, study: str | Path, bundle: Path, study_id: str | None = None, dicom_out: Path | None = None,
+             targets: StoreTargets = StoreTargets(), explain_dir: Path | None = None) -> tuple[dict, list[Path]]:
+    """Read, predict and, with ``dicom_out`` or store targets, write and store. Returns the prediction
+    dict and the DICOM files kept (none when only stored: they are written to a temp folder)."""
+    t0 = time.perf_counter()
+    volume = read(study, study_id)
+    read_s = time.perf_counter() - t0
+    result = predict(predictor, volume, explain_dir=explain_dir)
+    timing = result.get("timing_s")
+    if isinstance(timing, dict) and not timing.get("read"):
+        timing["read"] = read_s
+        timing["total"] = float(timing.get("total", 0.0)) + read_s
+    if dicom_out is None and not targets:
+        return result, []
+    with _out_folder(dicom_out) as folder:
+        files = write(volume, result, folder, bundle)
+        if targets:
+            store(files, targets)
+        return result, (files if dicom_out is not None else [])
+
+
+def result_writer(bundle: Path, dicom_out: Path | None, targets: StoreTargets):
+    """A per-study hook for :func:`msnet.inference.batch.predict_many`: write the SR + KOS (+ Secondary
+    Capture) of each finished study to ``dicom_out`` and/or send them to ``targets``. Destinations are
+    checked before any study is read."""
+    from msnet.inference.dicom_out import parse_aet_target
+    from msnet.io.dicomweb import service_url
+
+    if targets.aet:  # a typo in a destination fails before any work
+        parse_aet_target(targets.aet)
+    if targets.url:
+        service_url(targets.url)
+
+    def on_study(volume, prediction: dict) -> None:
+        with _out_folder(dicom_out) as folder:
+            files = write(volume, prediction, folder, bundle)
+            if targets:
+                store(files, targets)
+
+    return on_study
