@@ -172,6 +172,28 @@ def _plot_roc(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], metrics:
     _save_png(fig, path)
 
 
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "reliability") -> None:
+    """Reliability diagram: per confidence bin, the accuracy against the mean top-class probability, one
+    line per model (``curves``: name -> (labels, probabilities)); the diagonal is perfect calibration."""
+    from msnet.metrics import calibration
+
+    fig = _figure(4.6, 4.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfectly calibrated")
+    for name, (y, probs) in curves.items():
+        cal = calibration(y, probs, n_bins=10)
+        xs = [b["confidence"] for b in cal["bins"]]
+        ys = [b["accuracy"] for b in cal["bins"]]
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.3, label=f"{name} (ECE {cal['ece']:.3f})")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean predicted probability of the predicted class")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left")
+    _save_png(fig, path)
+
+
 def _num(x: str | None) -> float:
     try:
         return float(x) if x not in (None, "") else math.nan
@@ -352,11 +374,13 @@ def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
     by_agg: dict[str, dict[str, Any]] = {}
     test_rows: dict[str, list[dict[str, str]]] = {}
     plots: dict[str, tuple[str, str]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for model in models:
         name = model["name"]
         if model["classes"] != classes:
             logger.warning("%s: classes %s differ from %s", model["path"], model["classes"], classes)
         y, pred, probs, rows = _test_arrays(model)
+        curves[name] = (y, probs)
         m = classification_metrics(y, pred, probs, model["classes"])
         ci = bootstrap_ci(y, pred, probs, model["classes"], n_boot=n_boot, seed=seed)
         m["ci"] = {k: (list(v) if v else None) for k, v in ci.items()}
@@ -386,6 +410,7 @@ def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
     result["headline"] = headline_table(result)
 
     has_curves = _plot_history(models, out / "training_curves.png")
+    plot_reliability(curves, out / "reliability.png", "patient level, test set (calibrated probabilities)")
     _plot_comparison(by_agg, out / "comparison.png")
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False))
     _write_predictions(out / "predictions.csv", models, test_rows)
@@ -429,6 +454,12 @@ def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, An
             f"(mean {pct(float(np.mean(accs)))}, sd {pct(float(np.std(accs)))})."
         )
     parts += [f"## Per test subset ({primary}, Table 3 form)", pm["table3"]]
+    parts += ["## Calibration",
+              "Probabilities are temperature-scaled on each model's validation patients (`msnet train`). "
+              "ECE: expected calibration error over 15 confidence bins; Brier: multi-class Brier score.",
+              "| model | ECE | Brier |\n|---|---|---|\n" + "\n".join(
+                  f"| {n} | {m.get('ece', 0.0):.3f} | {m.get('brier', 0.0):.3f} |" for n, m in result["by_aggregator"].items()),
+              "![reliability diagram](reliability.png)"]
     parts.append("## Confusion matrices and ROC curves")
     for name, (cm_png, roc_png) in plots.items():
         parts.append(f"### {name}\n\n![{name} confusion matrix]({cm_png}) ![{name} ROC]({roc_png})")
