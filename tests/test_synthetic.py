@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -110,24 +111,55 @@ def test_lesion_side_and_texture_by_class():
     plans = plan_cohort(30, size=64, seed=5, slices=(40, 60))
     for p in plans:
         sides = {les.side for les in p.lesions}
-        if p.label == "COVID-19":
-            assert sides == {-1, 1} and all(les.kind == "ggo" for les in p.lesions)
-        elif p.label == "CAP":
-            assert len(sides) == 1 and all(les.kind == "consolidation" for les in p.lesions)
+        if p.label == "COVID-19":  # multifocal, bilateral, peripheral ground glass
+            assert sides == {-1, 1} and all(les.kind == "ggo" and les.rho >= 0.65 for les in p.lesions)
+            assert len(p.lesions) >= 4
+        elif p.label == "CAP":  # one consolidation, bounded by a lobe
+            assert len(p.lesions) == 1 and p.lesions[0].kind == "consolidation" and p.lesions[0].lobe
         else:
             assert p.lesions == []
 
 
-def test_lesions_cover_a_good_fraction_of_lung_slices(tmp_path):
-    plans = [p for p in plan_cohort(6, size=64, seed=7, slices=(50, 70)) if p.label != "NORMAL"]
+def _lesion_slices(plan, size=64) -> np.ndarray:
+    ph = Phantom(plan, size)
+    return np.array([ph.render(i)[1].sum() for i in range(plan.n_slices)])
+
+
+def test_classes_differ_in_where_and_how_many_slices_carry_lesions():
+    """COVID-19: foci over many slices, more in the lower lungs; CAP: one contiguous run of fewer slices."""
+    plans = [p for p in plan_cohort(24, size=64, seed=7, slices=(50, 70)) if p.label != "NORMAL"]
+    cover = {"COVID-19": [], "CAP": []}
+    lower = upper = 0
     for p in plans:
-        ph = Phantom(p, 64)
-        labels = np.array([ph.render(i)[1].any() for i in range(p.n_slices)])
-        frac = labels.sum() / p.n_slices
-        assert 0.15 <= frac <= 0.65, (p.label, frac)
-        # one lesion spans several neighbouring slices
+        area = _lesion_slices(p)
+        labels = area > 0
         runs = np.diff(np.flatnonzero(np.diff(np.r_[0, labels.astype(int), 0])))[::2]
-        assert runs.max() >= 3
+        assert runs.max() >= 3  # a lesion spans several neighbouring slices
+        cover[p.label].append(labels.sum() / p.n_slices)
+        if p.label == "CAP":
+            assert len(runs) == 1, runs  # one consolidation: one contiguous run
+        else:
+            u = Phantom(p, 64).u
+            lower += area[u > 0.5].sum()
+            upper += area[u <= 0.5].sum()
+    assert min(cover["COVID-19"]) > 0.15 and np.mean(cover["COVID-19"]) > 1.5 * np.mean(cover["CAP"])
+    assert lower > 1.5 * upper  # lower-lobe predominant
+
+
+def test_distractors_in_every_class_and_never_labelled():
+    plans = plan_cohort(60, size=64, seed=4, slices=(40, 60))
+    swapped = plan_cohort(60, size=64, seed=4, slices=(40, 60), classes=("NORMAL", "COVID-19", "CAP"))
+    assert [(p.nodules, p.bands) for p in plans] == [(p.nodules, p.bands) for p in swapped]  # blind to the class
+    for c in ("COVID-19", "CAP", "NORMAL"):
+        assert any(p.nodules for p in plans if p.label == c) and any(p.bands for p in plans if p.label == c)
+    p = next(p for p in plans if p.label == "NORMAL" and any(n.diameter_mm > 7 for n in p.nodules) and p.bands)
+    ph = Phantom(p, 64)
+    slices = [ph.render(i) for i in range(p.n_slices)]
+    assert not any(mask.any() for _, mask in slices)  # nodules and atelectasis are no lesions
+    dense_in_lung = [(hu > -600).sum() for hu, _ in slices]
+    clean = Phantom(dataclasses.replace(p, nodules=[], bands=[]), 64)
+    dense_clean = [(hu > -600).sum() for hu, _ in (clean.render(i) for i in range(p.n_slices))]
+    assert sum(dense_in_lung) > sum(dense_clean)  # yet they show
 
 
 def test_deterministic_per_seed(tmp_path):
@@ -147,7 +179,7 @@ def test_nuisances_do_not_depend_on_class():
     swapped = plan_cohort(n, size=256, seed=2, slices=(40, 80), classes=("NORMAL", "COVID-19", "CAP"))
     assert [p.label for p in plans] != [p.label for p in swapped]
     keys = ("n_slices", "thickness_mm", "spacing_mm", "pixel_spacing_mm", "noise_hu", "body_fraction",
-            "instance_reversed", "naming")
+            "instance_reversed", "naming", "nodules", "bands")
     for p, q in zip(plans, swapped):
         assert [getattr(p, k) for k in keys] == [getattr(q, k) for k in keys]
     # and per class the distributions look alike

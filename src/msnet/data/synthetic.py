@@ -3,13 +3,15 @@
 Each patient is a numerical phantom (body, fat, muscle, ribs, spine, mediastinum,
 heart, liver, two lungs with vessels) rendered slice by slice with vectorised
 numpy; anatomy and lesions are 3-D objects parametrised along the scan, so
-neighbouring slices are coherent. Lesions by class:
+neighbouring slices are coherent. The classes differ in what the lesions look
+like and in where and on how many slices they lie:
 
-- ``COVID-19``: bilateral, peripheral, multifocal ground-glass opacities
-  (-700..-300 HU), lower-lobe predominant, some with crazy paving;
-- ``CAP``: unilateral lobar/segmental consolidation (-100..+50 HU) with air
-  bronchograms;
-- ``NORMAL``: none.
+- ``COVID-19``: 2-8 ground-glass foci (-700..-300 HU), bilateral, peripheral,
+  posterior, lower-lobe predominant, some with crazy paving: many slices;
+- ``CAP``: one consolidation (-100..+50 HU) with air bronchograms in one lobe
+  of one lung, bounded by its fissures, 2.5-8 cm long: one run of fewer slices;
+- ``NORMAL``: none. Every class has the same findings that are not
+  pneumonia: vessels, small solid or calcified nodules, dependent atelectasis.
 
 Acquisition nuisances (slice count, thickness, spacing, pixel spacing, noise,
 body size, file naming, InstanceNumber direction) are drawn from a random
@@ -48,6 +50,8 @@ SYNTHETIC_MARKER = "synthetic.json"
 """Written beside a synthetic cohort's cohort.csv: models trained on it say so in every prediction."""
 GGO_HU = (-700.0, -300.0)
 CONSOLIDATION_HU = (-100.0, 50.0)
+MIN_LESION_SLICES = 3
+"""Every lesion reaches over at least this many slices (binds only for small lesions on coarse scans)."""
 _N_FIELDS = 8  # vessel bases A0..A3, lesion shape, lesion texture, septa, bronchi
 
 
@@ -65,6 +69,29 @@ class Lesion:
     hu: float
     kind: str  # "ggo" or "consolidation"
     crazy_paving: bool = False
+    lobe: str = ""  # "upper", "middle" or "lower": bounded by that lobe's fissures ("" = crosses them)
+
+
+@dataclass
+class Nodule:
+    """A small round finding that is not pneumonia (solid or calcified), in lung coordinates."""
+
+    side: int
+    u_center: float
+    angle: float
+    rho: float  # radial position as a fraction of the lung's semi-axes at its level
+    diameter_mm: float
+    hu: float
+
+
+@dataclass
+class Band:
+    """Dependent atelectasis: a subpleural band along the posterior lung from u_top down to the base."""
+
+    side: int
+    u_top: float
+    thickness_mm: float
+    hu: float
 
 
 @dataclass
@@ -94,6 +121,8 @@ class PatientPlan:
     instance_reversed: bool  # True: InstanceNumber 1 is the most inferior slice
     naming: str  # "im", "hex" or "textrank"
     lesions: list[Lesion] = field(default_factory=list)
+    nodules: list[Nodule] = field(default_factory=list)  # distractors, any class, never labelled
+    bands: list[Band] = field(default_factory=list)
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -115,54 +144,72 @@ def _lung_u(plan: PatientPlan) -> np.ndarray:
 
 
 def _draw_lesions(label: str, plan: PatientPlan, rng: np.random.Generator) -> list[Lesion]:
-    """Lesions for one class, resampled until they cover 28-58 % of the lung slices."""
+    """Lesions for one class, placed by anatomy (no resampling towards any coverage)."""
     if label.upper() == "NORMAL" or label.upper().startswith("NON"):
         return []
-    u = _lung_u(plan)
-    lung = np.array([_lung_profile(v) > 0.12 for v in u])
-    best: list[Lesion] = []
-    for _ in range(200):
-        lesions = _covid_lesions(rng) if "COVID" in label.upper() else _cap_lesions(rng)
-        cover = np.zeros_like(lung)
-        for les in lesions:
-            cover |= np.abs(u - les.u_center) < 0.85 * les.u_radius
-        frac = (cover & lung).sum() / max(1, lung.sum())
-        best = lesions
-        if 0.28 <= frac <= 0.58:
-            break
-    return best
+    lesions = _covid_lesions(rng) if "COVID" in label.upper() else _cap_lesions(rng)
+    # readers label a pneumonia that shows on a few neighbouring slices: on coarse scans (few slices
+    # over the lung) a small lesion is stretched along z to reach over MIN_LESION_SLICES slices
+    n_lung = max(1.0, (plan.n_slices - 1) * (plan.lung_base_t - plan.lung_apex_t))
+    for les in lesions:
+        les.u_radius = max(les.u_radius, (0.5 * MIN_LESION_SLICES + 0.5) / n_lung)
+    return lesions
 
 
 def _covid_lesions(rng: np.random.Generator) -> list[Lesion]:
-    """2-3 bilateral pairs of peripheral GGOs (lower-lobe predominant), sometimes one more."""
+    """COVID-19's typical pattern: multifocal rounded or patchy ground-glass opacities (3-7 cm) in both
+    lungs, peripheral (subpleural), posterior and lateral more than anterior, lower lobes more than
+    upper; from mild (one focus per lung) to extensive (four per lung), so mostly over many slices."""
     out = []
-    n_pairs = int(rng.integers(2, 4))
-    for k in range(n_pairs + int(rng.random() < 0.4)):
-        lower = k == 0 or rng.random() < 0.65
-        uc = rng.uniform(0.5, 0.88) if lower else rng.uniform(0.18, 0.5)
-        sides = (-1, 1) if k < n_pairs else (int(rng.choice([-1, 1])),)
-        for side in sides:
-            lateral = np.pi if side < 0 else 0.0  # lateral wall of this lung
-            angle = rng.choice([lateral, np.pi / 2, (lateral + np.pi / 2) / 2]) + rng.uniform(-0.5, 0.5)
-            out.append(Lesion(side, float(uc + rng.uniform(-0.05, 0.05)), rng.uniform(0.08, 0.15), float(angle),
-                              rng.uniform(0.65, 0.88), rng.uniform(0.45, 0.7), rng.uniform(0.36, 0.56),
-                              rng.uniform(-580.0, -380.0), "ggo", bool(rng.random() < 0.4)))
+    for side in (-1, 1):
+        lateral = np.pi if side < 0 else 0.0  # lateral wall of this lung (image y grows posteriorly)
+        for _ in range(int(rng.integers(1, 5))):
+            uc = rng.uniform(0.45, 0.9) if rng.random() < 0.65 else rng.uniform(0.12, 0.45)
+            where = rng.choice(4, p=[0.3, 0.3, 0.3, 0.1])  # lateral, posterolateral, posterior, anterior
+            angle = [lateral, (lateral + np.pi / 2) / 2, np.pi / 2, -np.pi / 2][where] + rng.uniform(-0.35, 0.35)
+            out.append(Lesion(side, float(uc), float(rng.uniform(0.06, 0.12)), float(angle),
+                              float(rng.uniform(0.65, 0.88)), float(rng.uniform(0.35, 0.65)),
+                              float(rng.uniform(0.3, 0.55)), float(rng.uniform(-600.0, -350.0)), "ggo",
+                              bool(rng.random() < 0.3)))
     return out
+
+
+_LOBES = {  # CAP's lobe: (probability, centre range along the lung, centre angle range)
+    "lower": (0.55, (0.5, 0.85), (0.2 * np.pi, 0.8 * np.pi)),  # posterior and basal
+    "upper": (0.3, (0.12, 0.4), (-np.pi, np.pi)),
+    "middle": (0.15, (0.55, 0.75), (-0.8 * np.pi, -0.2 * np.pi)),  # right middle lobe / lingula, anterior
+}
+LUNG_HEIGHT_TYPICAL_MM = 260.0
+"""Apex to base of an adult lung: lesion lengths in mm become fractions of the phantom's lung."""
 
 
 def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
-    side = int(rng.choice([-1, 1]))  # unilateral
-    lower = rng.random() < 0.7
-    uc = rng.uniform(0.5, 0.78) if lower else rng.uniform(0.2, 0.42)
-    angle = rng.uniform(0.0, np.pi)  # posterior half (image y grows posteriorly)
-    out = [Lesion(side, uc, rng.uniform(0.14, 0.26), float(angle), rng.uniform(0.25, 0.5),
-                  rng.uniform(0.6, 0.85), rng.uniform(0.55, 0.8), rng.uniform(-60.0, 30.0), "consolidation")]
-    if rng.random() < 0.4:  # a second segment of the same lung
-        out.append(Lesion(side, float(np.clip(uc + rng.choice([-1, 1]) * rng.uniform(0.15, 0.25), 0.15, 0.85)),
-                          rng.uniform(0.07, 0.12), float(rng.uniform(0.0, 2 * np.pi)), rng.uniform(0.4, 0.7),
-                          rng.uniform(0.3, 0.45), rng.uniform(0.3, 0.45), rng.uniform(-60.0, 30.0),
-                          "consolidation"))
-    return out
+    """Community-acquired (bacterial) pneumonia: one dense consolidation with air bronchograms in one lung,
+    bounded by its lobe's fissures, wide in the axial plane (a wedge on the pleura) and from a subsegment
+    to most of a lobe from top to bottom (2.5-8 cm, spread evenly on a log scale): one contiguous run of
+    slices, fewer than COVID-19's."""
+    names = list(_LOBES)
+    lobe = names[int(rng.choice(len(names), p=[_LOBES[k][0] for k in names]))]
+    _, (u_lo, u_hi), (a_lo, a_hi) = _LOBES[lobe]
+    half_length_mm = 0.5 * float(np.exp(rng.uniform(np.log(25.0), np.log(80.0))))
+    return [Lesion(int(rng.choice([-1, 1])), float(rng.uniform(u_lo, u_hi)), half_length_mm / LUNG_HEIGHT_TYPICAL_MM,
+                   float(rng.uniform(a_lo, a_hi)), float(rng.uniform(0.3, 0.6)), float(rng.uniform(0.5, 0.8)),
+                   float(rng.uniform(0.45, 0.75)), float(rng.uniform(-60.0, 30.0)), "consolidation", lobe=lobe)]
+
+
+def _draw_distractors(plan: PatientPlan, rng: np.random.Generator) -> None:
+    """Findings that are not pneumonia and that any class has (drawn without the class): small solid or
+    calcified nodules (granulomas, intrapulmonary lymph nodes) and dependent atelectasis, a thin
+    subpleural band of higher density along the posterior lung bases of a supine patient."""
+    plan.nodules = [Nodule(int(rng.choice([-1, 1])), float(rng.uniform(0.1, 0.9)), float(rng.uniform(-np.pi, np.pi)),
+                           float(rng.uniform(0.0, 0.8)), float(rng.uniform(4.0, 10.0)),
+                           float(rng.uniform(200.0, 500.0) if rng.random() < 0.3 else rng.uniform(20.0, 60.0)))
+                    for _ in range(int(rng.choice([0, 0, 1, 1, 2, 3])))]
+    plan.bands = []
+    if rng.random() < 0.35:
+        sides = (-1, 1) if rng.random() < 0.7 else (int(rng.choice([-1, 1])),)
+        plan.bands = [Band(side, float(rng.uniform(0.55, 0.8)), float(rng.uniform(3.0, 8.0)),
+                           float(rng.uniform(-450.0, -200.0))) for side in sides]
 
 
 def _split_subsets(labels: list[str], seed: int, split: tuple[float, float] = (0.2, 0.2)) -> list[str]:
@@ -218,6 +265,7 @@ def plan_cohort(n_patients: int, size: int = 512, seed: int = 0, slices: tuple[i
             instance_reversed=i in reversed_ids, naming=str(nr.choice(["im", "hex", "textrank"])),
         )
         plan.lesions = _draw_lesions(plan.label, plan, _rng(seed, i, 3))
+        _draw_distractors(plan, _rng(seed, i, 7))  # a stream of its own: never sees the class
         plans.append(plan)
     return plans
 
@@ -281,6 +329,7 @@ class Phantom:
         self.rib_phase = arng.uniform(0, 2 * np.pi)
         self.min_area = max(4, int(0.0012 * size * size))
         self.u = _lung_u(plan)
+        self.lung_height_mm = (plan.n_slices - 1) * plan.spacing_mm * (plan.lung_base_t - plan.lung_apex_t)
 
     def _body(self, t: float) -> float:
         return 0.93 + 0.07 * float(np.sin(np.pi * t))
@@ -335,6 +384,10 @@ class Phantom:
             vessel = np.clip(1.0 - np.abs(fv) * self.inv_vessel_w, 0.0, 1.0)
             par = -860.0 + self.ydep + 900.0 * vessel
             hu[lung] = par[lung]
+            for band in plan.bands:
+                self._band(hu, lung, band, u, a, b, prof)
+            for nod in plan.nodules:
+                self._nodule(hu, lung, nod, u, a, b)
             for les in plan.lesions:
                 self._lesion(hu, lung, lesion, les, u, a, b, vessel)
         hu += self.noise(i)
@@ -361,6 +414,8 @@ class Phantom:
         box = np.s_[r0:r1, c0:c1]
         dist = ((y[r0:r1, None] - cy) / ry) ** 2 + ((x[None, c0:c1] - cx) / rx) ** 2
         m = (dist + 0.3 * self.fields[4][box] < k2) & lung[box]
+        if les.lobe:
+            m &= self._lobe(les.lobe, u, y[r0:r1], b)[:, None]
         if m.sum() < self.min_area:
             return
         val = les.hu + 45.0 * self.fields[5][box]
@@ -372,6 +427,50 @@ class Phantom:
             val = np.where(np.abs(self.fields[7][box]) < 0.1, -900.0, val)  # air bronchograms
         hu[box] = np.where(m, val, hu[box])
         lesion[box] |= m
+
+
+    @staticmethod
+    def _lobe(lobe: str, u: float, y: np.ndarray, b: float) -> np.ndarray:
+        """Rows y (image y grows posteriorly) of a slice at lung level u that belong to a lobe. The major
+        fissure runs from the back at u = 0.25 to the front at the base; the minor fissure (right) and
+        the lingula's border (left) lie at u = 0.5."""
+        prof = max(_lung_profile(u), 1e-3)
+        yn = (y - 0.04 * b) / (0.8 * b * prof)  # -1 anterior .. +1 posterior edge of the lung
+        fissure = 1.0 - 2.0 * (u - 0.25) / 0.7
+        if lobe == "lower":
+            return yn > fissure
+        if (lobe == "upper") != (u < 0.5):
+            return np.zeros(y.shape, dtype=bool)
+        return yn < fissure
+
+    def _nodule(self, hu: np.ndarray, lung: np.ndarray, nod: Nodule, u: float, a: float, b: float) -> None:
+        r = 0.5 * nod.diameter_mm
+        dz = max(0.0, abs(u - nod.u_center) * self.lung_height_mm - 0.5 * self.plan.thickness_mm)
+        if dz >= r:
+            return
+        prof = _lung_profile(nod.u_center)
+        cx = nod.side * 0.47 * a + nod.rho * 0.41 * a * prof * np.cos(nod.angle)
+        cy = 0.04 * b + nod.rho * 0.8 * b * prof * np.sin(nod.angle)
+        rv = float(np.sqrt(r * r - dz * dz))
+        m = _ellipse(self.x, self.y, cx, cy, rv, rv) & lung
+        hu[m] = nod.hu
+
+    def _band(self, hu: np.ndarray, lung: np.ndarray, band: Band, u: float, a: float, b: float, prof: float) -> None:
+        if u <= band.u_top or u >= 1.0:
+            return
+        thick = band.thickness_mm * min(1.0, (u - band.u_top) / 0.12)
+        cx, cy, ax, by = band.side * 0.47 * a, 0.04 * b, 0.41 * a * prof, 0.8 * b * prof
+        x, y = self.x, self.y
+        c0, c1 = np.searchsorted(x, [cx - ax, cx + ax])
+        r0, r1 = np.searchsorted(y, [cy + 0.25 * by, cy + by])
+        if c1 <= c0 or r1 <= r0:
+            return
+        box = np.s_[r0:r1, c0:c1]
+        dx, dy = x[None, c0:c1] - cx, y[r0:r1, None] - cy
+        rr = np.sqrt((dx / ax) ** 2 + (dy / by) ** 2)
+        depth = np.sqrt(dx * dx + dy * dy) * (1.0 / np.maximum(rr, 1e-6) - 1.0)  # to the pleura along the ray
+        m = (depth < thick) & lung[box]
+        hu[box] = np.where(m, band.hu + 40.0 * self.fields[5][box], hu[box])
 
 
 def _file_names(plan: PatientPlan, instance: list[int], rng: np.random.Generator) -> list[str]:
