@@ -62,12 +62,23 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Emit one JSON object."),
     series: Optional[str] = typer.Option(None, help="SeriesInstanceUID or index of the series to read."),
 ) -> None:
-    """Read a study; print slices, spacing, z order, HU range, series chosen, warnings."""
+    """Read a study; print slices, spacing, z order, HU range, series chosen, lungs (volume, z-range), warnings."""
     from msnet.io import describe, read_study
     from msnet.io.dicomweb import is_dicomweb_url
+    from msnet.preprocess import check_lungs, lung_stats
 
     vol = read_study(study if is_dicomweb_url(study) else Path(study), series=series)
     info = describe(vol)
+    if vol.kind == "hu":  # grey-level images have no HU: no lungs to measure
+        stats = lung_stats(vol.hu, vol.spacing_mm, vol.z_mm)
+        info.update(stats.to_dict())
+        try:
+            check_lungs(vol, stats)
+            info["lung_gate"] = "ok"
+            info["warnings"] += stats.warnings
+        except MsnetError as exc:
+            info["lung_gate"] = "refused"
+            info["warnings"].append(f"{exc.problem} (predict refuses it)")
     if json_out:
         typer.echo(json.dumps(info))
         return
@@ -76,12 +87,20 @@ def inspect(
 
     table = Table(title=f"study {info['study_id']}", show_header=False)
     for key, value in info.items():
-        if key in ("warnings", "z_mm"):
+        if key in ("warnings", "z_mm") or key.startswith("lung"):
             continue
         table.add_row(key, str(value))
     z = info["z_mm"]
     if z:
         table.add_row("z_mm", f"{z[0]:.1f} … {z[-1]:.1f} ({'descending' if z[0] >= z[-1] else 'ascending'})")
+    if "lung_volume_ml" in info:
+        table.add_row("lung volume", f"{info['lung_volume_ml']:.0f} ml")
+        if info["lung_slices"]:
+            (s0, s1), (z0, z1) = info["lung_slices"], info["lung_z_mm"]
+            table.add_row("lung z-range", f"slices {s0}-{s1} ({z0:.1f} … {z1:.1f} mm, "
+                                          f"{info['lung_height_mm']:.0f} mm), {100 * info['lung_z_coverage']:.0f}% "
+                                          f"of the slices")
+        table.add_row("lung gate", info["lung_gate"])
     console = Console()
     console.print(table)
     for w in info["warnings"]:
