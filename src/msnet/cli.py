@@ -200,11 +200,21 @@ def train(
 
 
 @app.command()
-def evaluate(run: Path = typer.Argument(..., help="Run folder (the config's run_dir).")) -> None:
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder (the config's run_dir)."),
+    partial: bool = typer.Option(False, "--partial", help="Also every aggregator on random contiguous sub-volumes "
+                                 "keeping 100/75/50/25% of each test study's slices (table + plot)."),
+    draws: int = typer.Option(5, help="With --partial: seeded draws of sub-volumes per study and fraction."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap and of the partial-scan draws."),
+) -> None:
     """Metrics, bootstrap CIs, plots and report.md for a trained run."""
     from msnet.stages.evaluate import evaluate_run
 
-    report = evaluate_run(run)
+    report = evaluate_run(run, seed=seed, partial=partial, partial_draws=draws)
+    if partial:
+        from msnet.stages.partial import partial_table
+
+        typer.echo(partial_table(json.loads((report.parent / "partial.json").read_text())))
     typer.echo(f"report: {report}")
 
 
