@@ -32,7 +32,7 @@ def trained_run(tmp_path_factory) -> Path:
     """A run folder with cached features (written here, as stage 2 would) and aggregators trained by
     stage 3 with 2-fold cross-validation."""
     from msnet.files import write_csv_atomic
-    from msnet.stages.extract import MANIFEST_FIELDS, feature_dir
+    from msnet.stages.extract import MANIFEST_FIELDS, feature_dir, run_spec
     from msnet.stages.train import train
 
     root = tmp_path_factory.mktemp("partial")
@@ -56,7 +56,7 @@ def trained_run(tmp_path_factory) -> Path:
                      "file": f"{pid}.npy", "study_hash": "", "status": "ok", "error": ""})
     write_csv_atomic(fdir / "manifest.csv", MANIFEST_FIELDS, rows)
     (fdir / "meta.json").write_text(json.dumps({"set_id": fdir.name, "backbone": "efficientnet_lite0",
-                                                "preprocess": {}, "n_features": DIM}))
+                                                "preprocess": run_spec(cfg).to_dict(), "n_features": DIM}))
     train(cfg)
     return cfg.run_path
 

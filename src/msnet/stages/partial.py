@@ -54,18 +54,15 @@ def _checkpoints(folder: Path) -> dict[int, Path]:
 
 
 def _load_aggregator(path: Path) -> tuple[torch.nn.Module, dict]:
-    from msnet.models.aggregators import create
+    from msnet.inference.bundle import load_aggregator
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = create(ckpt["aggregator"], **ckpt["config"])
-        model.load_state_dict(ckpt["state_dict"])
+        return load_aggregator(path)
     except MsnetError:
         raise
     except Exception as exc:
         raise MsnetError(f"cannot load the aggregator checkpoint ({type(exc).__name__}: {exc})", path=path,
                          fix="re-run `msnet train CONFIG --overwrite`") from exc
-    return model.eval(), ckpt
 
 
 def _test_patients(pred_path: Path) -> dict[str, tuple[str, list[int]]]:
@@ -82,28 +79,35 @@ def _test_patients(pred_path: Path) -> dict[str, tuple[str, list[int]]]:
 
 
 def _features(run_dir: Path, set_id: str, cache: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """patient_id -> (l, d) features of one cached feature set (stage 2's manifest.csv and .npy files)."""
     if set_id not in cache:
-        from msnet.stages.train import load_features
+        from msnet.files import read_csv_rows
 
         fdir = run_dir / "features" / set_id
-        if not (fdir / "manifest.csv").is_file():
-            raise MsnetError(f"no cached features of set {set_id}", path=fdir,
+        rows = [r for r in read_csv_rows(fdir / "manifest.csv") if r.get("status") == "ok"]
+        if not rows:
+            raise MsnetError(f"no cached features of set {set_id}", path=fdir / "manifest.csv",
                              fix="run `msnet extract CONFIG` (the run's config) first")
-        cache[set_id] = load_features(fdir)[1]
+        cache[set_id] = {r["patient_id"]: torch.from_numpy(np.load(fdir / r["file"])) for r in rows}
     return cache[set_id]
 
 
+@torch.inference_mode()
 def _probs(models: dict[int, torch.nn.Module], folds: list[list[int]], seqs: list[torch.Tensor],
            n_classes: int) -> np.ndarray:
-    """Class probabilities per sequence: the mean over the fold models that held its patient out."""
-    from msnet.stages.train import predict_proba
+    """Class probabilities per sequence: the mean over the fold models that held its patient out.
 
+    Sequences of one length go through a model as one batch (no padding needed)."""
     total = np.zeros((len(seqs), n_classes))
     count = np.zeros(len(seqs))
     for k, model in models.items():
-        idx = [i for i, f in enumerate(folds) if k in f]
-        if idx:
-            total[idx] += predict_proba(model, [seqs[i].float() for i in idx], batch_size=32)
+        by_length: dict[int, list[int]] = {}
+        for i, f in enumerate(folds):
+            if k in f:
+                by_length.setdefault(int(seqs[i].shape[0]), []).append(i)
+        for idx in by_length.values():
+            x = torch.stack([seqs[i] for i in idx]).float()
+            total[idx] += torch.softmax(model(x).float(), dim=1).numpy()
             count[idx] += 1
     return total / count[:, None]
 
