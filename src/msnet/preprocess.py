@@ -412,8 +412,8 @@ def check_lungs(vol, stats: LungStats | None = None) -> LungStats | None:
     fix = ("pass a chest CT series that covers the lungs (a lung or mediastinal reconstruction, not a scout, "
            "an abdomen or a head scan)")
     if not stats.found:
-        raise MsnetError(f"study {sid}: no lungs found (no air-filled region inside the body), so no diagnosis "
-                         f"is made; is this a chest CT?", fix=fix)
+        raise MsnetError(f"study {sid}: no lungs found (no aerated, lung-like region inside the body), so no "
+                         "diagnosis is made", fix=fix)
     if stats.volume_ml < MIN_LUNG_ML:
         raise MsnetError(f"study {sid}: only {stats.volume_ml:.0f} ml of lung found in slices {stats.first_slice}-"
                          f"{stats.last_slice} of {stats.n_slices} (a diagnosis needs at least {MIN_LUNG_ML:.0f} ml; "
