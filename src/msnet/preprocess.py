@@ -378,8 +378,6 @@ def lung_stats(hu: np.ndarray, spacing_mm: Sequence[float], z_mm: Sequence[float
     if rows.size == 0:
         return LungStats(mask, step, 0.0, -1, -1, None, None, n, 0.0, slice_area_mm2=slice_area.astype(np.float32))
     first, last = int(rows[0]) * fz, min(n - 1, int(rows[-1]) * fz + fz - 1)
-    if first == 0 and z0 > 0:
-        first = 0
     r = np.flatnonzero(mask.any(axis=(0, 2)))
     c = np.flatnonzero(mask.any(axis=(0, 1)))
     box = (int(r[0]) * fy, int(r[-1] + 1) * fy, int(c[0]) * fx, int(c[-1] + 1) * fx)
