@@ -112,13 +112,16 @@ def infection_metrics(patients: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 @torch.inference_mode()
 def slice_infection_scores(model: torch.nn.Module, spec, hu: np.ndarray, kind: str, normal_index: int,
-                           device: torch.device | str = "cpu", batch_size: int = 32) -> np.ndarray:
-    """1 - p(normal class) for every slice of a volume, through the model's own preprocessing ``spec``."""
+                           device: torch.device | str = "cpu", batch_size: int = 32,
+                           temperature: float = 1.0) -> np.ndarray:
+    """1 - p(normal class) for every slice of a volume, through the model's own preprocessing ``spec``
+    and its calibration ``temperature``."""
     model.eval()
     out = []
     for i in range(0, hu.shape[0], batch_size):
         x = spec.prepare(hu[i:i + batch_size], kind).to(device)
-        out.append(1.0 - torch.softmax(model(x).float(), dim=1)[:, normal_index].cpu().numpy())
+        p = torch.softmax(model(x).float() / float(temperature), dim=1)
+        out.append(1.0 - p[:, normal_index].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -146,7 +149,8 @@ def score_cohort(model: torch.nn.Module, spec, classes: Sequence[str], rows: Seq
             raise MsnetError(f"patient {pid}: {len(labels)} slice labels for {vol.n_slices} slices",
                              path=r["path"], fix="list every slice of the study once in slice_labels.csv "
                                                  "(canonical order: 0 = most superior)")
-        scores = slice_infection_scores(model, spec, vol.hu, vol.kind, k, device)
+        scores = slice_infection_scores(model, spec, vol.hu, vol.kind, k, device,
+                                        temperature=getattr(model, "temperature", 1.0))
         patients.append({"patient_id": pid, "label": label, "scores": scores, "slice_labels": labels})
         for i, s in enumerate(scores):
             slice_rows.append({"patient_id": pid, "label": label, "slice_index": i,
