@@ -24,6 +24,8 @@ from msnet.errors import MsnetError
 LUNG = (-600.0, 1500.0)
 MEDIASTINUM = (40.0, 400.0)
 BONE = (400.0, 1800.0)
+THREE_WINDOWS = [list(LUNG), list(MEDIASTINUM), list(BONE)]
+"""Lung, mediastinum and bone windows, one per channel (instead of one window replicated)."""
 
 
 def window(hu: np.ndarray | torch.Tensor, level: float, width: float):
@@ -121,6 +123,8 @@ class PreprocessSpec:
     size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    lung_crop: bool = False
+    """Crop every slice of a HU volume to the lungs' bounding box (one box per volume) before resizing."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows", tuple((float(lv), float(wd)) for lv, wd in self.windows))
@@ -138,22 +142,23 @@ class PreprocessSpec:
     def from_config(cls, preprocess, data_config: dict, kind: str = "hu") -> "PreprocessSpec":
         """From a config's ``preprocess`` section (windows, size) and a backbone's data_config (mean, std)."""
         return cls(kind=kind, windows=tuple(tuple(w) for w in preprocess.windows), size=preprocess.size,
-                   mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+                   mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                   lung_crop=bool(getattr(preprocess, "lung_crop", False)))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "windows": [list(w) for w in self.windows], "size": self.size,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "lung_crop": self.lung_crop}
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None) -> "PreprocessSpec":
         """Rebuild from :meth:`to_dict` output; a missing or unknown key is a clear error."""
         keys = {"kind", "windows", "size", "mean", "std"}
-        if not isinstance(d, dict) or set(d) != keys:
+        if not isinstance(d, dict) or not keys <= set(d) <= keys | {"lung_crop"}:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise MsnetError(f"preprocessing record has keys {got}, expected {sorted(keys)}", where,
                              "rebuild the checkpoint with this version of msnet")
         return cls(kind=d["kind"], windows=tuple(tuple(w) for w in d["windows"]), size=d["size"],
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+                   mean=tuple(d["mean"]), std=tuple(d["std"]), lung_crop=bool(d.get("lung_crop", False)))
 
     def unit(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
         """Slices (n, H, W) -> (n, c, size, size) in [0, 1]."""
@@ -398,8 +403,8 @@ def check_lungs(vol, stats: LungStats | None = None) -> LungStats | None:
     cuts the lungs (apices or bases missing), ``stats.warnings`` says so; the caller passes it on.
     ``stats``: this volume's :func:`lung_stats`, when already computed.
 
-    >>> stats = check_lungs(vol)  # doctest: +SKIP
-    >>> prediction_warnings += stats.warnings if stats else []  # doctest: +SKIP
+    e.g. stats = check_lungs(vol)
+    e.g. prediction_warnings += stats.warnings if stats else []
     """
     if getattr(vol, "kind", "hu") != "hu":
         return None
@@ -477,3 +482,11 @@ def lung_crop(hu: np.ndarray, stats_or_mask: LungStats | np.ndarray, margin: flo
     sr0, sr1, sc0, sc1 = max(0, r0), min(h, r1), max(0, c0), min(w, c1)
     out[..., sr0 - r0:sr1 - r0, sc0 - c0:sc1 - c0] = hu[..., sr0:sr1, sc0:sc1]
     return out
+
+
+def model_slices(vol, spec: PreprocessSpec, lungs: "LungStats | None" = None) -> np.ndarray:
+    """The slices a model sees of a volume: its HU, cropped to the lungs when ``spec.lung_crop``
+    (``lungs``: stats already computed for this volume). Training, extraction and serving all use it."""
+    if not spec.lung_crop or vol.kind != "hu":
+        return vol.hu
+    return lung_crop(vol.hu, lungs if lungs is not None else lung_stats(vol.hu, vol.spacing_mm, vol.z_mm))

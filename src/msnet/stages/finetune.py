@@ -99,7 +99,8 @@ def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: l
         idx = select_slices(label, slice_labels.get(pid), vol.n_slices, cfg)
         if len(idx) == 0:
             continue
-        unit = P.prepare_unit(vol.hu[idx], vol.kind, windows, size)
+        hu = vol.hu if not cfg.preprocess.lung_crop else P.model_slices(vol, P.PreprocessSpec(lung_crop=True))
+        unit = P.prepare_unit(hu[idx], vol.kind, windows, size)
         images.append(P.quantize(unit))
         labels += [classes.index(label)] * len(idx)
         groups += [pid] * len(idx)

@@ -7,8 +7,8 @@ the same runs), and each aggregator's checkpoint(s) from ``RUN/train/<name>/`` (
 model that held the patient out) classifies them. Writes ``RUN/evaluate/partial.json``,
 ``partial.md`` and ``partial.png`` (accuracy against the fraction kept, one line per model).
 
->>> result = partial_scans(Path("runs/demo"))  # doctest: +SKIP
->>> result["by_aggregator"]["msnet"]["accuracy"]  # doctest: +SKIP
+e.g. result = partial_scans(Path("runs/demo"))
+e.g. result["by_aggregator"]["msnet"]["accuracy"]
 [0.97, 0.95, 0.91, 0.8]
 """
 
