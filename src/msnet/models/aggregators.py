@@ -293,8 +293,6 @@ class MSNet(nn.Module):
         return logits.detach(), scores
 
 
-
-
 class MSNetReference(MSNet):
     """MS-Net computed layer by layer on the padded batch (B, width, l), the mask applied after
     every layer: the plain form of :class:`MSNet`, with the same parameters and state dict.
