@@ -16,12 +16,14 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from msnet.device import one_thread
 from msnet.errors import MsnetError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,39 @@ def sequence_logits(model: nn.Module, seqs: list[torch.Tensor]) -> torch.Tensor:
     ``model(*pad_batch(seqs))``."""
     fn = getattr(model, "forward_sequences", None)
     return fn(seqs) if fn is not None else model(*pad_batch(seqs))
+
+
+# MS-Net runs on one CPU thread up to this many input values (about 500 slices of 2048 features:
+# a few ms of work), where a second thread gains nothing and can stall on a busy machine
+_ONE_THREAD_MAX_VALUES = 2**20
+
+# PyTorch runs a batch-1 conv on oneDNN only above this many input values; below, on generic
+# kernels (slow_conv_dilated2d, thnn) that stall for tens of ms per call on two busy cores
+_ONEDNN_MIN_VALUES = 20480
+
+
+def _conv1d(conv: nn.Conv1d, h: torch.Tensor, gemm: bool) -> torch.Tensor:
+    """``conv`` ('same' padding) of one packed map h (C_in, T) -> (C_out, T): the module itself
+    (oneDNN), or with ``gemm`` one matrix product on the dilated columns (F.unfold)."""
+    if not gemm:
+        return conv(h[None])[0]
+    k = conv.kernel_size[0]
+    if k > 1:
+        h = F.unfold(h[None, :, None, :], (1, k), dilation=(1, conv.dilation[0]), padding=(0, conv.padding[0]))[0]
+    return torch.addmm(conv.bias[:, None], conv.weight.reshape(conv.out_channels, -1), h)
+
+
+def _small_on_one_thread(method):
+    """Run an MS-Net method on one CPU thread when its input is small (:func:`msnet.device.one_thread`)."""
+
+    @functools.wraps(method)
+    def run(self, x, *args, **kwargs):
+        xs = x if isinstance(x, (list, tuple)) else [x]
+        small = bool(xs) and xs[0].device.type == "cpu" and sum(t.numel() for t in xs) <= _ONE_THREAD_MAX_VALUES
+        with one_thread(small and not torch.jit.is_tracing()):
+            return method(self, x, *args, **kwargs)
+
+    return run
 
 
 def _masked_max(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,24 +207,25 @@ class MSNet(nn.Module):
         # round T up to a multiple of 64: batches then repeat a few sequence lengths, and the convs'
         # oneDNN primitives (built per input shape) are reused instead of rebuilt at every step
         parts.append(y.new_zeros(y.shape[0], g + (-(pos + g)) % 64))
-        h = F.relu(torch.cat(parts, dim=1))[None]  # (1, width, T); the gaps are zero
+        h = F.relu(torch.cat(parts, dim=1))  # (width, T); the gaps are zero
         keep = None
         if masks is not None or len(self.dilated) > 1:
-            keep = torch.zeros(h.shape[2], dtype=torch.bool, device=h.device)
+            keep = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
             for start, n, m in zip(starts, lengths, masks or [None] * len(seqs)):
                 keep[start:start + n] = True if m is None else m
             if masks is not None:  # holes: the stem's bias must not reach the first dilated conv
                 h = torch.where(keep, h, 0.0)
+        gemm = h.numel() <= _ONEDNN_MIN_VALUES
         last = len(self.dilated) - 1
         for i, (dilated, pointwise) in enumerate(zip(self.dilated, self.pointwise)):
-            r = dilated(h).relu_()
-            h = h + pointwise(r)
+            r = _conv1d(dilated, h, gemm).relu_()
+            h = h + _conv1d(pointwise, r, gemm)
             if i < last:  # the next dilated conv reads the gaps: zero them
                 h = torch.where(keep, h, 0.0)
             h = h.relu_()
         for conv in self.post:
-            h = conv(h).relu_()
-        return h[0], starts
+            h = _conv1d(conv, h, gemm).relu_()
+        return h, starts
 
     @staticmethod
     def _unpack(h: torch.Tensor, starts: list[int], mask: torch.Tensor) -> torch.Tensor:
@@ -211,6 +247,7 @@ class MSNet(nn.Module):
             h, starts = self._packed([x[i, :e] for i, e in enumerate(ends)], [mask[i, :e] for i, e in enumerate(ends)])
         return self._unpack(h, starts, mask)
 
+    @_small_on_one_thread
     def temporal(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-slice feature map (B, width, l) before pooling, zero at padded positions."""
         x, mask = _check(x, mask)
@@ -218,6 +255,7 @@ class MSNet(nn.Module):
             return self._temporal_padded(x.masked_fill(~mask[:, :, None], 0.0), mask)
         return torch.where(mask[:, None, :], self._run(x, mask), 0.0)
 
+    @_small_on_one_thread
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if torch.jit.is_tracing():
             x, mask = _prepare(x, mask)
@@ -231,6 +269,7 @@ class MSNet(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, mask))
 
+    @_small_on_one_thread
     def forward_sequences(self, seqs: list[torch.Tensor]) -> torch.Tensor:
         """Logits (B, n_classes) of a list of studies (l_i, d), as ``forward(*pad_batch(seqs))``
         without making the padded batch.
@@ -248,6 +287,7 @@ class MSNet(nn.Module):
         mask = torch.arange(int(lengths.max()), device=h.device)[None, :] < lengths[:, None]
         return self.forward_head(_masked_max(self._unpack(h, starts, mask), mask)[0])
 
+    @_small_on_one_thread
     def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None, method: str = "input") -> torch.Tensor:
         """How much each slice drove the predicted class's logit (B, l), >= 0, zero at padding.
 
@@ -278,6 +318,7 @@ class MSNet(nn.Module):
             scores[empty] = self.slice_scores(x.detach()[empty], mask[empty], method="argmax")
         return scores
 
+    @_small_on_one_thread
     def logits_and_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, k) and ``slice_scores(method="input")`` (B, l) from one forward pass (eval behaviour)."""
         with torch.inference_mode(False), torch.enable_grad():
