@@ -414,6 +414,25 @@ def bench_extract(
     run(config=config, n_patients=patients, threads=threads, size=size)
 
 
+@bench_app.command("train")
+def bench_train(
+    patients: int = typer.Option(300, help="Synthetic patients (20 % of them validate, as in `msnet train`)."),
+    epochs: int = typer.Option(100, help="Epochs of the case (times are given per epoch and for these)."),
+    measure_epochs: int = typer.Option(5, help="Epochs actually timed for each model; fewer than --epochs "
+                                               "extrapolates per epoch (the printout says so)."),
+    features: int = typer.Option(2048, help="Feature size d (2048: SE-ResNet50)."),
+    min_slices: int = typer.Option(100, help="Fewest slices per patient."),
+    max_slices: int = typer.Option(200, help="Most slices per patient."),
+    batch_size: int = typer.Option(8, help="Training batch size."),
+    threads: int = typer.Option(2, help="PyTorch threads."),
+) -> None:
+    """MS-Net training speed (the loop of `msnet train`): ours against a naive padded-batch MS-Net and the GEMM floor."""
+    from msnet.bench import bench_train as run
+
+    run(patients=patients, epochs=epochs, measure_epochs=measure_epochs, features=features,
+        slices=(min_slices, max_slices), batch_size=batch_size, threads=threads)
+
+
 def main() -> None:
     """Console entry point."""
     try:
