@@ -413,13 +413,10 @@ def test_index_output_is_a_file_checked_before_reading(tmp_path, monkeypatch, ca
         assert code == 2 and "existing file, not a folder" in err and "taken.csv" in err
 
 
-def test_failure_lines_name_the_study_once():
-    from msnet.cli import _failure_line
+def test_index_failure_lines_name_the_study_once():
     from msnet.data.cohorts import IndexReport
 
     err = str(MsnetError("cannot read NIfTI", path="data/bad.nii", fix="check it"))
-    assert _failure_line("data/bad.nii", err) == "data/bad.nii: cannot read NIfTI. Fix: check it"
-    assert _failure_line("other", "boom") == "other: boom"
     report = IndexReport(layout="class-folders", rows=[{"patient_id": "bad", "status": "failed", "error": err}])
     assert "  failed data/bad.nii: cannot read NIfTI. Fix: check it" in report.summary().splitlines()
 
