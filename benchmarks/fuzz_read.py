@@ -14,6 +14,7 @@ seed, the mutation and the traceback, so it can be replayed.
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import resource
 import sys
@@ -38,6 +39,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (a run is reproducible)")
     args = parser.parse_args()
     set_read_limits(ReadLimits(max_slice_pixels=FUZZ_MAX_SLICE_PIXELS, max_voxels=FUZZ_MAX_VOXELS))
+    deaths = _count_worker_deaths()
     rng = random.Random(args.seed)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     findings, counts, peak_max = [], Counter(), 0
@@ -65,10 +67,27 @@ def main() -> int:
         print(f"  {name:14s} {result:8s} {n}")
     print(f"largest Python-side peak of one read: {peak_max / (1 << 20):.1f} MiB "
           f"(bound {PEAK_BOUND / (1 << 20):.0f} MiB); process peak RSS {rss0:.0f} -> {rss1:.0f} MiB")
+    print(f"decode workers that died on a file and were replaced (the read went on without GDCM): {deaths.n}")
     for name, ops, text in findings[:20]:
         print(f"\nFINDING {name} {ops}\n{text}")
     print(f"{len(findings)} findings")
     return 1 if findings else 0
+
+
+class _Counter(logging.Handler):
+    n = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "decode worker died" in record.getMessage():
+            self.n += 1
+
+
+def _count_worker_deaths() -> _Counter:
+    counter = _Counter()
+    log = logging.getLogger("msnet.io.decode")
+    log.addHandler(counter)
+    log.propagate = False
+    return counter
 
 
 if __name__ == "__main__":

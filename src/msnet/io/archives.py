@@ -29,8 +29,7 @@ def open_study(path: str | Path) -> Iterator[Path]:
 
     Errors raised while the study is read name the zip and the member, never the temp dir.
 
-    >>> with open_study("case7.zip") as study:  # doctest: +SKIP
-    ...     vol = read_study(study, study_id="case7")
+    e.g. with open_study("case7.zip") as study: vol = read_study(study, study_id="case7")
     """
     path = Path(path)
     if not (path.is_file() and path.suffix.lower() == ".zip"):
