@@ -81,8 +81,13 @@ def test_sigterm_during_inspect_leaves_no_worker_or_shm(tmp_path):
                 break
             time.sleep(0.01)
         assert shm is not None, "the study was not decoded by worker processes"
-        workers = _children(proc.pid)
+        deadline = time.monotonic() + 10  # the target is mapped just before the workers are forked
+        while not workers and time.monotonic() < deadline and proc.poll() is None:
+            workers = _children(proc.pid)
+            time.sleep(0.005)
         assert len(workers) >= 1
+        time.sleep(0.05)
+        workers |= _children(proc.pid)  # all of them, if the first was sampled mid-fork
         proc.send_signal(signal.SIGTERM)  # mid-decode
         assert proc.wait(30) == 128 + signal.SIGTERM
         assert _wait_gone(workers, 5) == set()
