@@ -59,11 +59,20 @@ def _wait_gone(pids: set[int], seconds: float) -> set[int]:
     return {p for p in pids if _alive(p)}
 
 
-def _kill_all(proc: subprocess.Popen, pids: set[int]) -> None:
-    """Cleanup after a failed assertion: the processes this test started, by their ids."""
+def _kill_all(proc: subprocess.Popen, pids: set[int], shm: str | None = None) -> None:
+    """Cleanup after a failed assertion: the processes this test started, by their ids (SIGTERM
+    first, so that they can remove their files; SIGKILL for what is left), and their shm file."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
     for pid in pids | {proc.pid}:
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
+    if shm and os.path.exists(shm):
+        os.unlink(shm)
 
 
 def test_sigterm_during_inspect_leaves_no_worker_or_shm(tmp_path):
@@ -95,7 +104,7 @@ def test_sigterm_during_inspect_leaves_no_worker_or_shm(tmp_path):
         assert "Traceback" not in (tmp_path / "log.txt").read_text()
     finally:
         log.close()
-        _kill_all(proc, workers)
+        _kill_all(proc, workers, shm)
 
 
 _SERVE = """
