@@ -160,6 +160,11 @@ def test_no_lungs_no_diagnosis_and_lung_crop_is_one_path(tiny_bundle) -> None:
     body = np.where(vol.hu > -500, vol.hu, 40.0).astype(np.float32)  # the same body with its lungs filled in
     with pytest.raises(MsnetError, match="lung"):
         predictor.predict_volume(replace(vol, hu=body))
+    nan = vol.hu.copy()
+    nan[0, :4, :4] = np.nan  # a volume made in code, not by read_study: the same sanity checks apply
+    with pytest.raises(MsnetError, match="NaN"):
+        predictor.predict_volume(replace(vol, hu=nan))
+    assert not np.isnan(vol.hu).any()
     # with lung_crop in the spec, training, extraction and serving all crop through model_slices
     spec = PreprocessSpec(lung_crop=True, size=predictor.spec.size)
     cropped = model_slices(vol, spec)

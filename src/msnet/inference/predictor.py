@@ -141,6 +141,7 @@ class Predictor:
     def predict_volume(self, vol, timing: dict | None = None, explain_dir: Path | None = None,
                        top_k: int = 5) -> Prediction:
         """A read :class:`~msnet.io.CTVolume` -> :class:`Prediction` (the volume is not changed)."""
+        from msnet.io import check_volume
         from msnet.preprocess import check_lungs, model_slices
 
         timing = dict(timing or _timing())
@@ -150,6 +151,8 @@ class Predictor:
             warnings.insert(0, self.metadata["warning"])
         if self.spec.kind == "hu" and vol.kind == "grey":
             warnings.append("grey-level images, not HU: windowing skipped")
+        checked = check_volume(replace(vol, warnings=[]))  # NaN, constant, impossible HU: refused
+        warnings += [w for w in checked.warnings if w not in warnings]
         lungs = check_lungs(vol)  # no lungs, no diagnosis (None for grey-level images)
         if lungs is not None:
             warnings += lungs.warnings
