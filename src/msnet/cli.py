@@ -287,12 +287,16 @@ def serve(
     queue_size: int = typer.Option(16, help="Requests waiting for a worker before 503."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds per request before 504."),
     device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    viewer_studies: int = typer.Option(8, help="Finished studies kept for the page's viewer (0: no viewer)."),
+    viewer_mb: float = typer.Option(512.0, help="Memory for the viewer's studies in all (least recently used go first)."),
+    viewer_ttl: float = typer.Option(1800.0, "--viewer-ttl", help="Seconds a study stays viewable after its prediction."),
 ) -> None:
-    """HTTP API (/v1/predict, /health, /docs) and a web page at / for uploaded studies."""
+    """HTTP API (/v1/predict, /health, /docs) and a web page at / with a study viewer, for uploaded studies."""
     from msnet.service.app import serve as run_server
 
     run_server(bundle, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
-               timeout_s=timeout, queue_size=queue_size, device=device)
+               timeout_s=timeout, queue_size=queue_size, device=device, viewer_studies=viewer_studies,
+               viewer_mb=viewer_mb, viewer_ttl_s=viewer_ttl)
 
 
 @app.command()

@@ -7,6 +7,8 @@ Routes::
     POST /v1/predict  multipart field ``file``: a .zip of a DICOM study, a .nii/.nii.gz, or several
                       DICOM files (the field repeated); optional field ``study_id`` (a pseudonym)
     GET  /docs        OpenAPI documentation
+    GET  /v1/studies/{token}[/slices/{i}.png | /cam/{i}.png]
+                      the page's study viewer: a finished study kept for a while (see service/viewer.py)
 
 Hardening (see docs/service.md): the request body is streamed to a per-request temp dir and cut
 off at ``max_upload_mb`` (413); zip archives are checked before extraction (too large, too many
@@ -45,6 +47,7 @@ from fastapi.staticfiles import StaticFiles
 
 from msnet import __version__
 from msnet.errors import MsnetError
+from msnet.service import viewer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,9 @@ class ServiceSettings:
     max_files: int = 10000  # files in a zip or in one upload
     max_ratio: float = 200.0  # uncompressed / compressed size of a zip
     top_k: int = 5  # key slices returned
+    viewer_studies: int = 8  # finished studies kept for the page's viewer (0: no viewer)
+    viewer_mb: float = 512.0  # memory for them in all; least recently used go first
+    viewer_ttl_s: float = 1800.0  # each is dropped this long after its prediction
     device: str = "auto"
     tmp_dir: str | None = None  # where per-request temp dirs go (default: the system temp dir)
 
@@ -282,13 +288,23 @@ def _run_study(app_state: Any, files: list[Path], work: Path, study_id: str) -> 
     settings: ServiceSettings = app_state.settings
     study = locate_study(files, work, settings)
     try:
-        result = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
-                                             top_k=settings.top_k).to_dict()
+        prediction = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
+                                                 top_k=settings.top_k)
     except MsnetError as exc:
         raise HTTPException(422, _public_message(exc, work)) from exc
+    result = prediction.to_dict()
+    result["viewer"] = _keep_for_viewer(app_state, prediction)
     paths = result.pop("explanation", None) or {}
     result["images"] = {k.removesuffix("_png"): _data_url(Path(v)) for k, v in paths.items() if k.endswith("_png")}
     return result
+
+
+def _keep_for_viewer(app_state: Any, prediction: Any) -> dict | None:
+    """Keep the finished study for the page's viewer; its description (with the token) or None."""
+    kept = viewer.viewer_study(prediction, app_state.predictor)
+    if kept is None or app_state.viewer.put(kept) is None:
+        return None
+    return viewer.describe(app_state.viewer, kept)
 
 
 def _public_message(exc: MsnetError, work: Path) -> str:
@@ -344,10 +360,14 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
             raise MsnetError("no bundle given", fix="pass the bundle folder written by `msnet run` (RUN/bundle)")
         predictor = Predictor(bundle, device=settings.device)
     pool = InferencePool(settings.workers, settings.queue_size)
+    store = viewer.ViewerStore(settings.viewer_studies, int(settings.viewer_mb * (1 << 20)), settings.viewer_ttl_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        sweeper = asyncio.create_task(viewer.sweep_forever(store, min(60.0, max(settings.viewer_ttl_s / 4, 1.0))))
         yield
+        sweeper.cancel()
+        store.clear()
         pool.shutdown()
 
     meta = getattr(predictor, "metadata", {}) or {}
@@ -355,6 +375,7 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
                   description="Chest CT study -> COVID-19 / CAP / NORMAL with key slices. "
                               "**Research use only — not for diagnosis.**")
     app.state.settings, app.state.predictor, app.state.pool = settings, predictor, pool
+    app.state.viewer = store
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -375,9 +396,11 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
 
     @app.post("/v1/predict", dependencies=[Depends(_check_key)], openapi_extra=_UPLOAD_SCHEMA, responses=_ERRORS)
     async def predict(request: Request) -> JSONResponse:
-        """Diagnose one study: the prediction JSON plus `images` (Grad-CAM strip, slice-score curve) as data URLs."""
+        """Diagnose one study: the prediction JSON plus `images` (Grad-CAM strip, slice-score curve) as data URLs
+        and `viewer` (the token of the study kept for /v1/studies/..., or null)."""
         return await _predict(request)
 
+    viewer.add_routes(app, _check_key)
     return app
 
 
@@ -453,7 +476,8 @@ def warn_if_exposed(host: str, api_key: str | None) -> bool:
 
 def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_upload_mb: float = 1024.0, workers: int = 1, timeout_s: float = 300.0, queue_size: int = 16,
-          device: str = "auto", log_level: str = "info") -> None:
+          device: str = "auto", log_level: str = "info", viewer_studies: int = 8, viewer_mb: float = 512.0,
+          viewer_ttl_s: float = 1800.0) -> None:
     """Run the service with uvicorn until interrupted (``msnet serve``).
 
     e.g. serve("runs/cpu/bundle", port=8000)
@@ -464,6 +488,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key
     warn_if_exposed(host, api_key)
     settings = ServiceSettings(api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
                                timeout_s=timeout_s, queue_size=queue_size, device=device)
+    settings = replace(settings, viewer_studies=viewer_studies, viewer_mb=viewer_mb, viewer_ttl_s=viewer_ttl_s)
     app = create_app(bundle, settings)
     log.info("msnet service on http://%s:%d (workers %d, queue %d, upload limit %g MiB)", host, port, workers,
              queue_size, max_upload_mb)
