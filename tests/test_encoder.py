@@ -148,3 +148,21 @@ def test_old_or_foreign_checkpoint_names_the_fix(tmp_path) -> None:
     with pytest.raises(MsnetError, match="schema") as err:
         B.load_backbone(path)
     assert "rebuild" in str(err.value)
+
+
+def test_no_lungs_no_diagnosis_and_lung_crop_is_one_path(tiny_bundle) -> None:
+    from dataclasses import replace
+
+    from msnet.preprocess import lung_stats, model_slices
+
+    predictor = Predictor(tiny_bundle, device="cpu")
+    vol = read_study(_rows(tiny_bundle)[0]["path"])
+    body = np.where(vol.hu > -500, vol.hu, 40.0).astype(np.float32)  # the same body with its lungs filled in
+    with pytest.raises(MsnetError, match="lung"):
+        predictor.predict_volume(replace(vol, hu=body))
+    # with lung_crop in the spec, training, extraction and serving all crop through model_slices
+    spec = PreprocessSpec(lung_crop=True, size=predictor.spec.size)
+    cropped = model_slices(vol, spec)
+    box = lung_stats(vol.hu, vol.spacing_mm, vol.z_mm).box
+    assert cropped.shape[0] == vol.n_slices and cropped.shape[1] < vol.hu.shape[1] and box is not None
+    assert model_slices(vol, predictor.spec) is vol.hu  # no crop: the volume as read

@@ -108,6 +108,8 @@ def test_metrics_json_top_level_is_msnet(fake_run: Path) -> None:
     assert metrics["f1"] == metrics["macro_f1"] and metrics["auc"] == metrics["macro_auc"]
     assert set(metrics["fold_accuracy"]) == {"0", "1"}
     assert "| external |" in metrics["table3"] and "| test |" in metrics["table3"]
+    for key in ("ece", "brier"):  # calibration of the (temperature-scaled) test probabilities
+        assert 0.0 <= metrics[key] <= 2.0 and 0.0 <= metrics["by_aggregator"]["mean"][key] <= 2.0
 
 
 def test_predictions_csv_concatenates_test_rows(fake_run: Path) -> None:
@@ -132,6 +134,7 @@ def test_report_names_both_models_and_links_plots(fake_run: Path) -> None:
         "roc_mean.png",
         "training_curves.png",
         "comparison.png",
+        "reliability.png",
     ]:
         assert f"]({png})" in report
         path = out / png

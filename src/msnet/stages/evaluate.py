@@ -172,6 +172,28 @@ def _plot_roc(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], metrics:
     _save_png(fig, path)
 
 
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "reliability") -> None:
+    """Reliability diagram: per confidence bin, the accuracy against the mean top-class probability, one
+    line per model (``curves``: name -> (labels, probabilities)); the diagonal is perfect calibration."""
+    from msnet.metrics import calibration
+
+    fig = _figure(4.6, 4.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfectly calibrated")
+    for name, (y, probs) in curves.items():
+        cal = calibration(y, probs, n_bins=10)
+        xs = [b["confidence"] for b in cal["bins"]]
+        ys = [b["accuracy"] for b in cal["bins"]]
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.3, label=f"{name} (ECE {cal['ece']:.3f})")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean predicted probability of the predicted class")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left")
+    _save_png(fig, path)
+
+
 def _num(x: str | None) -> float:
     try:
         return float(x) if x not in (None, "") else math.nan
@@ -338,11 +360,15 @@ def _versions() -> dict[str, str]:
     return {"msnet": __version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__}
 
 
-def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
+def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0, partial: bool = False,
+                 partial_draws: int = 5) -> Path:
     """Evaluate every trained model of a run; return the path of ``evaluate/report.md``.
 
     The primary model (``msnet`` if present, else the first) gives the top level of
     ``metrics.json``; every model appears under ``by_aggregator`` and in the comparison.
+    ``partial``: also re-evaluate every aggregator on random contiguous sub-volumes of the
+    test studies (:func:`msnet.stages.partial.partial_scans`; needs the run's checkpoints and
+    cached features); ``partial.json``, ``partial.png`` and a section of report.md.
     """
     run_dir = Path(run_dir)
     models = _collect_models(run_dir)
@@ -352,11 +378,13 @@ def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
     by_agg: dict[str, dict[str, Any]] = {}
     test_rows: dict[str, list[dict[str, str]]] = {}
     plots: dict[str, tuple[str, str]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for model in models:
         name = model["name"]
         if model["classes"] != classes:
             logger.warning("%s: classes %s differ from %s", model["path"], model["classes"], classes)
         y, pred, probs, rows = _test_arrays(model)
+        curves[name] = (y, probs)
         m = classification_metrics(y, pred, probs, model["classes"])
         ci = bootstrap_ci(y, pred, probs, model["classes"], n_boot=n_boot, seed=seed)
         m["ci"] = {k: (list(v) if v else None) for k, v in ci.items()}
@@ -385,12 +413,19 @@ def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
     result.update(aggregator=primary, by_aggregator=by_agg, table3=pm["table3"], versions=_versions())
     result["headline"] = headline_table(result)
 
+    partial_result = None
+    if partial:
+        from msnet.stages.partial import partial_scans
+
+        partial_result = partial_scans(run_dir, draws=partial_draws, seed=seed)
+        result["partial"] = partial_result
     has_curves = _plot_history(models, out / "training_curves.png")
+    plot_reliability(curves, out / "reliability.png", "patient level, test set (calibrated probabilities)")
     _plot_comparison(by_agg, out / "comparison.png")
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False))
     _write_predictions(out / "predictions.csv", models, test_rows)
     report = out / "report.md"
-    atomic_write_text(report, _report(run_dir, result, models, plots, has_curves))
+    atomic_write_text(report, _report(run_dir, result, models, plots, has_curves, partial_result))
     logger.info("report written to %s", report)
     return report
 
@@ -408,7 +443,8 @@ def _write_predictions(path: Path, models: Sequence[dict[str, Any]], rows: dict[
     atomic_write_text(path, buf.getvalue())
 
 
-def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, Any]], plots: dict, curves: bool) -> str:
+def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, Any]], plots: dict, curves: bool,
+            partial: dict[str, Any] | None = None) -> str:
     primary = result["aggregator"]
     pm = result["by_aggregator"][primary]
     parts = [
@@ -429,6 +465,16 @@ def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, An
             f"(mean {pct(float(np.mean(accs)))}, sd {pct(float(np.std(accs)))})."
         )
     parts += [f"## Per test subset ({primary}, Table 3 form)", pm["table3"]]
+    parts += ["## Calibration",
+              "Probabilities are temperature-scaled on each model's validation patients (`msnet train`). "
+              "ECE: expected calibration error over 15 confidence bins; Brier: multi-class Brier score.",
+              "| model | ECE | Brier |\n|---|---|---|\n" + "\n".join(
+                  f"| {n} | {m.get('ece', 0.0):.3f} | {m.get('brier', 0.0):.3f} |" for n, m in result["by_aggregator"].items()),
+              "![reliability diagram](reliability.png)"]
+    if partial is not None:
+        from msnet.stages.partial import partial_section
+
+        parts.append(partial_section(partial))
     parts.append("## Confusion matrices and ROC curves")
     for name, (cm_png, roc_png) in plots.items():
         parts.append(f"### {name}\n\n![{name} confusion matrix]({cm_png}) ![{name} ROC]({roc_png})")
