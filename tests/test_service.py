@@ -16,6 +16,7 @@ import numpy as np
 import jsonschema
 import pytest
 
+from conftest import CAP002
 from fastapi.testclient import TestClient  # noqa: E402
 
 from msnet.service.app import UPLOAD_PREFIX, ServiceSettings, create_app, warn_if_exposed  # noqa: E402
@@ -357,22 +358,29 @@ def viewer_get(c: TestClient, token: str, path: str = "", **kw):
 
 
 @pytest.fixture(scope="module")
-def real_series(shared_data) -> Path:
-    """A real CT series: 20 slices, 512 x 512, JPEG 2000, lung bases at the top."""
-    return shared_data / "dicom-zoo" / "totalsegmentator-example" / "example_ct_dicom"
+def real_chest(shared_data) -> list[Path]:
+    """20 consecutive slices (512 x 512, JPEG Lossless) of a real chest CT: cap002's lower lobes, where
+    its pneumonia is labelled (canonical indices 90-109: sorted by SliceLocation, head first)."""
+    import pydicom
+
+    files = sorted(CAP002.iterdir(), key=lambda f: -float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation))
+    return files[90:110]
 
 
-def test_viewer_slices_real_ct(make_client, predictor, real_series):
-    """Every slice of a real series in every window: right size and count, grey order follows HU,
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_viewer_slices_real_ct(make_client, predictor, real_chest, tmp_path):
+    """Every slice of a real chest CT in every window: right size and count, grey order follows HU,
     lung tissue visible only in the lung window, soft tissue spread out in the mediastinal one."""
     from msnet.io import read_study
 
     c = make_client()
-    files = [("file", (f.name, f.read_bytes(), "application/dicom")) for f in sorted(real_series.iterdir())]
+    files = [("file", (f.name, f.read_bytes(), "application/dicom")) for f in real_chest]
     r = post(c, files, data={"study_id": "real-1"})
     assert r.status_code == 200, r.text
     v = r.json()["viewer"]
-    vol = read_study(real_series)
+    for f in real_chest:
+        (tmp_path / f.name).symlink_to(f)
+    vol = read_study(tmp_path)
     n, h, w = vol.hu.shape
     assert (v["n_slices"], v["height"], v["width"]) == (n, h, w) == (20, 512, 512)
     assert v["windows"] == ["lung", "mediastinum", "as_read"] and v["cam_class"] == r.json()["prediction"]
@@ -446,6 +454,32 @@ def test_viewer_gradcam_overlay(make_client, predictor, study):
     hot_direct, hot_served = big > 0.3 * 255, alpha > 0.4 * 255
     assert (hot_direct & hot_served).sum() / max((hot_direct | hot_served).sum(), 1) > 0.8
     assert viewer_get(c, v["token"], f"/cam/{v['n_slices']}.png").status_code == 404
+
+
+def test_viewer_gradcam_on_the_models_lung_crop(predictor, study, tmp_path):
+    """A model that reads slices cropped to the lungs: its Grad-CAM is put back where the crop lies."""
+    from dataclasses import replace
+
+    from msnet import preprocess as P
+    from msnet.inference.encoder import SliceEncoder
+    from msnet.io import read_study
+
+    spec = replace(predictor.encoder.spec, lung_crop=True)
+    cropping = predictor.with_encoder(SliceEncoder(spec, predictor.bundle.backbone, device="cpu"))
+    cropping.spec = spec
+    vol = read_study(study)
+    r0, r1, c0, c1 = P.lung_box(P.lung_stats(vol.hu, vol.spacing_mm, vol.z_mm), vol.hu.shape)
+    h, w = vol.hu.shape[1:]
+    assert (r1 - r0) * (c1 - c0) < 0.8 * h * w  # the crop leaves out part of the slice
+
+    c = TestClient(create_app(None, ServiceSettings(tmp_dir=str(tmp_path)), predictor=cropping))
+    out = post(c, {"file": ("study.zip", zip_study(study), "application/zip")}).json()
+    token, k = out["viewer"]["token"], out["key_slices"][0]["slice_index"]
+    alpha = decode_png(viewer_get(c, token, f"/cam/{k}.png").content)[..., 3]
+    assert alpha.shape == (h, w)
+    inside = np.zeros((h, w), bool)
+    inside[max(r0, 0) : r1, max(c0, 0) : c1] = True
+    assert alpha[~inside].max() == 0 and alpha[inside].max() > 0
 
 
 def test_viewer_unknown_token_and_key(make_client, study):

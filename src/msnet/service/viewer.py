@@ -32,7 +32,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -67,6 +67,9 @@ class ViewerStudy:
     key_slices: list[dict]
     cam_size: int
     cams: dict[int, np.ndarray] = field(default_factory=dict)
+    lungs: Any = None  # the lungs' LungStats when the model crops to them (found on the first Grad-CAM)
+    crop: tuple[int, int, int, int] | None = None  # then the crop box (row0, row1, col0, col1)
+    crop_known: bool = False
     token: str = ""
     expires: float = 0.0
 
@@ -165,8 +168,8 @@ class ViewerStore:
 def viewer_study(prediction: Any, predictor: Any) -> ViewerStudy | None:
     """What the viewer keeps of a finished :class:`~msnet.inference.predictor.Prediction`
     (its ``extra`` must hold the volume and the features); None when they are missing."""
-    vol = prediction.extra.get("volume")
-    feats = prediction.extra.get("features")
+    extra = getattr(prediction, "extra", None) or {}
+    vol, feats = extra.get("volume"), extra.get("features")
     if vol is None or feats is None or vol.hu.ndim != 3:
         return None
     if vol.kind == "hu":
@@ -224,15 +227,32 @@ def slice_png(study: ViewerStudy, index: int, window: str, spec: P.PreprocessSpe
     return _png(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
 
 
+def model_crop(study: ViewerStudy, spec: P.PreprocessSpec) -> tuple[int, int, int, int] | None:
+    """The in-plane box the model saw of every slice (its lung crop), or None (the whole slice); cached."""
+    if not study.crop_known:
+        if getattr(spec, "lung_crop", False) and study.kind == "hu":
+            z = np.asarray(study.z_mm, float) if study.z_mm is not None else None
+            stats = P.lung_stats(study.slices.astype(np.float32), study.spacing_mm, z)
+            # keep the box, not the mask: the crop needs nothing else
+            study.lungs = replace(stats, mask=np.zeros((1, 1, 1), bool), slice_area_mm2=np.zeros(0, np.float32))
+            study.crop = P.lung_box(study.lungs, study.slices.shape)
+        study.crop_known = True
+    return study.crop
+
+
 def compute_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:
-    """Grad-CAM (cam_size, cam_size) uint8 of slice ``index`` for the study's predicted class; cached."""
+    """Grad-CAM (cam_size, cam_size) uint8 of slice ``index`` for the study's predicted class, on the
+    slice as the model saw it (lung crop included); cached."""
     cached = study.cams.get(index)
     if cached is not None:
         return cached
     from msnet.inference.explain import grad_cam
 
     spec = predictor.encoder.spec
-    unit = spec.unit(study.slices[index : index + 1].astype(np.float32), study.kind)[0]
+    one = study.slices[index : index + 1].astype(np.float32)
+    if model_crop(study, spec) is not None:
+        one = P.lung_crop(one, study.lungs)  # the same box as the model's (preprocess.model_slices)
+    unit = spec.unit(one, study.kind)[0]
     cam = grad_cam(predictor, unit, study.features, index, study.target)
     out = (np.clip(cam, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     study.cams[index] = out
@@ -252,7 +272,14 @@ def cam_png(study: ViewerStudy, cam: np.ndarray) -> bytes:
 
         _JET = (colormaps["jet"](np.arange(256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
     h, w = study.slices.shape[1:]
-    big = np.asarray(Image.fromarray(cam).resize((w, h), Image.BILINEAR))
+    if study.crop is None:
+        big = np.asarray(Image.fromarray(cam).resize((w, h), Image.BILINEAR))
+    else:  # the map covers the model's crop box only: put it back where the box lies in the slice
+        r0, r1, c0, c1 = study.crop
+        part = np.asarray(Image.fromarray(cam).resize((c1 - c0, r1 - r0), Image.BILINEAR))
+        big = np.zeros((h, w), np.uint8)
+        sr0, sr1, sc0, sc1 = max(0, r0), min(h, r1), max(0, c0), min(w, c1)
+        big[sr0:sr1, sc0:sc1] = part[sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0]
     alpha = np.clip((big / 255.0 - CAM_THRESHOLD) / 0.35, 0.0, 1.0)
     rgba = np.concatenate([_JET[big], (alpha * 255.0 + 0.5).astype(np.uint8)[..., None]], axis=-1)
     return _png(rgba)

@@ -77,34 +77,35 @@ const Viewer = (() => {
   }
 
   async function draw() {
-    const gen = ++S.gen;
-    const i = S.index, win = S.window, withCam = S.camOn;
+    const st = S, gen = ++st.gen;
+    const stale = () => S !== st || gen !== st.gen;   // another slice, window or study since
+    const i = st.index, win = st.window, withCam = st.camOn;
     try {
-      const camKnown = withCam && S.cams.has(i);
+      const camKnown = withCam && st.cams.has(i);
       const [bmp, camBmp] = await Promise.all([
         bitmap(`${win}:${i}`, tile(win, i)), camKnown ? bitmap(`cam:${i}`, cam(i)) : null]);
-      if (gen !== S.gen) return;
+      if (stale()) return;
       paint(bmp, camBmp, win, i);
       if (!withCam || camBmp) { status(""); return; }
       await sleep(CAM_DELAY_MS);
-      if (gen !== S.gen) return;
+      if (stale()) return;
       status("computing Grad-CAM…");
       const late = await bitmap(`cam:${i}`, cam(i));
-      if (gen !== S.gen) return;
+      if (stale()) return;
       paint(bmp, late, win, i);
       status("");
     } catch (err) {
-      if (gen === S.gen) fail(err);
+      if (!stale()) fail(err);
     }
   }
 
   function prefetch() {   // every slice of the current window, nearest first
-    const gen = ++S.prefetchGen;
-    const win = S.window, from = S.index;
-    const order = [...Array(S.n).keys()].sort((a, b) => Math.abs(a - from) - Math.abs(b - from));
+    const st = S, gen = ++st.prefetchGen;
+    const win = st.window, from = st.index;
+    const order = [...Array(st.n).keys()].sort((a, b) => Math.abs(a - from) - Math.abs(b - from));
     let next = 0;
     const worker = async () => {
-      while (next < order.length && gen === S.prefetchGen && S.alive) {
+      while (next < order.length && S === st && gen === st.prefetchGen) {
         try { await tile(win, order[next++]); } catch (err) { if (err.status === 404) return; }
       }
     };
@@ -250,7 +251,6 @@ const Viewer = (() => {
   }
 
   function hide() {
-    if (S) S.alive = false;
     S = null;
     $("viewer").hidden = true;
     $("viewer-off").hidden = true;
@@ -268,7 +268,7 @@ const Viewer = (() => {
       camClass: v.cam_class, scores: r.slice_scores, keys, index: keys.length ? keys[0] : 0, shown: false,
       window: v.windows.includes("lung") ? "lung" : v.windows[0], camOn: $("cam-on").checked,
       opacity: Number($("cam-opacity").value) / 100, tiles: new Map(), cams: new Map(), bitmaps: new Map(),
-      gen: 0, prefetchGen: 0, alive: true,
+      gen: 0, prefetchGen: 0,
     };
     const canvas = $("slice-canvas");
     canvas.width = v.width;
