@@ -360,14 +360,19 @@ def serve(
     max_slice_pixels: Optional[int] = typer.Option(None, help="Rows x Columns of one slice (413 above; default MSNET_MAX_SLICE_PIXELS or 2048*2048)."),
     max_voxels: Optional[int] = typer.Option(None, help="Voxels of one study (413 above; default MSNET_MAX_VOXELS or 2**28)."),
     max_compression_ratio: Optional[float] = typer.Option(None, help="Decoded / stored size of a .nii.gz (413 above; default 200)."),
+    viewer_studies: int = typer.Option(8, help="Finished studies kept for the page's viewer (0: no viewer)."),
+    viewer_mb: float = typer.Option(512.0, help="Memory for the viewer's studies in all (least recently used go first)."),
+    viewer_ttl: float = typer.Option(1800.0, "--viewer-ttl", help="Seconds a study stays viewable after its prediction."),
 ) -> None:
-    """HTTP API (/v1/predict, /health, /docs) and a web page at / for uploaded studies (limits: docs/service.md)."""
+    """HTTP API (/v1/predict, /health, /docs) and a web page at / with a study viewer, for uploaded studies
+    (limits: docs/service.md)."""
     from msnet.service.app import serve as run_server
 
     run_server(bundle, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
                timeout_s=timeout, queue_size=queue_size, device=device, header_timeout_s=header_timeout,
                read_timeout_s=read_timeout, max_connections=max_connections, max_slice_pixels=max_slice_pixels,
-               max_voxels=max_voxels, max_compression_ratio=max_compression_ratio)
+               max_voxels=max_voxels, max_compression_ratio=max_compression_ratio, viewer_studies=viewer_studies,
+               viewer_mb=viewer_mb, viewer_ttl_s=viewer_ttl)
 
 
 @app.command()

@@ -7,6 +7,8 @@ Routes::
     POST /v1/predict  multipart field ``file``: a .zip of a DICOM study, a .nii/.nii.gz, or several
                       DICOM files (the field repeated); optional field ``study_id`` (a pseudonym)
     GET  /docs        OpenAPI documentation (Swagger UI served from the installed package: works offline)
+    GET  /v1/studies/{token}[/slices/{i}.png | /cam/{i}.png]
+                      the page's study viewer: a finished study kept for a while (see service/viewer.py)
 
 Hardening (see docs/service.md): the request body is streamed to a per-request temp dir and cut
 off at ``max_upload_mb`` (413); zip archives are checked before extraction (too large, too many
@@ -48,6 +50,7 @@ from fastapi.staticfiles import StaticFiles
 
 from msnet import __version__
 from msnet.errors import LimitError, MsnetError
+from msnet.service import viewer
 from msnet.service.uploads import clean_study_id, locate_study, receive_upload
 
 __all__ = ["ServiceSettings", "InferencePool", "create_app", "make_server", "serve", "clean_study_id",
@@ -77,6 +80,9 @@ class ServiceSettings:
     max_files: int = 10000  # files in a zip or in one upload
     max_ratio: float = 200.0  # uncompressed / compressed size of a zip
     top_k: int = 5  # key slices returned
+    viewer_studies: int = 8  # finished studies kept for the page's viewer (0: no viewer)
+    viewer_mb: float = 512.0  # memory for them in all; least recently used go first
+    viewer_ttl_s: float = 1800.0  # each is dropped this long after its prediction
     device: str = "auto"
     tmp_dir: str | None = None  # where per-request temp dirs go (default: the system temp dir)
     header_timeout_s: float = 10.0  # a connection's request headers must arrive within this; 408 past it
@@ -162,15 +168,25 @@ def _run_study(app_state: Any, files: list[Path], work: Path, study_id: str) -> 
     settings: ServiceSettings = app_state.settings
     study = locate_study(files, work, settings)
     try:
-        result = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
-                                             top_k=settings.top_k).to_dict()
+        prediction = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
+                                                 top_k=settings.top_k)
     except LimitError as exc:
         raise HTTPException(413, _public_message(exc, work)) from exc
     except MsnetError as exc:
         raise HTTPException(422, _public_message(exc, work)) from exc
+    result = prediction.to_dict()
+    result["viewer"] = _keep_for_viewer(app_state, prediction)
     paths = result.pop("explanation", None) or {}
     result["images"] = {k.removesuffix("_png"): _data_url(Path(v)) for k, v in paths.items() if k.endswith("_png")}
     return result
+
+
+def _keep_for_viewer(app_state: Any, prediction: Any) -> dict | None:
+    """Keep the finished study for the page's viewer; its description (with the token) or None."""
+    kept = viewer.viewer_study(prediction, app_state.predictor)
+    if kept is None or app_state.viewer.put(kept) is None:
+        return None
+    return viewer.describe(app_state.viewer, kept)
 
 
 def _public_message(exc: MsnetError, work: Path) -> str:
@@ -232,10 +248,14 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
             raise MsnetError("no bundle given", fix="pass the bundle folder written by `msnet run` (RUN/bundle)")
         predictor = Predictor(bundle, device=settings.device)
     pool = InferencePool(settings.workers, settings.queue_size)
+    store = viewer.ViewerStore(settings.viewer_studies, int(settings.viewer_mb * (1 << 20)), settings.viewer_ttl_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        sweeper = asyncio.create_task(viewer.sweep_forever(store, min(60.0, max(settings.viewer_ttl_s / 4, 1.0))))
         yield
+        sweeper.cancel()
+        store.clear()
         pool.shutdown()
 
     meta = getattr(predictor, "metadata", {}) or {}
@@ -245,6 +265,7 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
     guard = ConnectionGuard(settings.max_connections, settings.header_timeout_s)
     app.add_middleware(OverloadMiddleware, guard=guard)
     app.state.settings, app.state.predictor, app.state.pool, app.state.guard = settings, predictor, pool, guard
+    app.state.viewer = store
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _mount_docs(app)
@@ -266,9 +287,11 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
 
     @app.post("/v1/predict", dependencies=[Depends(_check_key)], openapi_extra=_UPLOAD_SCHEMA, responses=_ERRORS)
     async def predict(request: Request) -> JSONResponse:
-        """Diagnose one study: the prediction JSON plus `images` (Grad-CAM strip, slice-score curve) as data URLs."""
+        """Diagnose one study: the prediction JSON plus `images` (Grad-CAM strip, slice-score curve) as data URLs
+        and `viewer` (the token of the study kept for /v1/studies/..., or null)."""
         return await _predict(request)
 
+    viewer.add_routes(app, _check_key)
     return app
 
 
@@ -392,7 +415,8 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key
           max_upload_mb: float = 1024.0, workers: int = 1, timeout_s: float = 300.0, queue_size: int = 16,
           device: str = "auto", log_level: str = "info", **limits: Any) -> None:
     """Run the service with uvicorn until interrupted (``msnet serve``); ``limits`` are further
-    :class:`ServiceSettings` fields (header_timeout_s, read_timeout_s, max_connections, read limits).
+    :class:`ServiceSettings` fields (header_timeout_s, read_timeout_s, max_connections, read limits,
+    viewer_studies, viewer_mb, viewer_ttl_s).
 
     e.g. serve("runs/cpu/bundle", port=8000)
     """
