@@ -6,7 +6,7 @@ import asyncio
 import re
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import HTTPException, Request
 
@@ -44,8 +44,63 @@ def clean_study_id(value: str | None) -> str:
     return text or f"study-{secrets.token_hex(4)}"
 
 
+class _MultipartSink:
+    """The multipart parser's callbacks: ``file`` parts are streamed to files in ``dest``, the
+    ``study_id`` field (at most 256 bytes) is kept, anything else is dropped."""
+
+    def __init__(self, dest: Path, max_files: int) -> None:
+        self.dest, self.max_files = dest, max_files
+        self.saved: list[Path] = []
+        self.study_id = bytearray()
+        self.headers: dict[bytes, bytes] = {}
+        self.field, self.value, self.name, self.out = b"", b"", None, None
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
+                "on_part_end": self.on_part_end}
+
+    def on_part_begin(self) -> None:
+        self.headers = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[self.field.lower()] = self.value
+        self.field, self.value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _, disp = parse_options_header(self.headers.get(b"content-disposition", b""))
+        self.name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if self.name == "file" and b"filename" in disp:
+            if len(self.saved) >= self.max_files:
+                raise HTTPException(413, f"more than {self.max_files} files in one upload")
+            path = self.dest / _safe_name(disp[b"filename"].decode("utf-8", "replace"), len(self.saved))
+            self.saved.append(path)
+            self.out = open(path, "wb", buffering=_CHUNK_WRITE)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.out is not None:
+            self.out.write(data[start:end])
+        elif self.name == "study_id" and len(self.study_id) < 256:
+            self.study_id.extend(data[start:end][: 256 - len(self.study_id)])
+
+    def on_part_end(self) -> None:
+        if self.out is not None:
+            self.out.close()
+            self.out = None
+
+
 async def receive_upload(request: Request, dest: Path, settings: ServiceSettings) -> tuple[list[Path], str | None]:
-    """Stream a multipart body into ``dest``: (saved ``file`` parts, ``study_id`` field); 413 past the limit."""
+    """Stream a multipart body into ``dest``: (saved ``file`` parts, ``study_id`` field); 413 past the limit,
+    408 when the body stalls, 422 for a body that is not a multipart upload."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     limit = settings.max_upload_bytes
@@ -55,50 +110,8 @@ async def receive_upload(request: Request, dest: Path, settings: ServiceSettings
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise HTTPException(422, "send the study as multipart/form-data in the field `file`")
-
-    saved: list[Path] = []
-    state: dict[str, Any] = {"headers": {}, "field": b"", "value": b"", "out": None, "name": None}
-    study_id = bytearray()
-
-    def on_part_begin() -> None:
-        state["headers"] = {}
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
-
-    def on_headers_finished() -> None:
-        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
-        name = disp.get(b"name", b"").decode("utf-8", "replace")
-        state["name"] = name
-        if name == "file" and b"filename" in disp:
-            if len(saved) >= settings.max_files:
-                raise HTTPException(413, f"more than {settings.max_files} files in one upload")
-            path = dest / _safe_name(disp[b"filename"].decode("utf-8", "replace"), len(saved))
-            saved.append(path)
-            state["out"] = open(path, "wb", buffering=_CHUNK_WRITE)
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if state["out"] is not None:
-            state["out"].write(data[start:end])
-        elif state["name"] == "study_id" and len(study_id) < 256:
-            study_id.extend(data[start:end][: 256 - len(study_id)])
-
-    def on_part_end() -> None:
-        if state["out"] is not None:
-            state["out"].close()
-            state["out"] = None
-
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-        "on_part_end": on_part_end})
+    sink = _MultipartSink(dest, settings.max_files)
+    parser = MultipartParser(params[b"boundary"], sink.callbacks())
     received = 0
     stream = request.stream().__aiter__()
     try:
@@ -119,9 +132,8 @@ async def receive_upload(request: Request, dest: Path, settings: ServiceSettings
     except Exception as exc:  # malformed multipart body
         raise HTTPException(422, f"malformed multipart upload ({type(exc).__name__})") from exc
     finally:
-        if state["out"] is not None:
-            state["out"].close()
-    return saved, study_id.decode("utf-8", "replace") or None
+        sink.on_part_end()
+    return sink.saved, sink.study_id.decode("utf-8", "replace") or None
 
 
 def locate_study(files: list[Path], work: Path, settings: ServiceSettings) -> Path:
