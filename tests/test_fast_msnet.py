@@ -57,7 +57,11 @@ LENGTHS = [[7, 1, 60, 3, 33], [150], [2, 2], [40, 39, 1, 17]]
 
 @pytest.mark.parametrize("n_blocks,kernel_size,width", CASES)
 @pytest.mark.parametrize("holes", [False, True])
-def test_outputs_and_gradients_match_reference(n_blocks: int, kernel_size: int, width: int, holes: bool) -> None:
+@pytest.mark.parametrize("convs", ["gemm", "onednn"])
+def test_outputs_and_gradients_match_reference(monkeypatch, n_blocks: int, kernel_size: int, width: int, holes: bool,
+                                               convs: str) -> None:
+    # small packed maps run their convs as GEMMs, large ones as nn.Conv1d (oneDNN): test both on every case
+    monkeypatch.setattr(aggregators, "_ONEDNN_MIN_VALUES", 10**12 if convs == "gemm" else -1)
     fast, ref = _pair(n_blocks=n_blocks, kernel_size=kernel_size, width=width)
     fast.eval(), ref.eval()
     for k, lengths in enumerate(LENGTHS):
@@ -74,6 +78,42 @@ def test_outputs_and_gradients_match_reference(n_blocks: int, kernel_size: int, 
         fmap = fast.temporal(x, mask)
         torch.testing.assert_close(fmap, ref.temporal(x.masked_fill(~mask[:, :, None], 0), mask), **TOL)
         assert (fmap.transpose(1, 2)[~mask] == 0).all()
+
+
+def test_a_training_batch_takes_the_onednn_path_and_matches() -> None:
+    """Without patching: a batch of long studies (packed map > 20,480 values) through nn.Conv1d."""
+    fast, ref = _pair(seed=6)
+    fast.eval(), ref.eval()
+    x, mask = _batch([150, 97, 120, 64], seed=6)
+    weight = torch.randn(4, 3)
+    out_f, grads_f, dx_f = _grads(fast, x, mask, weight)
+    out_r, grads_r, dx_r = _grads(ref, x, mask, weight)
+    torch.testing.assert_close(out_f, out_r, **TOL)
+    for name in grads_r:
+        torch.testing.assert_close(grads_f[name], grads_r[name], **TOL, msg=name)
+    torch.testing.assert_close(dx_f, dx_r, **TOL)
+
+
+def test_small_studies_run_on_one_thread(monkeypatch) -> None:
+    seen = []
+    fast, _ = _pair()
+    real = fast._packed
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "_packed", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fast(torch.randn(1, 30, D))
+        big = torch.randn(1, aggregators._ONE_THREAD_MAX_VALUES // D + 1, D)
+        fast(big)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]
 
 
 def test_training_mode_dropout_draws_match() -> None:
