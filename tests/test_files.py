@@ -39,3 +39,15 @@ def test_interrupted_write_keeps_the_old_file_and_no_temp(tmp_path) -> None:
         atomic_write(target, explode)
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_same_checkpoint_gives_same_bytes_whatever_the_file_name(tmp_path) -> None:
+    import torch
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "name": "x"}
+    atomic_torch_save(state, tmp_path / "a.pt")
+    atomic_torch_save(state, tmp_path / "b" / "other.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "other.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], state["w"])
+    atomic_torch_save({**state, "name": "y"}, tmp_path / "c.pt")
+    assert (tmp_path / "c.pt").read_bytes() != (tmp_path / "a.pt").read_bytes()

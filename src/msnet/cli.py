@@ -276,11 +276,15 @@ def demo(
     out: Path = typer.Argument(Path("msnet-demo"), help="Output folder."),
     patients: int = typer.Option(120, help="Synthetic patients (split over the three classes; 30% held out for test)."),
     overwrite: bool = typer.Option(False, help="Redo every stage."),
+    seed: int = typer.Option(0, help="Seed of the synthetic cohort."),
+    threads: int = typer.Option(2, help="CPU threads (fixed, so that the numbers do not depend on free cores)."),
 ) -> None:
-    """The main job: synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report."""
+    """The main job: synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report.
+
+    The same arguments give the same table on every run on one machine kind."""
     from msnet.stages.run import run_demo
 
-    run_demo(out, n_patients=patients, overwrite=overwrite)
+    run_demo(out, n_patients=patients, overwrite=overwrite, seed=seed, threads=threads)
 
 
 # --------------------------------------------------------------------------- inference

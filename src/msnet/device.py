@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import threading
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -63,6 +64,32 @@ def one_thread(enabled: bool = True) -> Iterator[None]:
             _threads_state["depth"] -= 1
             if _threads_state["depth"] == 0 and _threads_state["saved"] != 1:
                 torch.set_num_threads(_threads_state["saved"])
+
+
+@contextmanager
+def reproducible(seed: int, threads: int) -> Iterator[None]:
+    """Seeded python/numpy/torch RNGs, a fixed number of CPU threads and torch's deterministic algorithms
+    for the block; the previous thread count and algorithm settings come back afterwards.
+
+    With the thread count fixed, a run does not depend on how many cores the machine has or has free.
+    Identical numbers still need the same CPU kind: BLAS/oneDNN kernels differ between instruction sets.
+
+    >>> with reproducible(0, threads=1):
+    ...     torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    (1, True)
+    """
+    old = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.mkldnn.deterministic)
+    torch.set_num_threads(int(threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.mkldnn.deterministic = True
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old[0])
+        torch.use_deterministic_algorithms(old[1], warn_only=old[2])
+        torch.backends.mkldnn.deterministic = old[3]
 
 
 def world() -> tuple[int, int]:

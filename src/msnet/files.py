@@ -59,11 +59,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file, then rename: an interruption never leaves half a checkpoint."""
+    """torch.save to a temp file, then rename: an interruption never leaves half a checkpoint.
+
+    Saved through a file object, so the archive inside is named the same whatever the temp file's name:
+    the same object gives the same bytes (and the same file hash, the feature cache's key).
+    """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def write_csv_atomic(path: str | Path, header: list[str], rows: list) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -100,9 +101,13 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
                           yaml.safe_dump(asdict(cfg), sort_keys=False))
 
 
-def demo_config(out: Path) -> Config:
-    """The cpu config pointed at the demo's synthetic cohort."""
-    cfg = load_config(Path(__file__).parent / "configs" / "cpu.yaml")
+DEMO_THREADS = 2
+"""CPU threads of every demo run, whatever the machine has or has free (the numbers depend on it)."""
+
+
+def demo_config(out: Path, config: str = "cpu", overrides: list[str] | None = None) -> Config:
+    """A shipped config (``cpu`` by default) pointed at the demo's synthetic cohort in ``out/data``."""
+    cfg = load_config(config, overrides)
     cfg.source = str(out.resolve())
     cfg.run_dir = "run"
     cfg.data.cohort = "data/cohort.csv"
@@ -110,30 +115,73 @@ def demo_config(out: Path) -> Config:
     return cfg
 
 
-def run_demo(out: Path, n_patients: int = 120, overwrite: bool = False, seed: int = 0) -> dict:
-    """Synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report; prints the headline."""
+def markdown_table(metrics: dict) -> str:
+    """The demo's headline as the Markdown table README.md shows (percentages, per-class sensitivity)."""
+    from msnet.metrics import pct
+
+    classes = metrics["classes"]
+    lines = ["| model | accuracy [95% CI] | balanced acc. | macro AUC | " + " | ".join(f"sens. {c}" for c in classes)
+             + " |", "|---" * (4 + len(classes)) + "|"]
+    for name, m in metrics["by_aggregator"].items():
+        lo, hi = (m.get("ci") or {}).get("accuracy") or (None, None)
+        cells = [name, f"{pct(m.get('accuracy'))} [{pct(lo)}, {pct(hi)}]", pct(m.get("balanced_accuracy")),
+                 pct(m.get("macro_auc")), *[pct((m.get("sensitivity") or {}).get(c)) for c in classes]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _demo_cohort(data: Path, n_patients: int, size: int, seed: int, slices: tuple[int, int], console) -> None:
+    """Write the demo's cohort, or check that the one already in ``data`` was made with these arguments."""
+    from msnet.data.synthetic import SYNTHETIC_MARKER, synth_cohort
+    from msnet.errors import MsnetError
+
+    wanted = {"n_patients": n_patients, "size": size, "seed": seed, "slices": list(slices)}
+    marker = data / SYNTHETIC_MARKER
+    if (data / "cohort.csv").exists() and marker.is_file():
+        made = json.loads(marker.read_text())
+        if {k: made.get(k) for k in wanted} != wanted:
+            raise MsnetError(f"this folder holds a demo cohort made with other arguments "
+                             f"({', '.join(f'{k}={made.get(k)}' for k in wanted)})", data,
+                             "pass --overwrite to remake it, or another output folder")
+        return
+    console.print(f"writing a synthetic cohort of {n_patients} patients to {data} …")
+    synth_cohort(data, n_patients=n_patients, size=size, seed=seed, slices=slices, split=(0.2, 0.3))
+
+
+def run_demo(out: Path, n_patients: int = 120, overwrite: bool = False, seed: int = 0, threads: int = DEMO_THREADS,
+             *, size: int = 256, slices: tuple[int, int] = (30, 60), config: str = "cpu",
+             overrides: list[str] | None = None) -> dict:
+    """Synthetic cohort -> fine-tune -> extract -> MS-Net + baselines -> report; prints the headline.
+
+    Reproducible: the same arguments give the same tables on every run on one machine kind, however busy
+    it is (seeded RNGs, ``threads`` CPU threads, deterministic algorithms; see :func:`msnet.device.reproducible`).
+    Writes ``out/table.txt`` (the console table) and ``out/table.md`` (README's table) beside ``out/metrics.json``.
+    """
     from rich.console import Console
 
-    from msnet.data.synthetic import synth_cohort
+    from msnet.device import reproducible
 
     console = Console()
     out = Path(out)
     start = time.perf_counter()
-    data = out / "data"
     if overwrite and out.exists():
         shutil.rmtree(out)
-    if not (data / "cohort.csv").exists():
-        console.print(f"writing a synthetic cohort of {n_patients} patients to {data} …")
-        synth_cohort(data, n_patients=n_patients, size=256, seed=seed, slices=(30, 60), split=(0.2, 0.3))
-    cfg = demo_config(out)
-    report = run_pipeline(cfg, overwrite=False, partial=True)
+    with reproducible(seed, threads):
+        _demo_cohort(out / "data", n_patients, size, seed, slices, console)
+        cfg = demo_config(out, config, overrides)
+        report = run_pipeline(cfg, overwrite=False, partial=True)
     metrics = json.loads((cfg.run_path / "evaluate" / "metrics.json").read_text())
     elapsed = time.perf_counter() - start
     metrics["elapsed_s"] = elapsed
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    console.print(format_console_table(metrics))
+    table = format_console_table(metrics)
+    plain = Console(width=80, color_system=None, force_terminal=False, record=True, file=io.StringIO())
+    plain.print(table)
+    atomic_write_text(out / "table.txt", plain.export_text())
+    atomic_write_text(out / "table.md", markdown_table(metrics))
+    console.print(table)
     console.print(
         f"\nMS-Net patient-level test accuracy: [bold]{metrics['accuracy']:.3f}[/] "
-        f"({elapsed:.0f} s)\nreport: {report}\nmetrics: {out / 'metrics.json'}"
+        f"({elapsed:.0f} s, {threads} threads)\nreport: {report}\nmetrics: {out / 'metrics.json'}"
     )
     return metrics
