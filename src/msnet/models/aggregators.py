@@ -148,7 +148,8 @@ class MSNet(nn.Module):
     study in a padded batch sees exactly the zeros it sees alone, padded values are
     never read, and :meth:`forward_sequences` takes a list of studies without
     building a padded batch at all (what training uses). Tracing (ONNX export)
-    runs the padded form.
+    runs the padded form. The packed form uses the convs' weights directly, so forward
+    hooks on ``stem`` (and, for one study, on the other convs) do not fire; the head's do.
 
     >>> sum(p.numel() for p in MSNet(2048).parameters())
     207683
