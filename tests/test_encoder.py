@@ -56,16 +56,17 @@ def test_served_features_equal_extracted_features(tiny_bundle) -> None:
 
 def test_aggregator_runs_once_and_volume_is_not_changed(tiny_bundle) -> None:
     predictor = Predictor(tiny_bundle, device="cpu")
-    calls = []
-    hook = predictor.aggregator.stem.register_forward_hook(lambda *a: calls.append(1))
+    agg, calls = predictor.aggregator, []
+    real_temporal = agg.temporal
+    agg.temporal = lambda *a, **k: (calls.append("temporal"), real_temporal(*a, **k))[1]
     vol = read_study(_rows(tiny_bundle)[0]["path"])
     vol.kind = "grey"  # produces a warning in the prediction, not in the caller's volume
     before = list(vol.warnings)
     try:
         pred = predictor.predict_volume(vol)
     finally:
-        hook.remove()
-    assert len(calls) == 1
+        del agg.temporal
+    assert calls == ["temporal"]  # the dilated stack ran once for logits and key-slice scores together
     assert vol.warnings == before and any("grey" in w for w in pred.warnings)
     # the single pass gives the same answer as separate forward and slice_scores passes
     feats = pred.extra["features"][None]
@@ -148,3 +149,26 @@ def test_old_or_foreign_checkpoint_names_the_fix(tmp_path) -> None:
     with pytest.raises(MsnetError, match="schema") as err:
         B.load_backbone(path)
     assert "rebuild" in str(err.value)
+
+
+def test_no_lungs_no_diagnosis_and_lung_crop_is_one_path(tiny_bundle) -> None:
+    from dataclasses import replace
+
+    from msnet.preprocess import lung_stats, model_slices
+
+    predictor = Predictor(tiny_bundle, device="cpu")
+    vol = read_study(_rows(tiny_bundle)[0]["path"])
+    body = np.where(vol.hu > -500, vol.hu, 40.0).astype(np.float32)  # the same body with its lungs filled in
+    with pytest.raises(MsnetError, match="lung"):
+        predictor.predict_volume(replace(vol, hu=body))
+    nan = vol.hu.copy()
+    nan[0, :4, :4] = np.nan  # a volume made in code, not by read_study: the same sanity checks apply
+    with pytest.raises(MsnetError, match="NaN"):
+        predictor.predict_volume(replace(vol, hu=nan))
+    assert not np.isnan(vol.hu).any()
+    # with lung_crop in the spec, training, extraction and serving all crop through model_slices
+    spec = PreprocessSpec(lung_crop=True, size=predictor.spec.size)
+    cropped = model_slices(vol, spec)
+    box = lung_stats(vol.hu, vol.spacing_mm, vol.z_mm).box
+    assert cropped.shape[0] == vol.n_slices and cropped.shape[1] < vol.hu.shape[1] and box is not None
+    assert model_slices(vol, predictor.spec) is vol.hu  # no crop: the volume as read

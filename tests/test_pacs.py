@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from conftest import require_system_tool
 import pytest
 from typer.testing import CliRunner
 
@@ -106,8 +107,8 @@ class Orthanc:
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """Orthanc on free loopback ports, temp storage, DICOMweb on, remote access off."""
-    if not (Path(ORTHANC).is_file() and PLUGIN.is_file() and _dcmtk("dsrdump") and _dcmtk("storescu")):
-        pytest.skip(f"Orthanc with its DICOMweb plugin and dcmtk are needed: {INSTALL}")
+    require_system_tool(Path(ORTHANC).is_file() and PLUGIN.is_file() and bool(_dcmtk("dsrdump")) and bool(_dcmtk("storescu")),
+                        f"Orthanc with its DICOMweb plugin and dcmtk are needed: {INSTALL}")
     root = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = _free_port(), _free_port()
     config = {"Name": "msnet-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
@@ -204,8 +205,7 @@ def _check_results(orthanc: Orthanc, study_uid: str, source: Path, pred: dict, n
 def _validate(path: Path) -> None:
     """dciodvfy (dicom3tools) finds no error; warnings (such as the local coding scheme) are allowed."""
     dciodvfy = shutil.which("dciodvfy")
-    if dciodvfy is None:
-        pytest.skip(f"dciodvfy is needed: {INSTALL}")
+    require_system_tool(dciodvfy is not None, f"dciodvfy is needed: {INSTALL}")
     check = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors

@@ -16,9 +16,11 @@ import numpy as np
 import jsonschema
 import pytest
 
+from conftest import CAP002
 from fastapi.testclient import TestClient  # noqa: E402
 
 from msnet.service.app import UPLOAD_PREFIX, ServiceSettings, create_app, warn_if_exposed  # noqa: E402
+from msnet.service.viewer import ViewerStore, ViewerStudy  # noqa: E402
 
 SECRET_NAME, SECRET_ID = "Doe^Jane", "MRN-99871"
 
@@ -122,7 +124,7 @@ def test_predict_zip_matches_direct_call(make_client, predictor, study, caplog):
     assert "explanation" not in out and str(make_client.tmp) not in r.text  # no server paths leak
     schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "prediction.schema.json").read_text())
     jsonschema.validate(out, schema)  # the CLI's and the service's output are one type
-    assert set(out) - {"images"} == set(direct)
+    assert set(out) - {"images", "viewer"} == set(direct)
     # nothing identifying logged; the pseudonym is
     assert SECRET_NAME not in caplog.text and SECRET_ID not in caplog.text and "Doe" not in caplog.text
     assert "case-1" in caplog.text
@@ -338,3 +340,203 @@ def test_temp_dirs_removed_on_every_path(make_client, predictor, study, monkeypa
     r = post(c, {"file": ("s.zip", zip_study(study), "application/zip")})
     assert r.status_code == 500 and "simulated" not in r.text
     assert len(list(make_client.tmp.glob(UPLOAD_PREFIX + "*"))) == before == 0
+
+
+# ------------------------------------------------------------------ the page's study viewer
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    assert im.format == "PNG" and not im.text  # no text chunks: nothing but pixels
+    return np.asarray(im)
+
+
+def viewer_get(c: TestClient, token: str, path: str = "", **kw):
+    return c.get(f"/v1/studies/{token}{path}", **kw)
+
+
+@pytest.fixture(scope="module")
+def real_chest(shared_data) -> list[Path]:
+    """20 consecutive slices (512 x 512, JPEG Lossless) of a real chest CT: cap002's lower lobes, where
+    its pneumonia is labelled (canonical indices 90-109: sorted by SliceLocation, head first)."""
+    import pydicom
+
+    files = sorted(CAP002.iterdir(), key=lambda f: -float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation))
+    return files[90:110]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_viewer_slices_real_ct(make_client, predictor, real_chest, tmp_path):
+    """Every slice of a real chest CT in every window: right size and count, grey order follows HU,
+    lung tissue visible only in the lung window, soft tissue spread out in the mediastinal one."""
+    from msnet.io import read_study
+
+    c = make_client()
+    files = [("file", (f.name, f.read_bytes(), "application/dicom")) for f in real_chest]
+    r = post(c, files, data={"study_id": "real-1"})
+    assert r.status_code == 200, r.text
+    v = r.json()["viewer"]
+    for f in real_chest:
+        (tmp_path / f.name).symlink_to(f)
+    vol = read_study(tmp_path)
+    n, h, w = vol.hu.shape
+    assert (v["n_slices"], v["height"], v["width"]) == (n, h, w) == (20, 512, 512)
+    assert v["windows"] == ["lung", "mediastinum", "as_read"] and v["cam_class"] == r.json()["prediction"]
+    assert v["z_mm"] == pytest.approx(list(vol.z_mm), abs=1e-3) and v["z_mm"][0] > v["z_mm"][-1]  # head first
+    info = viewer_get(c, v["token"]).json()
+    assert info["slice_scores"] == r.json()["slice_scores"] and info["key_slices"] == r.json()["key_slices"]
+
+    tiles = {}
+    for win in v["windows"]:
+        for i in range(n):
+            resp = viewer_get(c, v["token"], f"/slices/{i}.png", params={"window": win})
+            assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+            tiles[win, i] = decode_png(resp.content)
+            assert tiles[win, i].shape[:2] == (h, w) and tiles[win, i].dtype == np.uint8
+    assert len(tiles) == 3 * n
+    assert viewer_get(c, v["token"], f"/slices/{n}.png").status_code == 404
+    assert viewer_get(c, v["token"], "/slices/-1.png").status_code == 404
+    bad = viewer_get(c, v["token"], "/slices/0.png", params={"window": "bone"})
+    assert bad.status_code == 422 and "lung" in bad.json()["detail"]
+
+    hu = vol.hu[0]
+    lung, med = tiles["lung", 0].astype(int), tiles["mediastinum", 0].astype(int)
+    order = np.argsort(hu, axis=None, kind="stable")
+    for tile in (lung, med):  # a window is monotone in HU, pixel for pixel (so the tile is not flipped)
+        assert (np.diff(tile.ravel()[order]) >= 0).mean() > 0.999
+    parenchyma = (hu > -900) & (hu < -700)
+    soft = (hu > 0) & (hu < 80)
+    assert parenchyma.sum() > 200 and soft.sum() > 1000
+    assert 40 < np.median(lung[parenchyma]) < 200 and med[parenchyma].max() == 0
+    assert np.ptp(np.percentile(med[soft], [5, 95])) > 3 * np.ptp(np.percentile(lung[soft], [5, 95]))
+    # "as read": the slice as the model sees it (its own window), before resizing to the input size
+    from PIL import Image
+
+    spec = predictor.encoder.spec
+    seen = spec.unit(vol.hu[:1], "hu")[0].mean(0).numpy()
+    as_read = tiles["as_read", 0]
+    grey = as_read if as_read.ndim == 2 else as_read.mean(-1)
+    small = np.asarray(Image.fromarray(grey.astype(np.uint8)).resize((spec.size, spec.size), Image.BILINEAR)) / 255
+    assert np.abs(small - seen).mean() < 0.03
+
+
+def test_viewer_gradcam_overlay(make_client, predictor, study):
+    """The Grad-CAM of a key slice: an RGBA map of the slice's size for the predicted class, not the slice."""
+    from msnet.inference.explain import grad_cam
+    from msnet.io import read_study
+
+    c = make_client()
+    r = post(c, {"file": ("study.zip", zip_study(study), "application/zip")}, data={"study_id": "cam-1"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    v, k = out["viewer"], out["key_slices"][0]["slice_index"]
+    plain = decode_png(viewer_get(c, v["token"], f"/slices/{k}.png").content)
+    resp = viewer_get(c, v["token"], f"/cam/{k}.png")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
+    cam = decode_png(resp.content)
+    assert cam.shape == (*plain.shape, 4)
+    alpha = cam[..., 3]
+    assert 0 < (alpha > 0).mean() < 1  # a map with hot and cold parts, not a flat fill
+    composite = plain[..., None] * (1 - alpha[..., None] / 255) + cam[..., :3] * (alpha[..., None] / 255)
+    assert np.abs(composite - plain[..., None]).max() > 50  # the overlay changes what is seen
+    assert viewer_get(c, v["token"], f"/cam/{k}.png").content == resp.content  # cached, same map
+    # the map is that slice's Grad-CAM for the predicted class (wiring: slice index and class)
+    vol = read_study(study)
+    pred = predictor.predict(study)
+    target = list(predictor.classes).index(out["prediction"])
+    direct = grad_cam(predictor, predictor.encoder.spec.unit(vol.hu[k : k + 1], vol.kind)[0],
+                      pred.extra["features"], k, target)
+    from PIL import Image
+
+    big = np.asarray(Image.fromarray((direct * 255).astype(np.uint8)).resize(plain.shape[::-1], Image.BILINEAR))
+    hot_direct, hot_served = big > 0.3 * 255, alpha > 0.4 * 255
+    assert (hot_direct & hot_served).sum() / max((hot_direct | hot_served).sum(), 1) > 0.8
+    assert viewer_get(c, v["token"], f"/cam/{v['n_slices']}.png").status_code == 404
+
+
+def test_viewer_gradcam_on_the_models_lung_crop(predictor, study, tmp_path):
+    """A model that reads slices cropped to the lungs: its Grad-CAM is put back where the crop lies."""
+    from dataclasses import replace
+
+    from msnet import preprocess as P
+    from msnet.inference.encoder import SliceEncoder
+    from msnet.io import read_study
+
+    spec = replace(predictor.encoder.spec, lung_crop=True)
+    cropping = predictor.with_encoder(SliceEncoder(spec, predictor.bundle.backbone, device="cpu"))
+    cropping.spec = spec
+    vol = read_study(study)
+    r0, r1, c0, c1 = P.lung_box(P.lung_stats(vol.hu, vol.spacing_mm, vol.z_mm), vol.hu.shape)
+    h, w = vol.hu.shape[1:]
+    assert (r1 - r0) * (c1 - c0) < 0.8 * h * w  # the crop leaves out part of the slice
+
+    c = TestClient(create_app(None, ServiceSettings(tmp_dir=str(tmp_path)), predictor=cropping))
+    out = post(c, {"file": ("study.zip", zip_study(study), "application/zip")}).json()
+    token, k = out["viewer"]["token"], out["key_slices"][0]["slice_index"]
+    alpha = decode_png(viewer_get(c, token, f"/cam/{k}.png").content)[..., 3]
+    assert alpha.shape == (h, w)
+    inside = np.zeros((h, w), bool)
+    inside[max(r0, 0) : r1, max(c0, 0) : c1] = True
+    assert alpha[~inside].max() == 0 and alpha[inside].max() > 0
+
+
+def test_viewer_unknown_token_and_key(make_client, study):
+    c = make_client()
+    for path in ("", "/slices/0.png", "/cam/0.png"):
+        r = viewer_get(c, "no-such-token", path)
+        assert r.status_code == 404 and "analyse the study again" in r.json()["detail"]
+    ck = make_client(api_key="s3cret")
+    r = post(ck, {"file": ("study.zip", zip_study(study), "application/zip")}, headers={"X-API-Key": "s3cret"})
+    token = r.json()["viewer"]["token"]
+    assert viewer_get(ck, token, "/slices/0.png").status_code == 401
+    assert viewer_get(ck, token, "/slices/0.png", headers={"X-API-Key": "s3cret"}).status_code == 200
+    paths = c.get("/openapi.json").json()["paths"]
+    assert "/v1/studies/{token}/slices/{index}.png" in paths and "/v1/studies/{token}/cam/{index}.png" in paths
+
+
+def test_viewer_keeps_last_studies_only(make_client, study):
+    """An LRU of 2: a third prediction drops the least recently used study; a read counts as a use."""
+    c = make_client(viewer_studies=2)
+    files = {"file": ("study.zip", zip_study(study), "application/zip")}
+    t1, t2 = (post(c, files).json()["viewer"]["token"] for _ in range(2))
+    assert viewer_get(c, t1, "/slices/0.png").status_code == 200  # t1 is now more recent than t2
+    t3 = post(c, files).json()["viewer"]["token"]
+    assert len({t1, t2, t3}) == 3
+    assert viewer_get(c, t2).status_code == 404
+    assert viewer_get(c, t1).status_code == 200 and viewer_get(c, t3).status_code == 200
+    assert len(c.app.state.viewer) == 2
+    # no viewer at all, or a study over the memory budget: the prediction still answers, viewer null
+    for settings in ({"viewer_studies": 0}, {"viewer_mb": 0.001}):
+        r = post(make_client(**settings), files)
+        assert r.status_code == 200 and r.json()["viewer"] is None
+    # nothing identifying reaches the viewer's answers
+    r = post(c, files)
+    token = r.json()["viewer"]["token"]
+    for path in ("", "/slices/0.png", "/cam/0.png"):
+        body = viewer_get(c, token, path).content
+        assert SECRET_NAME.encode() not in body and SECRET_ID.encode() not in body
+
+
+def _fake_study(n: int = 4, size: int = 32, tag: str = "s") -> ViewerStudy:
+    import torch
+
+    return ViewerStudy(study_id=tag, slices=np.zeros((n, size, size), np.int16), kind="hu",
+                       spacing_mm=(1.0, 1.0, 1.0), z_mm=None, features=torch.zeros(n, 8), target=0,
+                       target_name="COVID-19", slice_scores=[0.0] * n, key_slices=[], cam_size=16)
+
+
+def test_viewer_store_bounds_bytes_and_time():
+    now = [0.0]
+    one = _fake_study().nbytes
+    store = ViewerStore(max_studies=10, max_bytes=int(2.5 * one), ttl_s=60, clock=lambda: now[0])
+    tokens = [store.put(_fake_study(tag=f"s{i}")) for i in range(3)]
+    assert all(tokens) and len(store) == 2 and store.used_bytes <= store.max_bytes
+    assert store.get(tokens[0]) is None and store.get(tokens[2]).study_id == "s2"
+    assert store.put(_fake_study(n=40)) is None  # larger than the whole budget: not kept, nothing dropped
+    assert len(store) == 2
+    now[0] = 59.0
+    assert store.get(tokens[1]) is not None
+    now[0] = 60.5  # expiry counts from the prediction, however often the study is read
+    assert store.sweep() == 2 and len(store) == 0 and store.get(tokens[2]) is None

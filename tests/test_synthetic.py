@@ -190,7 +190,9 @@ def test_nuisances_do_not_depend_on_class():
         assert max(means) - min(means) < 0.35 * spread, (key, means)
     for p in plans:
         assert 40 <= p.n_slices <= 80 and 10 <= p.noise_hu <= 40
-        assert 1.0 <= p.spacing_mm <= p.thickness_mm <= 5.0
+        assert 1.0 <= p.thickness_mm <= 5.0
+        lung_mm = (p.n_slices - 1) * p.spacing_mm * (p.lung_base_t - p.lung_apex_t)  # apex to base
+        assert 225.0 <= lung_mm <= 295.0, lung_mm  # adult lungs whatever the slice count
         assert 0.6 * 2 <= p.pixel_spacing_mm <= 0.9 * 2  # scaled for 256 px
     subsets = Counter((p.label, p.subset) for p in plans)
     for c in by:

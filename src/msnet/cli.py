@@ -2,13 +2,16 @@
 
 Heavy modules are imported inside each command so that ``msnet --help`` is
 instant. A :class:`msnet.errors.MsnetError` is printed without a traceback and
-exits with code 2.
+exits with code 2. SIGTERM (what systemd, Docker and Kubernetes send) ends a
+command as cleanly as Ctrl-C: decode workers are stopped, temp files removed,
+exit code 143. JSON output never holds a bare NaN (it would not be JSON).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -53,35 +56,89 @@ def _overrides(values: Optional[List[str]]) -> list[str]:
     return list(values or [])
 
 
+def _json(obj) -> str:
+    """Strict JSON: a NaN or infinite number is an error, never the invalid token ``NaN``."""
+    try:
+        return json.dumps(obj, allow_nan=False)
+    except ValueError as exc:
+        raise MsnetError(f"the result holds a NaN or infinite number ({exc})",
+                         fix="report this study; no result with NaN is printed") from exc
+
+
+def _print_error(label: str, text: str) -> None:
+    """``label`` in red, then the message as plain text (a message may hold brackets, never markup)."""
+    from rich.text import Text
+
+    _stderr_console().print(Text.assemble((label, "red"), text), highlight=False)
+
+
+_TERMINATED: list[int] = []
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    """SIGTERM as a clean exit: stop decode workers now, then unwind (finally blocks, atexit)."""
+    _TERMINATED.append(signum)
+    decode = sys.modules.get("msnet.io.decode")
+    if decode is not None:
+        decode.stop_workers()
+    raise SystemExit(128 + signum)
+
+
 # --------------------------------------------------------------------------- data
 
 
 @app.command()
 def inspect(
-    study: str = typer.Argument(..., help="DICOM folder, .nii/.nii.gz, image folder, image file or DICOMweb study URL."),
+    study: str = typer.Argument(..., help="DICOM folder, .nii/.nii.gz, image folder, image file, a .zip of any, "
+                                "or DICOMweb study URL."),
     json_out: bool = typer.Option(False, "--json", help="Emit one JSON object."),
     series: Optional[str] = typer.Option(None, help="SeriesInstanceUID or index of the series to read."),
 ) -> None:
-    """Read a study; print slices, spacing, z order, HU range, series chosen, warnings."""
+    """Read a study; print slices, spacing, z order, HU range, series chosen, lungs (volume, z-range), warnings."""
     from msnet.io import describe, read_study
+    from msnet.io.archives import open_study
     from msnet.io.dicomweb import is_dicomweb_url
+    from msnet.preprocess import check_lungs, lung_stats
 
-    vol = read_study(study if is_dicomweb_url(study) else Path(study), series=series)
+    if is_dicomweb_url(study):
+        vol = read_study(study, series=series)
+    else:
+        with open_study(Path(study)) as path:
+            zipped = path != Path(study) and study.lower().endswith(".zip")
+            vol = read_study(path, series=series, study_id=Path(study).name[:-4] if zipped else None)
     info = describe(vol)
+    if vol.kind == "hu":  # grey-level images have no HU: no lungs to measure
+        stats = lung_stats(vol.hu, vol.spacing_mm, vol.z_mm)
+        info.update(stats.to_dict())
+        try:
+            check_lungs(vol, stats)
+            info["lung_gate"] = "ok"
+            info["warnings"] += stats.warnings
+        except MsnetError as exc:
+            info["lung_gate"] = "refused"
+            info["warnings"].append(f"{exc.problem} (predict refuses it)")
     if json_out:
-        typer.echo(json.dumps(info))
+        typer.echo(_json(info))
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"study {info['study_id']}", show_header=False)
     for key, value in info.items():
-        if key in ("warnings", "z_mm"):
+        if key in ("warnings", "z_mm") or key.startswith("lung"):
             continue
         table.add_row(key, str(value))
     z = info["z_mm"]
     if z:
         table.add_row("z_mm", f"{z[0]:.1f} … {z[-1]:.1f} ({'descending' if z[0] >= z[-1] else 'ascending'})")
+    if "lung_volume_ml" in info:
+        table.add_row("lung volume", f"{info['lung_volume_ml']:.0f} ml")
+        if info["lung_slices"]:
+            (s0, s1), (z0, z1) = info["lung_slices"], info["lung_z_mm"]
+            table.add_row("lung z-range", f"slices {s0}-{s1} ({z0:.1f} … {z1:.1f} mm, "
+                                          f"{info['lung_height_mm']:.0f} mm), {100 * info['lung_z_coverage']:.0f}% "
+                                          f"of the slices")
+        table.add_row("lung gate", info["lung_gate"])
     console = Console()
     console.print(table)
     for w in info["warnings"]:
@@ -181,11 +238,21 @@ def train(
 
 
 @app.command()
-def evaluate(run: Path = typer.Argument(..., help="Run folder (the config's run_dir).")) -> None:
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder (the config's run_dir)."),
+    partial: bool = typer.Option(False, "--partial", help="Also every aggregator on random contiguous sub-volumes "
+                                 "keeping 100/75/50/25% of each test study's slices (table + plot)."),
+    draws: int = typer.Option(5, help="With --partial: seeded draws of sub-volumes per study and fraction."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap and of the partial-scan draws."),
+) -> None:
     """Metrics, bootstrap CIs, plots and report.md for a trained run."""
     from msnet.stages.evaluate import evaluate_run
 
-    report = evaluate_run(run)
+    report = evaluate_run(run, seed=seed, partial=partial, partial_draws=draws)
+    if partial:
+        from msnet.stages.partial import partial_table
+
+        typer.echo(partial_table(json.loads((report.parent / "partial.json").read_text())))
     typer.echo(f"report: {report}")
 
 
@@ -253,7 +320,7 @@ def predict(
 
     def show(r: dict) -> None:
         if json_out:
-            typer.echo(json.dumps(r, allow_nan=False))
+            typer.echo(_json(r))
 
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
                                    on_study=on_study, runtime=runtime, device=device, int8=int8, onnx_dir=onnx_dir)
@@ -275,7 +342,7 @@ def predict(
                 _stderr_console().print(f"[yellow]warning:[/] {r['study_id']}: {w}", highlight=False)
     failed = [s for s in status if s["status"] != "ok"]
     for s in failed:
-        _stderr_console().print(f"[red]failed:[/] {s['error']}", highlight=False)
+        _print_error("failed: ", str(s["error"]))
     if failed:
         raise typer.Exit(1)
 
@@ -291,12 +358,25 @@ def serve(
     queue_size: int = typer.Option(16, help="Requests waiting for a worker before 503."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds per request before 504."),
     device: str = typer.Option("auto", help="auto, cpu, cuda …"),
+    header_timeout: float = typer.Option(10.0, help="Seconds a connection has to send its request headers (408 past it)."),
+    read_timeout: float = typer.Option(30.0, help="Longest pause inside an upload, in seconds (408 past it)."),
+    max_connections: int = typer.Option(64, help="Open connections; over it the longest-idle one is closed (503). /health is always answered."),
+    max_slice_pixels: Optional[int] = typer.Option(None, help="Rows x Columns of one slice (413 above; default MSNET_MAX_SLICE_PIXELS or 2048*2048)."),
+    max_voxels: Optional[int] = typer.Option(None, help="Voxels of one study (413 above; default MSNET_MAX_VOXELS or 2**28)."),
+    max_compression_ratio: Optional[float] = typer.Option(None, help="Decoded / stored size of a .nii.gz (413 above; default 200)."),
+    viewer_studies: int = typer.Option(8, help="Finished studies kept for the page's viewer (0: no viewer)."),
+    viewer_mb: float = typer.Option(512.0, help="Memory for the viewer's studies in all (least recently used go first)."),
+    viewer_ttl: float = typer.Option(1800.0, "--viewer-ttl", help="Seconds a study stays viewable after its prediction."),
 ) -> None:
-    """HTTP API (/v1/predict, /health, /docs) and a web page at / for uploaded studies."""
+    """HTTP API (/v1/predict, /health, /docs) and a web page at / with a study viewer, for uploaded studies
+    (limits: docs/service.md)."""
     from msnet.service.app import serve as run_server
 
     run_server(bundle, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
-               timeout_s=timeout, queue_size=queue_size, device=device)
+               timeout_s=timeout, queue_size=queue_size, device=device, header_timeout_s=header_timeout,
+               read_timeout_s=read_timeout, max_connections=max_connections, max_slice_pixels=max_slice_pixels,
+               max_voxels=max_voxels, max_compression_ratio=max_compression_ratio, viewer_studies=viewer_studies,
+               viewer_mb=viewer_mb, viewer_ttl_s=viewer_ttl)
 
 
 @app.command()
@@ -389,10 +469,34 @@ def bench_extract(
     run(config=config, n_patients=patients, threads=threads, size=size)
 
 
+@bench_app.command("train")
+def bench_train(
+    patients: int = typer.Option(300, help="Synthetic patients (20 % of them validate, as in `msnet train`)."),
+    epochs: int = typer.Option(100, help="Epochs of the case (times are given per epoch and for these)."),
+    measure_epochs: int = typer.Option(5, help="Epochs actually timed for each model; fewer than --epochs "
+                                               "extrapolates per epoch (the printout says so)."),
+    features: int = typer.Option(2048, help="Feature size d (2048: SE-ResNet50)."),
+    min_slices: int = typer.Option(100, help="Fewest slices per patient."),
+    max_slices: int = typer.Option(200, help="Most slices per patient."),
+    batch_size: int = typer.Option(8, help="Training batch size."),
+    threads: int = typer.Option(2, help="PyTorch threads."),
+) -> None:
+    """MS-Net training speed (the loop of `msnet train`): ours against a naive padded-batch MS-Net and the GEMM floor."""
+    from msnet.bench import bench_train as run
+
+    run(patients=patients, epochs=epochs, measure_epochs=measure_epochs, features=features,
+        slices=(min_slices, max_slices), batch_size=batch_size, threads=threads)
+
+
 def main() -> None:
     """Console entry point."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except MsnetError as exc:
-        _stderr_console().print(f"[red]error:[/] {exc}", highlight=False)
+        _print_error("error: ", str(exc))
         sys.exit(2)
+    finally:
+        decode = sys.modules.get("msnet.io.decode")
+        if _TERMINATED and decode is not None:
+            decode.shutdown_pool(kill=True, wait_s=5.0)

@@ -44,6 +44,8 @@ class PreprocessConfig:
     windows: list[list[float]] = field(default_factory=lambda: [[-600.0, 1500.0]])
     """HU windows as [level, width]; one window is replicated to three channels
     (the paper), three windows become three channels."""
+    lung_crop: bool = False
+    """Crop every slice to the lungs' bounding box (classical HU lung mask, one box per volume) before resizing."""
 
 
 @dataclass

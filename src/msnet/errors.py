@@ -25,3 +25,10 @@ class MsnetError(Exception):
         if fix:
             text = f"{text.rstrip('.')}. Fix: {fix}"
         super().__init__(text)
+
+
+class LimitError(MsnetError):
+    """An input over a configured size limit (a study too large, a possible decompression bomb).
+
+    The service answers 413 for it; everything else that is wrong with an input is a 422.
+    """

@@ -1,6 +1,8 @@
-"""Pure preprocessing functions: HU windows -> [0, 1] -> resize -> channels -> mean/std.
+"""Pure preprocessing functions: lung mask and crop, HU windows -> [0, 1] -> resize -> channels -> mean/std.
 
 Nothing here touches files; inputs are arrays of a :class:`msnet.io.CTVolume`.
+The lung gate (:func:`lung_stats`, :func:`check_lungs`, :func:`lung_crop`) is a
+classical HU segmentation on a coarse grid; see :func:`lung_stats`.
 
 >>> import numpy as np
 >>> hu = np.array([[[-1350.0, -600.0, 150.0]]], dtype=np.float32)
@@ -10,7 +12,7 @@ Nothing here touches files; inputs are arrays of a :class:`msnet.io.CTVolume`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +24,8 @@ from msnet.errors import MsnetError
 LUNG = (-600.0, 1500.0)
 MEDIASTINUM = (40.0, 400.0)
 BONE = (400.0, 1800.0)
+THREE_WINDOWS = [list(LUNG), list(MEDIASTINUM), list(BONE)]
+"""Lung, mediastinum and bone windows, one per channel (instead of one window replicated)."""
 
 
 def window(hu: np.ndarray | torch.Tensor, level: float, width: float):
@@ -119,6 +123,8 @@ class PreprocessSpec:
     size: int = 224
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    lung_crop: bool = False
+    """Crop every slice of a HU volume to the lungs' bounding box (one box per volume) before resizing."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows", tuple((float(lv), float(wd)) for lv, wd in self.windows))
@@ -136,22 +142,23 @@ class PreprocessSpec:
     def from_config(cls, preprocess, data_config: dict, kind: str = "hu") -> "PreprocessSpec":
         """From a config's ``preprocess`` section (windows, size) and a backbone's data_config (mean, std)."""
         return cls(kind=kind, windows=tuple(tuple(w) for w in preprocess.windows), size=preprocess.size,
-                   mean=tuple(data_config["mean"]), std=tuple(data_config["std"]))
+                   mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                   lung_crop=bool(getattr(preprocess, "lung_crop", False)))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "windows": [list(w) for w in self.windows], "size": self.size,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std), "lung_crop": self.lung_crop}
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None) -> "PreprocessSpec":
         """Rebuild from :meth:`to_dict` output; a missing or unknown key is a clear error."""
         keys = {"kind", "windows", "size", "mean", "std"}
-        if not isinstance(d, dict) or set(d) != keys:
+        if not isinstance(d, dict) or not keys <= set(d) <= keys | {"lung_crop"}:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise MsnetError(f"preprocessing record has keys {got}, expected {sorted(keys)}", where,
                              "rebuild the checkpoint with this version of msnet")
         return cls(kind=d["kind"], windows=tuple(tuple(w) for w in d["windows"]), size=d["size"],
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+                   mean=tuple(d["mean"]), std=tuple(d["std"]), lung_crop=bool(d.get("lung_crop", False)))
 
     def unit(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
         """Slices (n, H, W) -> (n, c, size, size) in [0, 1]."""
@@ -160,3 +167,326 @@ class PreprocessSpec:
     def prepare(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
         """Slices (n, H, W) -> normalised backbone input (n, 3, size, size)."""
         return prepare(slices, kind, self.windows, self.size, self.mean, self.std)
+
+
+# --------------------------------------------------------------------------- lung gate and crop
+
+LUNG_HU_MAX = -400.0
+"""Aerated lung (and airway) voxels lie below this; soft tissue, fluid and bone above."""
+BODY_HU_MIN = -500.0
+"""The body is what lies above this, with its holes (lungs, airways, bowel gas) filled, slice by slice."""
+GAS_HU = -950.0
+"""Below this (after the grid's block averaging) a voxel is plain gas: airway lumen, bowel gas, outside air.
+Lung parenchyma averages about -850 HU, vessels and septa included."""
+GAS_FRACTION_MAX = 0.5
+"""A 3-D air-like region with more plain gas than this is bowel or stomach gas, not lung."""
+AIRWAY_MAX_MM2 = 800.0
+"""Largest cross-section of trachea or main bronchus (in one slice) that is removed as airway."""
+AIRWAY_GAS_FRACTION = 0.2
+"""An airway cross-section has a lumen of plain gas: at least this fraction of its area."""
+AIRWAY_CENTRAL = 0.15
+"""An airway cross-section lies within this fraction of the body's width from the body's midline."""
+HOLE_MAX_MM2 = 2000.0
+"""Holes in the lung mask of one slice (vessels, nodules, enclosed opacities) up to this area are filled;
+larger ones (the mediastinum enclosed by touching lungs) are not."""
+KEEP_FRACTION = 0.1
+"""3-D lung-like regions smaller than this fraction of the largest one are dropped (skin folds, bowel gas)."""
+MIN_LUNG_ML = 400.0
+"""Fewer millilitres of lung than this: not a chest CT (or only a sliver of lung) and no diagnosis is made.
+Adult lungs hold 3-7 l at full inspiration; a quarter of them, scanned alone, still holds more than this."""
+PARTIAL_FRACTION = 0.1
+"""The scan cuts the lungs when the lung area of its first (last) slice is above this fraction of the
+largest lung cross-section: the apices (bases) are missing."""
+GRID_MM = 3.0
+GRID_Z_MM = 2.5
+_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_PLANE[1, 1, :] = _PLANE[1, :, 1] = True  # 4-connectivity inside a slice, none across slices
+
+
+@dataclass
+class LungStats:
+    """The lungs of a volume: mask (on a coarse grid), z-range, volume and in-plane box.
+
+    ``mask`` is boolean on the coarse grid ``hu[z0::step[0], ::step[1], ::step[2]]`` (block means in-plane);
+    ``first_slice``/``last_slice`` are canonical slice indices (inclusive, -1 when no lungs), ``z_mm`` the
+    positions of those slices, ``box`` (row0, row1, col0, col1) the lungs' in-plane bounding box in
+    pixels of the full slices (end exclusive; ``None`` when no lungs).
+
+    >>> LungStats(np.zeros((1, 1, 1), bool), (1, 1, 1), 0.0, -1, -1, None, None, 1, 0.0).found
+    False
+    """
+
+    mask: np.ndarray
+    step: tuple[int, int, int]
+    volume_ml: float
+    first_slice: int
+    last_slice: int
+    z_mm: tuple[float, float] | None
+    box: tuple[int, int, int, int] | None
+    n_slices: int
+    height_mm: float
+    cut_top: bool = False
+    cut_bottom: bool = False
+    slice_area_mm2: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return self.first_slice >= 0
+
+    @property
+    def z_coverage(self) -> float:
+        """Fraction of the scan's slices that show lung."""
+        return (self.last_slice - self.first_slice + 1) / self.n_slices if self.found and self.n_slices else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable summary (what ``msnet inspect`` reports)."""
+        return {
+            "lung_volume_ml": round(float(self.volume_ml), 1),
+            "lung_slices": [int(self.first_slice), int(self.last_slice)] if self.found else None,
+            "lung_z_mm": [round(float(z), 2) for z in self.z_mm] if self.z_mm is not None else None,
+            "lung_height_mm": round(float(self.height_mm), 1),
+            "lung_z_coverage": round(float(self.z_coverage), 3),
+            "lung_box": [int(b) for b in self.box] if self.box is not None else None,
+            "lungs_cut": [side for side, cut in (("top", self.cut_top), ("bottom", self.cut_bottom)) if cut],
+        }
+
+
+def _grid(hu: np.ndarray, spacing_mm: Sequence[float]) -> tuple[np.ndarray, tuple[int, int, int], int]:
+    """Coarse grid: every fz-th slice (fz * spacing about GRID_Z_MM), fy x fx block means in-plane."""
+    sz, sy, sx = (float(s) for s in spacing_mm)
+    fz = max(1, int(round(GRID_Z_MM / sz))) if sz > 0 else 1
+    fy = max(1, int(round(GRID_MM / sy))) if sy > 0 else 1
+    fx = max(1, int(round(GRID_MM / sx))) if sx > 0 else 1
+    n, h, w = hu.shape
+    fy, fx = min(fy, h), min(fx, w)
+    z0 = min(fz // 2, n - 1)
+    x = hu[z0::fz, : (h // fy) * fy, : (w // fx) * fx]
+    if fy > 1 or fx > 1:
+        x = x.reshape(x.shape[0], h // fy, fy, w // fx, fx).mean(axis=(2, 4), dtype=np.float32)
+    return np.asarray(x, dtype=np.float32), (fz, fy, fx), z0
+
+
+def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
+    """Holes of every slice filled (the padded slices keep holes from reaching the z-faces)."""
+    from scipy import ndimage as ndi
+
+    padded = np.pad(mask, ((1, 1), (0, 0), (0, 0)), constant_values=True)
+    return ndi.binary_fill_holes(padded, structure=_PLANE)[1:-1]
+
+
+def _body(x: np.ndarray) -> np.ndarray:
+    """The largest 3-D region above BODY_HU_MIN, each slice's holes filled."""
+    from scipy import ndimage as ndi
+
+    body = _fill_holes_2d(x > BODY_HU_MIN)
+    lab, n = ndi.label(body)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        body = lab == int(sizes.argmax())
+    return body
+
+
+def _remove_airways(cand: np.ndarray, x: np.ndarray, body: np.ndarray, pixel_mm2: float) -> np.ndarray:
+    """Drop trachea, main bronchi and oesophageal air: small, central, gas-cored cross-sections."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(cand, structure=_PLANE)  # one label per slice component
+    if n == 0:
+        return cand
+    flat = lab.ravel()
+    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    gas = np.bincount(flat, weights=(x < GAS_HU).ravel(), minlength=n + 1)
+    cols = np.broadcast_to(np.arange(x.shape[2], dtype=np.float64), x.shape).ravel()
+    zidx = np.broadcast_to(np.arange(x.shape[0], dtype=np.float64)[:, None, None], x.shape).ravel()
+    safe = np.maximum(area, 1.0)
+    col_c = np.bincount(flat, weights=cols, minlength=n + 1) / safe
+    z_c = np.rint(np.bincount(flat, weights=zidx, minlength=n + 1) / safe).astype(int)
+    # body midline and width per slice
+    b_area = body.sum(axis=(1, 2)).astype(np.float64)
+    b_cols = body.sum(axis=1)  # (z, W)
+    b_mid = (b_cols * np.arange(x.shape[2])).sum(axis=1) / np.maximum(b_area, 1.0)
+    b_width = (b_cols > 0).sum(axis=1).astype(np.float64)
+    central = np.abs(col_c - b_mid[z_c]) < AIRWAY_CENTRAL * b_width[z_c]
+    airway = (area * pixel_mm2 < AIRWAY_MAX_MM2) & (gas >= AIRWAY_GAS_FRACTION * area) & central
+    airway[0] = False
+    return cand & ~airway[lab]
+
+
+def _lung_regions(cand: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Union of the 3-D air-like regions that look like lung (not plain gas, not a sliver)."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return cand
+    flat = lab.ravel()
+    size = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    gas = np.bincount(flat, weights=(x < GAS_HU).ravel(), minlength=n + 1)
+    lungish = gas <= GAS_FRACTION_MAX * size
+    lungish[0] = False
+    if not lungish.any():
+        return np.zeros_like(cand)
+    keep = lungish & (size >= KEEP_FRACTION * size[lungish].max())
+    return keep[lab]
+
+
+def _fill_small_holes(mask: np.ndarray, pixel_mm2: float) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    holes = _fill_holes_2d(mask) & ~mask
+    lab, n = ndi.label(holes, structure=_PLANE)
+    if n == 0:
+        return mask
+    small = np.bincount(lab.ravel(), minlength=n + 1) * pixel_mm2 <= HOLE_MAX_MM2
+    small[0] = False
+    return mask | small[lab]
+
+
+def lung_stats(hu: np.ndarray, spacing_mm: Sequence[float], z_mm: Sequence[float] | None = None) -> LungStats:
+    """Segment the lungs of an HU volume (l, H, W) in canonical order; their z-range, volume and box.
+
+    Classical and fast (about 0.1-0.3 s for 150 x 512 x 512 on one core): on a grid of about
+    3 x 3 mm in-plane (block means) and 2.5 mm in z, (1) the body is the largest region above
+    -500 HU with every slice's holes filled; (2) air-like voxels (< -400 HU) inside the body are
+    candidates (outside air never is); (3) small, central cross-sections with a gas lumen
+    (trachea, main bronchi, oesophagus) are removed; (4) 3-D regions that are mostly plain gas
+    (bowel, stomach) or small beside the largest lung region are dropped; (5) holes up to
+    20 cm^2 per slice (vessels, enclosed opacities) are filled. ``spacing_mm`` is (z, row, col);
+    ``z_mm`` the slice positions (default: 0, -spacing, ...).
+
+    >>> hu = np.full((4, 8, 8), -1000.0, np.float32)
+    >>> lung_stats(hu, (2.0, 1.0, 1.0)).found  # air only: no body, no lungs
+    False
+    """
+    hu = np.asarray(hu)
+    if hu.ndim != 3 or 0 in hu.shape:
+        raise ValueError(f"expected an (l, H, W) volume, got shape {hu.shape}")
+    n = hu.shape[0]
+    x, step, z0 = _grid(hu, spacing_mm)
+    fz, fy, fx = step
+    sz, sy, sx = (float(s) for s in spacing_mm)
+    pixel_mm2 = fy * sy * fx * sx
+    voxel_ml = pixel_mm2 * fz * max(sz, 0.0) / 1000.0
+    body = _body(x)
+    mask = (x < LUNG_HU_MAX) & body
+    mask = _remove_airways(mask, x, body, pixel_mm2)
+    mask = _lung_regions(mask, x)
+    mask = _fill_small_holes(mask, pixel_mm2)
+    area = mask.sum(axis=(1, 2)) * pixel_mm2
+    slice_area = np.repeat(area, fz)[:n] if fz > 1 else area
+    if fz > 1 and slice_area.size < n:
+        slice_area = np.concatenate([slice_area, np.repeat(area[-1:], n - slice_area.size)])
+    z_pos = np.asarray(z_mm, dtype=float) if z_mm is not None else -np.arange(n) * sz
+    rows = np.flatnonzero(area > 0)
+    if rows.size == 0:
+        return LungStats(mask, step, 0.0, -1, -1, None, None, n, 0.0, slice_area_mm2=slice_area.astype(np.float32))
+    first, last = int(rows[0]) * fz, min(n - 1, int(rows[-1]) * fz + fz - 1)
+    r = np.flatnonzero(mask.any(axis=(0, 2)))
+    c = np.flatnonzero(mask.any(axis=(0, 1)))
+    box = (int(r[0]) * fy, int(r[-1] + 1) * fy, int(c[0]) * fx, int(c[-1] + 1) * fx)
+    peak = float(area.max())
+    stats = LungStats(mask=mask, step=step, volume_ml=float(mask.sum() * voxel_ml), first_slice=first,
+                      last_slice=last, z_mm=(float(z_pos[first]), float(z_pos[last])), box=box, n_slices=n,
+                      height_mm=(last - first + 1) * max(sz, 0.0),
+                      cut_top=bool(area[0] > PARTIAL_FRACTION * peak),
+                      cut_bottom=bool(area[-1] > PARTIAL_FRACTION * peak),
+                      slice_area_mm2=slice_area.astype(np.float32))
+    return stats
+
+
+def check_lungs(vol, stats: LungStats | None = None) -> LungStats | None:
+    """The lung gate for a :class:`msnet.io.CTVolume`: stats, or MsnetError when it shows no (or too little) lung.
+
+    Grey-level image volumes (kind ``grey``: screenshots, no HU) are not gated: None. When the scan
+    cuts the lungs (apices or bases missing), ``stats.warnings`` says so; the caller passes it on.
+    ``stats``: this volume's :func:`lung_stats`, when already computed.
+
+    e.g. stats = check_lungs(vol)
+    e.g. prediction_warnings += stats.warnings if stats else []
+    """
+    if getattr(vol, "kind", "hu") != "hu":
+        return None
+    if stats is None:
+        stats = lung_stats(vol.hu, vol.spacing_mm, getattr(vol, "z_mm", None))
+    stats.warnings = []
+    sid = vol.study_id
+    fix = ("pass a chest CT series that covers the lungs (a lung or mediastinal reconstruction, not a scout, "
+           "an abdomen or a head scan)")
+    if not stats.found:
+        raise MsnetError(f"study {sid}: no lungs found (no aerated, lung-like region inside the body), so no "
+                         "diagnosis is made", fix=fix)
+    if stats.volume_ml < MIN_LUNG_ML:
+        raise MsnetError(f"study {sid}: only {stats.volume_ml:.0f} ml of lung found in slices {stats.first_slice}-"
+                         f"{stats.last_slice} of {stats.n_slices} (a diagnosis needs at least {MIN_LUNG_ML:.0f} ml; "
+                         f"adult lungs hold 3-7 l), so no diagnosis is made", fix=fix)
+    missing = [part for part, cut in (("apices (top)", stats.cut_top), ("bases (bottom)", stats.cut_bottom)) if cut]
+    if missing:
+        stats.warnings.append(f"the scan covers only part of the lungs: it cuts off the lung {' and '.join(missing)}"
+                              f" ({stats.volume_ml:.0f} ml of lung in the scan); the diagnosis sees only that part")
+    return stats
+
+
+def lung_box(stats_or_mask: LungStats | np.ndarray, shape: Sequence[int], margin: float = 0.05,
+             square: bool = True) -> tuple[int, int, int, int] | None:
+    """The crop box (row0, row1, col0, col1) around the lungs, widened by ``margin`` of its larger side.
+
+    With ``square`` the shorter side grows to the longer (centred), so that resizing to S x S keeps the
+    aspect ratio; the box may then reach past the slice (padding needed). None when there are no lungs.
+    """
+    h, w = int(shape[-2]), int(shape[-1])
+    if isinstance(stats_or_mask, LungStats):
+        box = stats_or_mask.box
+    else:
+        m = np.asarray(stats_or_mask, dtype=bool)
+        m = m.reshape(-1, *m.shape[-2:]).any(axis=0)
+        r, c = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        box = (int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1) if r.size else None
+    if box is None:
+        return None
+    r0, r1, c0, c1 = box
+    r1, c1 = min(r1, h), min(c1, w)
+    pad = int(round(margin * max(r1 - r0, c1 - c0)))
+    r0, r1, c0, c1 = r0 - pad, r1 + pad, c0 - pad, c1 + pad
+    if square:
+        side = max(r1 - r0, c1 - c0)
+        r0 -= (side - (r1 - r0)) // 2
+        c0 -= (side - (c1 - c0)) // 2
+        r1, c1 = r0 + side, c0 + side
+    else:
+        r0, r1, c0, c1 = max(0, r0), min(h, r1), max(0, c0), min(w, c1)
+    return r0, r1, c0, c1
+
+
+def lung_crop(hu: np.ndarray, stats_or_mask: LungStats | np.ndarray, margin: float = 0.05, square: bool = True,
+              fill: float = -1000.0) -> np.ndarray:
+    """Crop every slice of (l, H, W) to the lungs' in-plane box (one box per volume) before resizing.
+
+    ``stats_or_mask``: the :class:`LungStats` of this volume or a full-resolution mask ((l, H, W) or
+    (H, W)). Parts of a square box outside the slice are ``fill`` (air). No lungs: ``hu`` unchanged.
+
+    >>> hu = np.full((2, 10, 10), -1000.0, np.float32)
+    >>> mask = np.zeros((10, 10), bool); mask[2:6, 3:5] = True
+    >>> lung_crop(hu, mask, margin=0.0).shape
+    (2, 4, 4)
+    """
+    box = lung_box(stats_or_mask, hu.shape, margin=margin, square=square)
+    if box is None:
+        return hu
+    r0, r1, c0, c1 = box
+    h, w = hu.shape[-2:]
+    if r0 >= 0 and c0 >= 0 and r1 <= h and c1 <= w:
+        return hu[..., r0:r1, c0:c1]
+    out = np.full((*hu.shape[:-2], r1 - r0, c1 - c0), fill, dtype=hu.dtype)
+    sr0, sr1, sc0, sc1 = max(0, r0), min(h, r1), max(0, c0), min(w, c1)
+    out[..., sr0 - r0:sr1 - r0, sc0 - c0:sc1 - c0] = hu[..., sr0:sr1, sc0:sc1]
+    return out
+
+
+def model_slices(vol, spec: PreprocessSpec, lungs: "LungStats | None" = None) -> np.ndarray:
+    """The slices a model sees of a volume: its HU, cropped to the lungs when ``spec.lung_crop``
+    (``lungs``: stats already computed for this volume). Training, extraction and serving all use it."""
+    if not spec.lung_crop or vol.kind != "hu":
+        return vol.hu
+    return lung_crop(vol.hu, lungs if lungs is not None else lung_stats(vol.hu, vol.spacing_mm, vol.z_mm))

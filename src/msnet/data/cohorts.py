@@ -55,6 +55,8 @@ _SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", 
            "test": "test", "testing": "test"}
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 _MD_CLASS_DIRS = {"covid-19 subjects": "COVID-19", "cap subjects": "CAP", "normal subjects": "NORMAL"}
+_MD_INDEX_COLUMNS = ("Label Index", "Diagnosis", "Relative Path", "Folder/ID")
+_MD_INDEX_ID = "Folder/ID"
 
 
 def map_class(name: str) -> str:
@@ -82,8 +84,9 @@ class IndexReport:
         lines = [f"layout {self.layout}: {self.n_ok} ok, {self.n_failed} failed"]
         for row in self.rows:
             if row.get("status") == "failed":
-                name = row.get("patient_id") or row.get("image_path")
-                lines.append(f"  failed {name}: {row.get('error', '')}")
+                name, error = str(row.get("patient_id") or row.get("image_path")), str(row.get("error", ""))
+                # the error starts with the study's path, which names the study already
+                lines.append(f"  failed {error}" if name in error.split(": ", 1)[0] else f"  failed {name}: {error}")
         lines += [f"  wrote {p}" for p in self.outputs]
         return "\n".join(lines)
 
@@ -284,20 +287,39 @@ def _md_label_rows(root: Path, base: Path) -> tuple[dict[str, int], np.ndarray |
         return {}, None
     positions: dict[str, int] = {}
     with open(index_csv, newline="", encoding="utf-8-sig") as f:
-        for pos, row in enumerate(csv.DictReader(f)):  # row POSITION, not the Label Index column
-            pid = (row.get("Folder/ID") or "").strip()
+        reader = csv.DictReader(f)
+        fields = [c.strip() for c in (reader.fieldnames or [])]
+        if _MD_INDEX_ID not in fields:
+            raise MsnetError(f"Index.csv has no {_MD_INDEX_ID!r} column (columns: {', '.join(fields) or 'none'}): "
+                             "the COVID/CAP slice labels cannot be matched to patients", path=index_csv,
+                             fix=f"restore the dataset's Index.csv (columns {', '.join(_MD_INDEX_COLUMNS)})")
+        for pos, row in enumerate(reader):  # row POSITION, not the Label Index column
+            pid = ({(k or "").strip(): v for k, v in row.items()}.get(_MD_INDEX_ID) or "").strip()
             if pid:
                 positions[pid] = pos
     npy = None
     for name in ("Slice-level-labels-updated-1.npy", "Slice-level-labels.npy"):
         hit = next((d / name for d in folders if (d / name).is_file()), None)
         if hit is not None:
-            npy = np.load(hit)
+            npy = _load_label_array(hit)
             logger.info("slice labels from %s (%d rows)", hit.name, npy.shape[0])
             break
     if npy is not None and npy.shape[0] != len(positions):
         logger.warning("%s has %d rows but Index.csv %d", root, npy.shape[0], len(positions))
     return positions, npy
+
+
+def _load_label_array(path: Path) -> np.ndarray:
+    """A COVID-CT-MD slice-label array: 2-D integers (patients x slices), or MsnetError."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - truncated, not .npy, pickled objects: all a bad file
+        raise MsnetError(f"cannot read the slice-label array ({type(exc).__name__}: {exc})", path=path,
+                         fix="restore the file from the dataset (a NumPy .npy array)") from exc
+    if arr.ndim != 2 or arr.dtype.kind not in "iubf":
+        raise MsnetError(f"slice-label array of shape {arr.shape} and type {arr.dtype}; expected 2-D numbers "
+                         "(patients x slices)", path=path, fix="restore the file from the dataset")
+    return arr
 
 
 def _rows_covid_ct_md(root: Path) -> tuple[list[dict], dict]:
@@ -408,6 +430,7 @@ def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, str
     (3, 0)
     """
     root, out_dir = Path(root), Path(out_dir)
+    _check_out_dir(out_dir)
     layout = detect_layout(root, labels_csv)
     logger.info("indexing %s as %s", root, layout)
     if layout == "slice-images":
@@ -460,6 +483,21 @@ def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, str
         report.outputs.append(sl)
     logger.info("%d ok, %d failed", report.n_ok, report.n_failed)
     return report
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The output folder is usable (created if missing) before any study is read."""
+    bad = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
+    if bad is not None:
+        raise MsnetError("the output path is an existing file, not a folder", path=bad,
+                         fix="pass a folder for -o (the manifests cohort.csv / slice_labels.csv are written into it)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MsnetError(f"cannot create the output folder ({exc.strerror or exc})", path=out_dir,
+                         fix="pass a folder you can write to") from exc
+    if not os.access(out_dir, os.W_OK):
+        raise MsnetError("the output folder is not writable", path=out_dir, fix="pass a folder you can write to")
 
 
 def _check_study(row: dict, strict: bool) -> int | None:

@@ -13,9 +13,11 @@ like and in where and on how many slices they lie:
 - ``NORMAL``: none. Every class has the same findings that are not
   pneumonia: vessels, small solid or calcified nodules, dependent atelectasis.
 
-Acquisition nuisances (slice count, thickness, spacing, pixel spacing, noise,
-body size, file naming, InstanceNumber direction) are drawn from a random
-stream that never sees the class, so only the lesions separate the classes.
+Acquisition nuisances (slice count, thickness, pixel spacing, noise, body
+size, lung height, file naming, InstanceNumber direction) are drawn from random
+streams that never see the class, so only the lesions separate the classes.
+The slice spacing follows from the slice count and the lung height (230-290 mm),
+so that lungs have an adult volume whatever the slice count.
 Output is deterministic per seed and arguments (same bytes).
 
 Layout::
@@ -45,6 +47,9 @@ MIN_LESION_FRACTION = 3e-4
 """A slice counts as infected when its lesions cover at least this fraction of the image
 (about 7.5 mm across at 512 px): a reader would not label the tip of a blob that shows as
 a few pixels, and neither do we."""
+LUNG_HEIGHT_MM = (230.0, 290.0)
+"""Lung apex to base of the phantoms (adults at full inspiration): the slice spacing follows from it and the
+slice count, so that every phantom holds adult-sized lungs (3-6 l) and passes the lung gate."""
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SYNTHETIC_MARKER = "synthetic.json"
 """Written beside a synthetic cohort's cohort.csv: models trained on it say so in every prediction."""
@@ -254,16 +259,20 @@ def plan_cohort(n_patients: int, size: int = 512, seed: int = 0, slices: tuple[i
     for i in range(n_patients):
         nr = _rng(seed, i, 1)  # nuisance stream: never sees the class
         thick = round(float(nr.uniform(t_lo, t_hi)), 2)
-        spacing = thick if nr.random() < 0.5 else round(float(nr.uniform(t_lo, thick)), 2)
+        if nr.random() >= 0.5:  # a draw that once chose the spacing: kept so that every later draw is as before
+            nr.uniform(t_lo, thick)
         plan = PatientPlan(
             patient_id=f"SYN{i + 1:04d}", label=labels[i], subset=subsets[i], index=i, seed=seed,
-            n_slices=int(nr.integers(lo, hi + 1)), thickness_mm=thick, spacing_mm=spacing,
+            n_slices=int(nr.integers(lo, hi + 1)), thickness_mm=thick, spacing_mm=0.0,
             pixel_spacing_mm=round(float(nr.uniform(0.6, 0.9)) * 512.0 / size, 4),
             noise_hu=float(nr.uniform(10.0, 40.0)), body_fraction=float(nr.uniform(0.39, 0.46)),
             body_aspect=float(nr.uniform(0.62, 0.74)), z_top_mm=round(float(nr.uniform(-80.0, 0.0)), 2),
             lung_apex_t=float(nr.uniform(0.03, 0.12)), lung_base_t=float(nr.uniform(0.82, 0.95)),
             instance_reversed=i in reversed_ids, naming=str(nr.choice(["im", "hex", "textrank"])),
         )
+        # adult lungs (apex to base 230-290 mm) whatever the slice count: the spacing follows
+        height = float(_rng(seed, i, 6).uniform(*LUNG_HEIGHT_MM))
+        plan.spacing_mm = round(height / ((plan.n_slices - 1) * (plan.lung_base_t - plan.lung_apex_t)), 3)
         plan.lesions = _draw_lesions(plan.label, plan, _rng(seed, i, 3))
         _draw_distractors(plan, _rng(seed, i, 7))  # a stream of its own: never sees the class
         plans.append(plan)

@@ -16,8 +16,8 @@ with highdicom, which validates them on construction. The input is explicit: a D
 :class:`msnet.io.CTVolume` (its ``sop_instance_uids`` and ``dicom_headers``), the class, the
 probabilities, the key slice indices (canonical order) and the model's identity.
 
->>> model = ModelIdentity("msnet-efficientnet_lite0-msnet", "0.1.0", "ab12...")  # doctest: +SKIP
->>> write_sr(vol, "CAP", {"COVID-19": .1, "CAP": .8, "NORMAL": .1}, [40, 41], "out", model)  # doctest: +SKIP
+e.g. model = ModelIdentity("msnet-efficientnet_lite0-msnet", "0.1.0", "ab12...")
+e.g. write_sr(vol, "CAP", {"COVID-19": .1, "CAP": .8, "NORMAL": .1}, [40, 41], "out", model)
 PosixPath('out/msnet-sr.dcm')
 """
 

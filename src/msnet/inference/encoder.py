@@ -157,6 +157,12 @@ class SliceEncoder:
         if err:
             raise err[0]
 
+    def encode_volume(self, vol, timing: dict | None = None, lungs=None) -> torch.Tensor:
+        """A CTVolume -> (l, d) features, with the spec's volume-level steps (the lung crop) applied."""
+        from msnet.preprocess import model_slices
+
+        return self.encode(model_slices(vol, self.spec, lungs), vol.kind, timing)
+
     def encode(self, slices: np.ndarray, kind: str = "hu", timing: dict | None = None) -> torch.Tensor:
         """(l, H, W) slices -> (l, d) float32 features, preprocessing overlapped with the backbone."""
         out = []

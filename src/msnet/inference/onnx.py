@@ -21,12 +21,6 @@ log = logging.getLogger(__name__)
 BACKBONE_ONNX = "backbone.onnx"
 AGGREGATOR_ONNX = "aggregator.onnx"
 BACKBONE_INT8_ONNX = "backbone_int8.onnx"
-PARITY_TOL = 1e-4
-INT8_PROB_TOL = 0.02
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-_SAMPLE = SHARED_DATA / "covid-ct-md" / "Sample data"
-SHARED_SCANS = (_SAMPLE / "COVID-19 subjects" / "P001", _SAMPLE / "Cap subjects" / "cap002",
-                _SAMPLE / "Normal subjects" / "normal001")
 
 
 # ------------------------------------------------------------------ sessions

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +141,9 @@ class Predictor:
     def predict_volume(self, vol, timing: dict | None = None, explain_dir: Path | None = None,
                        top_k: int = 5) -> Prediction:
         """A read :class:`~msnet.io.CTVolume` -> :class:`Prediction` (the volume is not changed)."""
+        from msnet.io import check_volume
+        from msnet.preprocess import check_lungs, model_slices
+
         timing = dict(timing or _timing())
         t0 = time.perf_counter()
         warnings = list(vol.warnings)
@@ -148,7 +151,13 @@ class Predictor:
             warnings.insert(0, self.metadata["warning"])
         if self.spec.kind == "hu" and vol.kind == "grey":
             warnings.append("grey-level images, not HU: windowing skipped")
-        feats = self.encoder.encode(vol.hu, vol.kind, timing)
+        checked = check_volume(replace(vol, warnings=[]))  # NaN, constant, impossible HU: refused
+        warnings += [w for w in checked.warnings if w not in warnings]
+        lungs = check_lungs(vol)  # no lungs, no diagnosis (None for grey-level images)
+        if lungs is not None:
+            warnings += lungs.warnings
+        slices = model_slices(vol, self.spec, lungs)
+        feats = self.encoder.encode(slices, vol.kind, timing)
         if not torch.isfinite(feats).all():
             raise MsnetError("the backbone produced non-finite features", vol.source,
                              "check the study's pixel values (msnet inspect)")
@@ -174,7 +183,8 @@ class Predictor:
             from msnet.inference.explain import explain
 
             t = time.perf_counter()
-            result.explanation = explain(self, vol, feats, pred, scores, order, Path(explain_dir))
+            seen = vol if slices is vol.hu else replace(vol, hu=slices)  # what the model saw
+            result.explanation = explain(self, seen, feats, pred, scores, order, Path(explain_dir))
             result.explanation["seconds"] = round(time.perf_counter() - t, 3)
         return result
 

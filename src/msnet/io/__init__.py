@@ -19,6 +19,14 @@
   study's metadata, then only its instances are fetched into a temporary folder.
 - A file of the chosen series that cannot be decoded is skipped with a
   warning when other files decode; when none decodes, MsnetError is raised.
+- Every volume passes :func:`check_volume` before it is returned: NaN or infinite voxels, a
+  constant or near-constant volume (e.g. RescaleSlope 0) and HU that cannot be CT are refused
+  with MsnetError; odd ranges are warned. Sizes are checked on the headers against
+  :func:`read_limits` (``MSNET_MAX_SLICE_PIXELS``, ``MSNET_MAX_VOXELS``,
+  ``MSNET_MAX_COMPRESSION_RATIO``, or :func:`set_read_limits`) before anything is allocated;
+  over a limit raises :class:`msnet.errors.LimitError`.
+- A file inside a study folder that is a link to a place outside the folder is read, with a
+  warning.
 - Compressed pixel data (8 files or more) is decoded by worker processes, one
   per core, started once per process with ``fork``; they write HU straight
   into one memory-mapped array (under /dev/shm). Threads would not help:
@@ -39,9 +47,11 @@ from msnet.io.dicom import read_dicom, read_header
 from msnet.io.dicomweb import is_dicomweb_url, read_dicomweb
 from msnet.io.images import is_image, natural_key, read_images
 from msnet.io.nifti import NIFTI_SUFFIXES, read_nifti
-from msnet.io.volume import AIR_HU, OUT_OF_FIELD_HU, CTVolume, describe
+from msnet.io.volume import (AIR_HU, OUT_OF_FIELD_HU, CTVolume, ReadLimits, check_volume, describe, read_limits,
+                             set_read_limits)
 
-__all__ = ["AIR_HU", "OUT_OF_FIELD_HU", "CTVolume", "describe", "read_study"]
+__all__ = ["AIR_HU", "OUT_OF_FIELD_HU", "CTVolume", "ReadLimits", "check_volume", "describe", "read_limits",
+           "read_study", "set_read_limits"]
 
 _SKIP_NAMES = {"DICOMDIR"}
 
@@ -62,10 +72,15 @@ def read_study(path: str | Path, series: str | int | None = None, study_id: str 
     try:
         with quiet_pydicom():
             if url:
-                return read_dicomweb(path, series=series, study_id=study_id)
-            return _read_any(path, study_id or _stem(path), series)
+                vol = read_dicomweb(path, series=series, study_id=study_id)
+            else:
+                vol = _read_any(path, study_id or _stem(path), series)
+        return check_volume(vol)
     except MsnetError:
         raise
+    except MemoryError as exc:
+        raise MsnetError("not enough memory to read the study", path,
+                         "lower the read limits (MSNET_MAX_VOXELS) or free memory") from exc
     except Exception as exc:  # a reader failed in a way not foreseen: still name the file
         raise MsnetError(f"cannot read study ({type(exc).__name__}: {exc})", path,
                          "check the files; report the message if they open in a DICOM viewer") from exc
@@ -85,6 +100,28 @@ def _read_any(path: Path, sid: str, series) -> CTVolume:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise MsnetError("empty folder", path, "point to the folder that holds the study's files")
+    outside = _links_outside(path, files)
+    vol = _read_folder(path, files, sid, series)
+    if outside:
+        shown = ", ".join(str(p.relative_to(path)) for p in outside[:3]) + (" ..." if len(outside) > 3 else "")
+        vol.warnings.append(f"{len(outside)} files are links to places outside the study folder ({shown}): "
+                            "read anyway; check that they belong to this study")
+    return vol
+
+
+def _links_outside(root: Path, files: list[Path]) -> list[Path]:
+    """Files that resolve (through a link to the file or to a folder above it) outside ``root``."""
+    base = root.resolve()
+    out = []
+    for f in files:
+        try:
+            f.resolve().relative_to(base)
+        except ValueError:
+            out.append(f)
+    return out
+
+
+def _read_folder(path: Path, files: list[Path], sid: str, series) -> CTVolume:
     headers, others = [], []
     for f in files:
         if f.name.upper() in _SKIP_NAMES:

@@ -1,35 +1,70 @@
-"""Studies packed as zip archives: checked (size, count, ratio, member paths) before extraction."""
+"""Studies packed as zip archives: checked (size, count, ratio, member paths) before extraction.
+
+A damaged archive (bad CRC, a falsified size or offset, an unknown compression method, an
+encrypted member) raises MsnetError naming the zip and the member, never a traceback; the
+extraction never writes more than the sizes checked beforehand (``zipfile`` stops each member at
+its declared size and checks its CRC).
+"""
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import tempfile
 import zipfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from msnet.errors import MsnetError
+from msnet.errors import LimitError, MsnetError
+
+_REZIP = "zip the study's folder again (the archive is damaged)"
 
 
 @contextmanager
 def open_study(path: str | Path) -> Iterator[Path]:
-    """Yield a readable study path; a .zip is extracted (checked) to a temp dir removed afterwards."""
+    """Yield a readable study path; a .zip is extracted (checked) to a temp dir removed afterwards.
+
+    Errors raised while the study is read name the zip and the member, never the temp dir.
+
+    e.g. with open_study("case7.zip") as study: vol = read_study(study, study_id="case7")
+    """
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".zip":
-        tmp = Path(tempfile.mkdtemp(prefix="msnet-study-"))
-        try:
-            safe_extract(path, tmp)
-            entries = [p for p in tmp.iterdir() if not p.name.startswith("__MACOSX")]
-            yield entries[0] if len(entries) == 1 and entries[0].suffix.lower() in (".nii", ".gz") else tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    if not (path.is_file() and path.suffix.lower() == ".zip"):
         yield path
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="msnet-study-"))
+    try:
+        safe_extract(path, tmp)
+        entries = [p for p in tmp.iterdir() if not p.name.startswith(("__MACOSX", "."))]
+        inner = [p.name for p in entries if p.is_file() and p.suffix.lower() == ".zip"]
+        if inner and len(inner) == len(entries):
+            raise MsnetError(f"the zip holds another zip ({inner[0]}), not a study", path,
+                             "unzip the outer archive and pass the inner one, or zip the study's folder itself")
+        study = entries[0] if len(entries) == 1 and entries[0].name.lower().endswith((".nii", ".nii.gz")) else tmp
+        try:
+            yield study
+        except MsnetError as exc:
+            raise _renamed(exc, tmp, path) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-class ZipLimitError(MsnetError):
+def _renamed(exc: MsnetError, tmp: Path, zip_path: Path) -> MsnetError:
+    """The same error with the temp dir replaced by the zip's own name (``case7.zip/...``)."""
+
+    def fix(text: str | None) -> str | None:
+        if text is None:
+            return None
+        return text.replace(str(tmp) + "/", f"{zip_path}/").replace(str(tmp), str(zip_path))
+
+    new = type(exc)(fix(exc.problem) or "", fix(exc.path), fix(exc.fix))
+    return new
+
+
+class ZipLimitError(LimitError):
     """A zip refused for its size, entry count or compression ratio (a possible zip bomb)."""
 
 
@@ -39,7 +74,7 @@ def check_zip(zip_path: Path, max_bytes: int = 4 << 30, max_files: int = 10000, 
     try:
         with zipfile.ZipFile(zip_path) as zf:
             infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise MsnetError("not a valid zip archive", path=zip_path, fix="zip the study's folder again") from exc
     total = sum(i.file_size for i in infos)
     packed = sum(i.compress_size for i in infos) or 1
@@ -57,7 +92,21 @@ def check_zip(zip_path: Path, max_bytes: int = 4 << 30, max_files: int = 10000, 
 
 
 def safe_extract(zip_path: Path, dest: Path, max_bytes: int = 4 << 30, max_files: int = 10000, max_ratio: float = 200.0) -> None:
-    """Extract a zip after :func:`check_zip`."""
+    """Extract a zip after :func:`check_zip`; a damaged member raises MsnetError naming it."""
     check_zip(zip_path, max_bytes, max_files, max_ratio)
-    with zipfile.ZipFile(zip_path) as zf:
-        zf.extractall(dest)
+    member = "?"
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for info in zf.infolist():
+                member = info.filename
+                zf.extract(info, dest)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, RuntimeError) and "encrypted" in text:
+            text = "the member is encrypted"
+        raise MsnetError(f"corrupt zip member {member!r} ({type(exc).__name__}: {text})", zip_path, _REZIP) from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the server's disk, not the upload
+        raise MsnetError(f"zip member {member!r} cannot be extracted ({type(exc).__name__}: {exc.strerror or exc})",
+                         zip_path, _REZIP) from exc

@@ -1,7 +1,17 @@
 """Pixel data to HU: GDCM / pylibjpeg decoders and a pool of worker processes writing into shared memory.
 
 Public API: :func:`decode_file` (one file), :func:`decode_series` (a series into one array),
-:func:`to_hu`, :func:`quiet_pydicom`, :func:`shutdown_pool`.
+:func:`to_hu`, :func:`quiet_pydicom`, :func:`shutdown_pool`, :func:`stop_workers`,
+:func:`stored_bytes_problem`.
+
+A decode that comes back short is refused, never filled in: JPEG and JPEG 2000 frames must end
+with their end-of-image marker (GDCM's direct path reports no error for a truncated stream and
+pylibjpeg fills the missing rows), and a file too small for the pixels its header declares
+(uncompressed, or JPEG Lossless at one bit per sample) is refused before any buffer is allocated.
+
+Worker processes reset SIGTERM to its default (a forked worker would otherwise inherit the
+parent's handler, e.g. uvicorn's, and ignore it), leave SIGINT to the parent, and exit when the
+parent is gone; :func:`stop_workers` (safe in a signal handler) stops them at once.
 """
 
 from __future__ import annotations
@@ -11,32 +21,54 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
+import struct
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from msnet.io.volume import AIR_HU, OUT_OF_FIELD_HU
+from msnet.io.volume import AIR_HU, floor_out_of_field
 
 logger = logging.getLogger(__name__)
 
+# Elements longer than this are not read while parsing (pydicom seeks past them and reads them
+# only when asked): a falsified length in a header then costs no allocation.
+DEFER_BYTES = 1 << 20
 DECODERS = ("gdcm", "pylibjpeg", "")  # "" lets pydicom try every plugin it has
+# without GDCM: for a file decoded again in this process after a worker died on it (GDCM aborts the
+# whole process on some broken JPEG streams, where pylibjpeg raises an error)
+SAFE_DECODERS = ("pylibjpeg", "pydicom", "pillow", "pyjpegls")
+
+
+_QUIET_LOGGERS = ("pydicom", "nibabel.global")  # nibabel's has its own stderr handler
 
 
 @contextlib.contextmanager
 def quiet_pydicom():
-    """No pydicom warnings or log lines about invalid values (e.g. GUID-style UIDs) while reading."""
+    """No reader chatter while reading: pydicom's warnings and log lines (invalid values such as
+    GUID-style UIDs, errors about a broken header), nibabel's header fixes, Pillow's EXIF warnings.
+    What matters is reported in the study's warnings or its error."""
     from pydicom import config
 
     old = config.settings.reading_validation_mode
     config.settings.reading_validation_mode = config.IGNORE
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    was_disabled = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"pydicom\.")
+            for module in (r"pydicom\.", r"PIL\.", r"nibabel\."):
+                warnings.filterwarnings("ignore", module=module)
             yield
     finally:
         config.settings.reading_validation_mode = old
+        for lg, disabled in zip(loggers, was_disabled):
+            lg.disabled = disabled
 
 
 def to_hu(stored: np.ndarray, slope: float, intercept: float, padding=None, padding_limit=None,
@@ -58,9 +90,7 @@ def to_hu(stored: np.ndarray, slope: float, intercept: float, padding=None, padd
         if padding_limit is not None:
             pad.append(_as_stored(padding_limit, stored.dtype))
         out[(stored >= min(pad)) & (stored <= max(pad))] = AIR_HU
-    if float(out.min()) < OUT_OF_FIELD_HU:
-        out[out < OUT_OF_FIELD_HU] = AIR_HU
-    return out
+    return floor_out_of_field(out)
 
 
 def _as_stored(value, dtype) -> int:
@@ -77,6 +107,154 @@ def _as_stored(value, dtype) -> int:
 
 
 _GDCM_DIRECT_SYNTAXES = ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")  # JPEG Lossless
+# JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000 and HTJ2K: every frame ends with FF D9
+# (EOI / EOC), a pair that cannot occur inside the entropy-coded data
+_EOI_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 201, 202, 203)}
+_EOI = b"\xff\xd9"
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # the whole data set is zlib-compressed: its size says nothing
+_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def stored_bytes_problem(path: str, ds, rows: int, cols: int, frames: int) -> str | None:
+    """Why a file cannot hold the pixels its header declares, from its size alone (None if it can).
+
+    Uncompressed: the file must hold Rows x Columns x frames x samples x BitsAllocated/8 bytes.
+    JPEG Lossless codes each sample with at least one bit, so it needs an eighth of the samples
+    in bytes. Checked before the volume is allocated, so a small file that claims 60000 x 60000
+    pixels costs nothing. (Other codecs are bounded by the slice and voxel limits.)
+    """
+    from pydicom.uid import UncompressedTransferSyntaxes
+
+    ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+    samples = int(ds.get("SamplesPerPixel") or 1) * rows * cols * frames
+    size = os.path.getsize(path)
+    if (ts in UncompressedTransferSyntaxes and ts != _DEFLATED) or not ts:
+        need = samples * max(int(ds.get("BitsAllocated") or 16), 1) // 8
+        if size >= need:
+            return None
+        with open(path, "rb") as fh:
+            if b"\xe0\x7f\x10\x00" not in fh.read():  # small: it is under ``need`` bytes
+                return "no pixel data"
+        return f"truncated: the header declares {need} bytes of pixels, the file holds {size} bytes"
+    if ts in _GDCM_DIRECT_SYNTAXES and size < samples // 8:
+        return (f"the header declares {rows} x {cols} pixels x {frames} frames but the file holds only "
+                f"{size} bytes of JPEG Lossless data (at least {samples // 8} needed)")
+    return None
+
+
+_PIXEL_DATA_UNDEFINED = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"  # (7FE0,0010) OB, encapsulated
+_ITEM = b"\xfe\xff\x00\xe0"
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70)}
+
+
+def jpeg_problem(frame: bytes, rows: int, cols: int) -> str | None:
+    r"""Why a JPEG frame's marker structure is unusable (None if it is sound up to its scan).
+
+    Start-of-image, segment lengths inside the frame, a frame header (SOF) before the scan whose
+    size matches Rows x Columns, and an end-of-image marker at the end. A decoder never sees a
+    stream that fails this (GDCM aborts the whole process on some broken streams).
+
+    >>> jpeg_problem(b"\xff\xd8\xff\xd9", 2, 2)
+    'no JPEG frame header (SOF) before the scan'
+    """
+    if frame[:2] != b"\xff\xd8":
+        return "the frame does not start with a JPEG start-of-image marker"
+    if _EOI not in frame[-8:]:
+        return "truncated pixel data: no end-of-image marker"
+    pos, sof = 2, None
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            return "broken JPEG marker structure"
+        marker = frame[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:
+            break
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = int.from_bytes(frame[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > len(frame):
+            return "broken JPEG segment length"
+        if marker in _SOF and length >= 8:
+            sof = (int.from_bytes(frame[pos + 5:pos + 7], "big"), int.from_bytes(frame[pos + 7:pos + 9], "big"),
+                   frame[pos + 9], frame[pos + 4])
+        if marker == 0xDA:
+            if sof is None:
+                break
+            height, width, components, precision = sof
+            if (height, width) != (rows, cols):
+                return f"the JPEG frame is {width} x {height} pixels, the header says {cols} x {rows}"
+            if not 1 <= components <= 4 or not 2 <= precision <= 16:
+                return f"implausible JPEG frame header ({components} components, {precision} bits)"
+            return None
+        pos += 2 + length
+    return "no JPEG frame header (SOF) before the scan"
+
+
+def _pixel_length_problem(path: str) -> str | None:
+    """A pixel data element whose declared length runs past the end of the file (checked before
+    pydicom would allocate that length)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    for vr in (b"OW", b"OB"):
+        at = data.find(b"\xe0\x7f\x10\x00" + vr + b"\x00\x00")
+        if at >= 0:
+            start, length = at + 12, struct.unpack_from("<I", data, at + 8)[0] if at + 12 <= len(data) else 0
+            break
+    else:
+        return None  # implicit VR or no pixel data: pydicom's own checks apply
+    if length != 0xFFFFFFFF and start + length > len(data):
+        return f"truncated: the pixel data declares {length} bytes, the file holds {len(data) - start} after it"
+    return None
+
+
+def _direct_problem(path: str, rows: int, cols: int) -> str | None:
+    """For GDCM's direct path: the encapsulated items must tile the pixel data exactly (basic
+    offset table, one JPEG frame, sequence delimiter at the end of the file) and the frame be sound."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    at = data.find(_PIXEL_DATA_UNDEFINED)
+    if at < 0:
+        return "no encapsulated pixel data"
+    pos, items = at + len(_PIXEL_DATA_UNDEFINED), []
+    while pos + 8 <= len(data):
+        tag, length = data[pos:pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        if tag == _SEQ_DELIMITER[:4]:
+            if length != 0 or pos + 8 != len(data) or len(items) < 2:
+                return "broken pixel data items"
+            frame = b"".join(data[start:end] for start, end in items[1:])
+            return jpeg_problem(frame, rows, cols)
+        if tag != _ITEM or pos + 8 + length > len(data):
+            return "broken pixel data items"
+        items.append((pos + 8, pos + 8 + length))
+        pos += 8 + length
+    return "truncated: the file ends inside its pixel data"
+
+
+def _frames_problem(ds, ts: str) -> str | None:
+    """Why the encapsulated frames are incomplete (missing frames, no end-of-image marker), or None."""
+    if ts not in _EOI_SYNTAXES or "PixelData" not in ds:
+        return None
+    from pydicom.encaps import generate_frames
+
+    n, found = int(ds.get("NumberOfFrames") or 1), 0
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    try:
+        for frame in generate_frames(ds.PixelData, number_of_frames=n):
+            if _EOI not in frame[-8:]:
+                return f"truncated pixel data: frame {found} has no end-of-image marker"
+            problem = jpeg_problem(frame, rows, cols) if ts in _JPEG_SYNTAXES else None
+            if problem:
+                return f"frame {found}: {problem}"
+            found += 1
+    except Exception as exc:  # broken item tags, a frame count the fragments do not match
+        return f"broken pixel data fragments ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if found < n:
+        return f"truncated pixel data: {found} of {n} frames present"
+    return None
 
 
 def gdcm_direct_ok(ds) -> bool:
@@ -91,6 +269,11 @@ def _gdcm_direct(path: str, rows: int, cols: int) -> np.ndarray:
     """GDCM decodes the whole file straight into a buffer (no str round trip, no pydicom pass)."""
     import gdcm
 
+    problem = _direct_problem(path, rows, cols)
+    if problem:
+        raise ValueError(problem)
+    gdcm.Trace.WarningOff()
+    gdcm.Trace.ErrorOff()
     reader = gdcm.ImageRegionReader()
     reader.SetFileName(path)
     if not reader.ReadInformation():
@@ -108,13 +291,14 @@ def _gdcm_direct(path: str, rows: int, cols: int) -> np.ndarray:
     return np.frombuffer(buf, np.uint16).reshape(rows, cols)
 
 
-def decode_file(path: str, direct: tuple[int, int] | None = None) -> tuple[np.ndarray | None, str, str | None]:
+def decode_file(path: str, direct: tuple[int, int] | None = None,
+                safe: bool = False) -> tuple[np.ndarray | None, str, str | None]:
     """Stored pixel values of one file: (array or None, decoder used, error text).
 
     ``direct=(rows, cols)``: try GDCM on the file first (for files where ``gdcm_direct_ok``).
-    Then GDCM, pylibjpeg and any pydicom decoder through pydicom, per file.
+    Then GDCM, pylibjpeg and any pydicom decoder through pydicom, per file. ``safe``: never GDCM.
     """
-    if direct is not None:
+    if direct is not None and not safe:
         try:
             return _gdcm_direct(path, *direct), "gdcm-region", None
         except Exception as exc:  # fall back to pydicom below
@@ -123,16 +307,24 @@ def decode_file(path: str, direct: tuple[int, int] | None = None) -> tuple[np.nd
     from pydicom.pixels import pixel_array
     from pydicom.uid import UncompressedTransferSyntaxes
 
+    problem = _pixel_length_problem(path)
+    if problem:
+        return None, "", problem
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
     except Exception as exc:
         return None, "", f"unreadable ({type(exc).__name__}: {exc})"
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        return None, "", "no pixel data"
+        with open(path, "rb") as fh:  # pydicom drops an encapsulated element that the file cuts short
+            cut = b"\xe0\x7f\x10\x00" in fh.read()
+        return None, "", "truncated: the file ends inside its pixel data" if cut else "no pixel data"
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    plugins = ("native",) if ts in UncompressedTransferSyntaxes else DECODERS
+    problem = _frames_problem(ds, ts)
+    if problem:
+        return None, "", problem
+    plugins = ("native",) if ts in UncompressedTransferSyntaxes else SAFE_DECODERS if safe else DECODERS
     err = ""
     for plugin in plugins:
         try:
@@ -145,11 +337,11 @@ def decode_file(path: str, direct: tuple[int, int] | None = None) -> tuple[np.nd
     return None, "", err or "cannot decode"
 
 
-def _decode_into(tasks: list, out: np.ndarray) -> list[tuple[str, str | None]]:
+def _decode_into(tasks: list, out: np.ndarray, safe: bool = False) -> list[tuple[str, str | None]]:
     """Decode each task's file and write its frames, as HU, to their slots of ``out``."""
     results = []
     for path, frames, (rows, cols), direct in tasks:
-        arr, plugin, err = decode_file(path, (rows, cols) if direct else None)
+        arr, plugin, err = decode_file(path, (rows, cols) if direct else None, safe=safe)
         if arr is not None and arr.shape[-2:] != (rows, cols):
             arr, err = None, f"decoded size {arr.shape[-2:]} differs from Rows x Columns {rows}x{cols}"
         if arr is not None:
@@ -174,6 +366,44 @@ def _decode_chunk_mapped(tasks: list, filename: str, shape: tuple) -> list:
 
 
 _POOL: ProcessPoolExecutor | None = None
+_PARENT_POLL_S = 0.5
+
+
+_HELD = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGTERM and SIGINT held back while worker processes are forked, delivered right after: an
+    exception raised by a handler inside fork's callbacks would be swallowed ("Exception ignored")."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _worker_init(parent: int) -> None:
+    """In each worker: default SIGTERM, SIGINT left to the parent, exit once the parent is gone, and
+    no decoder chatter on stderr."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # the mask is inherited from the forking thread
+    with contextlib.suppress(OSError):  # the C decoders print to fd 2 ("Corrupt JPEG data ..."); each
+        devnull = os.open(os.devnull, os.O_WRONLY)  # file's error comes back as text instead
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="msnet-parent-watch", daemon=True).start()
 
 
 def _n_workers() -> int:
@@ -189,42 +419,72 @@ def _pool() -> ProcessPoolExecutor:
         # fork: workers need no re-import of the caller's __main__ (spawn/forkserver would re-run
         # unguarded scripts); they only run pydicom/GDCM code.
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        _POOL = ProcessPoolExecutor(_n_workers(), mp_context=multiprocessing.get_context(method))
+        _POOL = ProcessPoolExecutor(_n_workers(), mp_context=multiprocessing.get_context(method),
+                                    initializer=_worker_init, initargs=(os.getpid(),))
         atexit.register(shutdown_pool)
     return _POOL
 
 
-def shutdown_pool() -> None:
+def stop_workers() -> None:
+    """Terminate the decode workers at once. Takes no lock, so a signal handler may call it (the
+    interrupted code may hold the pool's locks); the pool, now broken, is dropped at exit."""
+    pool = _POOL
+    if pool is None:
+        return
+    try:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+    except RuntimeError:  # the pool's manager thread changed the dict meanwhile
+        procs = []
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+
+
+def shutdown_pool(kill: bool = False, wait_s: float = 0.0) -> None:
+    """Stop the decode workers: after their current files, or at once with ``kill``. ``wait_s``:
+    wait that long for the pool's manager thread (after a kill, so that the interpreter's exit
+    does not race it on a closed pipe)."""
     global _POOL
-    if _POOL is not None:
-        _POOL.shutdown(wait=False, cancel_futures=True)
-        _POOL = None
+    if kill:
+        stop_workers()
+    pool, _POOL = _POOL, None
+    if pool is None:
+        return
+    manager = getattr(pool, "_executor_manager_thread", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    if wait_s > 0 and manager is not None:
+        manager.join(wait_s)
 
 
 def decode_series(tasks: list, n_slices: int, transfer_syntax: str | None,
                   parallel: bool | None = None) -> tuple[np.ndarray, list, list[str]]:
     """Decode a series to HU (n_slices, rows, cols): (array, (decoder, error) per file, decoders used).
 
-    Compressed series of 8 or more files are decoded by worker processes that
-    write into shared memory; otherwise (or if that fails) in this process.
+    Compressed series are decoded by worker processes that write into shared memory: faster on
+    several cores, and a decoder that crashes on a hostile file takes down a worker, not this
+    process. If a worker dies, the series is decoded again here without GDCM (the file that
+    crashed it then fails with an error and is skipped); if the pool cannot be used at all, here.
     """
     from pydicom.uid import UncompressedTransferSyntaxes
 
     rows, cols = tasks[0][2]
     shape = (n_slices, rows, cols)
     if parallel is None:
-        parallel = (len(tasks) >= 8 and _n_workers() > 1
-                    and str(transfer_syntax) not in UncompressedTransferSyntaxes)
-    results = None
+        parallel = str(transfer_syntax) not in UncompressedTransferSyntaxes
+    results, safe = None, False
     if parallel:
         try:
             results, hu = _decode_parallel(tasks, shape)
-        except (BrokenProcessPool, OSError, RuntimeError, ValueError) as exc:
+        except BrokenProcessPool as exc:
+            logger.warning("a decode worker died (%s); decoding again in this process without GDCM", exc)
+            shutdown_pool()
+            safe = True
+        except (OSError, RuntimeError, ValueError) as exc:
             logger.warning("parallel decoding failed (%s); decoding in this process", exc)
             shutdown_pool()
     if results is None:
         hu = np.zeros(shape, np.float32)
-        results = _decode_into(tasks, hu)
+        results = _decode_into(tasks, hu, safe=safe)
     return hu, results, sorted({p for p, e in results if not e})
 
 
@@ -242,7 +502,8 @@ def _decode_parallel(tasks: list, shape: tuple) -> tuple[list, np.ndarray]:
         hu = np.memmap(filename, np.float32, mode="w+", shape=shape)
         n_chunks = min(len(tasks), 4 * _n_workers())
         chunks = [tasks[i * len(tasks) // n_chunks:(i + 1) * len(tasks) // n_chunks] for i in range(n_chunks)]
-        futures = [_pool().submit(_decode_chunk_mapped, c, filename, shape) for c in chunks]
+        with _signals_held():
+            futures = [_pool().submit(_decode_chunk_mapped, c, filename, shape) for c in chunks]
         results = [r for f in futures for r in f.result()]
     finally:
         os.unlink(filename)

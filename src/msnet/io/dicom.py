@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from msnet.errors import MsnetError
-from msnet.io.decode import decode_series, gdcm_direct_ok
-from msnet.io.volume import CTVolume, check_range
+from msnet.io.decode import DEFER_BYTES, decode_series, gdcm_direct_ok, stored_bytes_problem
+from msnet.io.volume import CTVolume, read_limits
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def read_header(path: Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=True)
+            return pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_BYTES)
     except Exception:  # not DICOM, truncated header, unreadable: the caller decides
         return None
 
@@ -111,12 +111,16 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
         raise MsnetError(f"slices of different sizes in one series: {sorted(sizes)}", source,
                          "pass series= to pick a single series, or remove the odd files")
     rows, cols = sizes.pop()
+    frames = [max(int(ds.get("NumberOfFrames") or 1), 1) for _, ds in files]
+    read_limits().check_shape(rows, cols, sum(frames), source)
+    files, frames, short = _drop_short_files(files, frames, rows, cols, source)
+    notes += short
     slices = []  # (file index, frame index or None)
     for i, (_, ds) in enumerate(files):
-        n_frames = int(ds.get("NumberOfFrames") or 1)
-        multi = n_frames > 1 or "PerFrameFunctionalGroupsSequence" in ds
-        slices.extend((i, k if multi else None) for k in range(n_frames))
+        multi = frames[i] > 1 or "PerFrameFunctionalGroupsSequence" in ds
+        slices.extend((i, k if multi else None) for k in range(frames[i]))
     geo = [_frame_geometry(files[i][1], k) for i, k in slices]
+    _check_rescale(geo, [files[i][0] for i, _ in slices], source)
     order, z, step, geo_notes = _sort_slices(geo)
     slot = np.empty(len(slices), int)
     slot[order] = np.arange(len(slices))
@@ -157,8 +161,36 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
                    transfer_syntax=ts, n_series=n_series, series_uid=chosen["uid"] or None,
                    sop_instance_uids=sops, dicom_headers=files[slices[order[0]][0]][1])
     logger.debug("read %d slices of %s (decoder %s)", vol.n_slices, sid, ", ".join(decoders))
-    check_range(vol)
     return vol
+
+
+def _drop_short_files(files: list, frames: list[int], rows: int, cols: int, source: Path):
+    """Files that cannot hold the pixels their header declares are skipped (with a note) before
+    anything is allocated; MsnetError when none is left."""
+    keep, kept_frames, notes, first = [], [], [], None
+    for (f, ds), n in zip(files, frames):
+        problem = stored_bytes_problem(str(f), ds, rows, cols, n)
+        if problem:
+            notes.append(f"{f.name}: skipped, pixel data could not be decoded ({problem})")
+            first = first or (f, problem)
+        else:
+            keep.append((f, ds))
+            kept_frames.append(n)
+    if not keep:
+        raise MsnetError(f"no slice could be decoded ({len(files)} files); first error: {first[1]}", first[0],
+                         "re-export the study from the scanner or archive")
+    return keep, kept_frames, notes
+
+
+def _check_rescale(geo: list[dict], paths: list[Path], source: Path) -> None:
+    """RescaleSlope 0 (every pixel the same HU) or a non-finite slope/intercept: refused."""
+    bad = [(p, g) for p, g in zip(paths, geo)
+           if g["slope"] == 0 or not np.isfinite(g["slope"]) or not np.isfinite(g["intercept"])]
+    if bad:
+        p, g = bad[0]
+        raise MsnetError(f"RescaleSlope {g['slope']:g} / RescaleIntercept {g['intercept']:g} in {len(bad)} of "
+                         f"{len(geo)} slices (first: {p.name}): the pixels cannot be turned into HU", source,
+                         "re-export the study; RescaleSlope must be a finite number other than 0")
 
 
 def _frame_geometry(ds, frame: int | None) -> dict:

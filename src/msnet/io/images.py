@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from msnet.errors import MsnetError
-from msnet.io.volume import CTVolume
+from msnet.io.volume import CTVolume, read_limits
 
 
 def is_image(path: Path) -> bool:
@@ -29,6 +29,8 @@ def read_images(paths: list[Path], source: Path, sid: str) -> CTVolume:
     for p in paths:
         try:
             with Image.open(p) as im:
+                if size is None:  # checked on the header, before the first image is decoded
+                    read_limits().check_shape(im.size[1], im.size[0], len(paths), source)
                 im = im.convert("L")
                 if size is None:
                     size = im.size
@@ -36,6 +38,8 @@ def read_images(paths: list[Path], source: Path, sid: str) -> CTVolume:
                     notes.append(f"{p.name}: {im.size[0]}x{im.size[1]} resized to {size[0]}x{size[1]}")
                     im = im.resize(size, Image.BILINEAR)
                 slices.append(np.asarray(im, dtype=np.float32))
+        except MsnetError:
+            raise
         except Exception as exc:
             raise MsnetError(f"cannot read image ({type(exc).__name__}: {exc})", p,
                              "remove or re-save the file (PNG, JPEG or TIFF)") from exc

@@ -16,12 +16,14 @@ torch.Size([2, 3])
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from msnet.device import one_thread
 from msnet.errors import MsnetError
 
 logger = logging.getLogger(__name__)
@@ -29,8 +31,8 @@ logger = logging.getLogger(__name__)
 AGGREGATORS: tuple[str, ...] = ("msnet", "mean", "max", "mil", "vote")
 
 
-def _prepare(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check shapes; return x (zero at padded slices) and a bool mask (B, l)."""
+def _check(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes; return x and a bool mask (B, l)."""
     if x.dim() != 3:
         raise MsnetError(f"aggregator input must be (batch, slices, features), got shape {tuple(x.shape)}",
                          fix="add a batch axis: x[None]")
@@ -38,7 +40,70 @@ def _prepare(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if mask.dtype != torch.bool:
         mask = mask > 0.5
+    return x, mask
+
+
+def _prepare(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check shapes; return x (zero at padded slices) and a bool mask (B, l)."""
+    x, mask = _check(x, mask)
     return x.masked_fill(~mask[:, :, None], 0.0), mask
+
+
+def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (l_i, d) -> right-padded (B, L, d) and mask (B, L), True on real slices.
+
+    >>> x, m = pad_batch([torch.ones(2, 3), torch.ones(4, 3)])
+    >>> tuple(x.shape), m.sum(1).tolist()
+    ((2, 4, 3), [2, 4])
+    """
+    L = max(s.shape[0] for s in seqs)
+    x = seqs[0].new_zeros(len(seqs), L, seqs[0].shape[1])
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        x[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return x, mask
+
+
+def sequence_logits(model: nn.Module, seqs: list[torch.Tensor]) -> torch.Tensor:
+    """Logits (B, n_classes) of a batch given as a list of studies (l_i, d): the aggregator's own
+    ``forward_sequences`` where it has one (MS-Net packs the studies without padding), else
+    ``model(*pad_batch(seqs))``."""
+    fn = getattr(model, "forward_sequences", None)
+    return fn(seqs) if fn is not None else model(*pad_batch(seqs))
+
+
+# MS-Net runs on one CPU thread up to this many input values (about 500 slices of 2048 features:
+# a few ms of work), where a second thread gains nothing and can stall on a busy machine
+_ONE_THREAD_MAX_VALUES = 2**20
+
+# PyTorch runs a batch-1 conv on oneDNN only above this many input values; below, on generic
+# kernels (slow_conv_dilated2d, thnn) that stall for tens of ms per call on two busy cores
+_ONEDNN_MIN_VALUES = 20480
+
+
+def _conv1d(conv: nn.Conv1d, h: torch.Tensor, gemm: bool) -> torch.Tensor:
+    """``conv`` ('same' padding) of one packed map h (C_in, T) -> (C_out, T): the module itself
+    (oneDNN), or with ``gemm`` one matrix product on the dilated columns (F.unfold)."""
+    if not gemm:
+        return conv(h[None])[0]
+    k = conv.kernel_size[0]
+    if k > 1:
+        h = F.unfold(h[None, :, None, :], (1, k), dilation=(1, conv.dilation[0]), padding=(0, conv.padding[0]))[0]
+    return torch.addmm(conv.bias[:, None], conv.weight.reshape(conv.out_channels, -1), h)
+
+
+def _small_on_one_thread(method):
+    """Run an MS-Net method on one CPU thread when its input is small (:func:`msnet.device.one_thread`)."""
+
+    @functools.wraps(method)
+    def run(self, x, *args, **kwargs):
+        xs = x if isinstance(x, (list, tuple)) else [x]
+        small = bool(xs) and xs[0].device.type == "cpu" and sum(t.numel() for t in xs) <= _ONE_THREAD_MAX_VALUES
+        with one_thread(small and not torch.jit.is_tracing()):
+            return method(self, x, *args, **kwargs)
+
+    return run
 
 
 def _masked_max(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +139,17 @@ class MSNet(nn.Module):
     + identity, ReLU; two 1x1 "post" convs (ReLU after each); masked global
     max-pool over slices; dropout; dense width//2 + ReLU; dropout; dense
     n_classes. Defaults give 207,683 parameters for d=2048 (see docs/models.md).
-    Padded positions are zeroed after every layer, so each study in a padded
-    batch sees exactly the zeros a 'same'-padded conv sees beyond its ends.
+
+    The computation is that of :class:`MSNetReference` (every layer on the padded
+    batch, the mask applied after each), done without padding: the studies' real
+    slices are packed into one sequence with zero gaps between them as wide as the
+    widest dilated conv's reach, the 1x1 temporal conv is one GEMM over the real
+    slices only, and the gaps are zeroed only where a dilated conv reads them. So a
+    study in a padded batch sees exactly the zeros it sees alone, padded values are
+    never read, and :meth:`forward_sequences` takes a list of studies without
+    building a padded batch at all (what training uses). Tracing (ONNX export)
+    runs the padded form. The packed form uses the convs' weights directly, so forward
+    hooks on ``stem`` (and, for one study, on the other convs) do not fire; the head's do.
 
     >>> sum(p.numel() for p in MSNet(2048).parameters())
     207683
@@ -101,9 +175,11 @@ class MSNet(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc1 = nn.Linear(width, width // 2)
         self.fc2 = nn.Linear(width // 2, n_classes)
+        # zero columns between packed studies: the reach of the widest dilated conv
+        self.gap = max((conv.padding[0] for conv in self.dilated), default=0)
 
-    def temporal(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-slice feature map (B, width, l) before pooling, zero at padded positions."""
+    # -- the padded form: the definition, and what tracing (ONNX export) records
+    def _temporal_padded(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask[:, None, :].to(x.dtype)
         h = F.relu(self.stem(x.transpose(1, 2))) * m
         for dilated, pointwise in zip(self.dilated, self.pointwise):
@@ -113,9 +189,80 @@ class MSNet(nn.Module):
             h = F.relu(conv(h)) * m
         return h
 
+    # -- the packed form
+    def _packed(self, seqs: list[torch.Tensor], masks: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, list[int]]:
+        """Studies (l_i, d) -> feature map (width, T) of all of them packed with zero gaps, and each
+        study's first column. ``masks`` (l_i,) marks real slices inside a study when it has holes
+        (their rows of ``seqs`` must be zero)."""
+        g = self.gap
+        lengths = [s.shape[0] for s in seqs]
+        rows = seqs[0] if len(seqs) == 1 else torch.cat(seqs)  # (N, d): real slices only
+        y = torch.addmm(self.stem.bias[:, None], self.stem.weight[:, :, 0], rows.t())  # (width, N)
+        parts, starts, pos = [], [], 0
+        zeros = y.new_zeros(y.shape[0], g)
+        for piece, n in zip(y.split(lengths, dim=1), lengths):
+            parts += [zeros, piece]
+            starts.append(pos + g)
+            pos += g + n
+        # round T up to a multiple of 64: batches then repeat a few sequence lengths, and the convs'
+        # oneDNN primitives (built per input shape) are reused instead of rebuilt at every step
+        parts.append(y.new_zeros(y.shape[0], g + (-(pos + g)) % 64))
+        h = F.relu(torch.cat(parts, dim=1))  # (width, T); the gaps are zero
+        keep = None
+        if masks is not None or len(self.dilated) > 1:
+            keep = torch.zeros(h.shape[1], dtype=torch.bool, device=h.device)
+            for start, n, m in zip(starts, lengths, masks or [None] * len(seqs)):
+                keep[start:start + n] = True if m is None else m
+            if masks is not None:  # holes: the stem's bias must not reach the first dilated conv
+                h = torch.where(keep, h, 0.0)
+        gemm = h.numel() <= _ONEDNN_MIN_VALUES
+        last = len(self.dilated) - 1
+        for i, (dilated, pointwise) in enumerate(zip(self.dilated, self.pointwise)):
+            r = _conv1d(dilated, h, gemm).relu_()
+            h = h + _conv1d(pointwise, r, gemm)
+            if i < last:  # the next dilated conv reads the gaps: zero them
+                h = torch.where(keep, h, 0.0)
+            h = h.relu_()
+        for conv in self.post:
+            h = _conv1d(conv, h, gemm).relu_()
+        return h, starts
+
+    @staticmethod
+    def _unpack(h: torch.Tensor, starts: list[int], mask: torch.Tensor) -> torch.Tensor:
+        """Packed (width, T) -> padded (B, width, L) of ``mask`` (B, L); padded positions hold garbage."""
+        L = mask.shape[1]
+        idx = (torch.tensor(starts, device=h.device)[:, None] + torch.arange(L, device=h.device)).clamp_(max=h.shape[1] - 1)
+        return h[:, idx].permute(1, 0, 2)
+
+    def _run(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Padded input (B, L, d) and bool mask -> (B, width, L) feature map, garbage at padded positions."""
+        L = x.shape[1]
+        ends = (mask * torch.arange(1, L + 1, device=mask.device)).amax(dim=1)
+        prefix = bool((mask.sum(dim=1) == ends).all())  # right-padded, no holes
+        ends = ends.tolist()
+        if prefix:
+            h, starts = self._packed([x[i, :e] for i, e in enumerate(ends)])
+        else:
+            x = x.masked_fill(~mask[:, :, None], 0.0)
+            h, starts = self._packed([x[i, :e] for i, e in enumerate(ends)], [mask[i, :e] for i, e in enumerate(ends)])
+        return self._unpack(h, starts, mask)
+
+    @_small_on_one_thread
+    def temporal(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-slice feature map (B, width, l) before pooling, zero at padded positions."""
+        x, mask = _check(x, mask)
+        if torch.jit.is_tracing():
+            return self._temporal_padded(x.masked_fill(~mask[:, :, None], 0.0), mask)
+        return torch.where(mask[:, None, :], self._run(x, mask), 0.0)
+
+    @_small_on_one_thread
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, mask = _prepare(x, mask)
-        return _masked_max(self.temporal(x, mask), mask)[0]
+        if torch.jit.is_tracing():
+            x, mask = _prepare(x, mask)
+            return _masked_max(self._temporal_padded(x, mask), mask)[0]
+        x, mask = _check(x, mask)
+        return _masked_max(self._run(x, mask), mask)[0]
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(F.relu(self.fc1(self.drop(feats)))))
@@ -123,6 +270,25 @@ class MSNet(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, mask))
 
+    @_small_on_one_thread
+    def forward_sequences(self, seqs: list[torch.Tensor]) -> torch.Tensor:
+        """Logits (B, n_classes) of a list of studies (l_i, d), as ``forward(*pad_batch(seqs))``
+        without making the padded batch.
+
+        >>> net = MSNet(16).eval()
+        >>> seqs = [torch.randn(5, 16), torch.randn(2, 16)]
+        >>> torch.allclose(net.forward_sequences(seqs), net(*pad_batch(seqs)), atol=1e-6)
+        True
+        """
+        if not seqs or any(s.dim() != 2 or s.shape[0] == 0 for s in seqs):
+            raise MsnetError("MS-Net takes a non-empty list of (slices, features) tensors with at least one slice each",
+                             fix="pass one (l, d) tensor per study")
+        h, starts = self._packed(seqs)
+        lengths = torch.tensor([s.shape[0] for s in seqs], device=h.device)
+        mask = torch.arange(int(lengths.max()), device=h.device)[None, :] < lengths[:, None]
+        return self.forward_head(_masked_max(self._unpack(h, starts, mask), mask)[0])
+
+    @_small_on_one_thread
     def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None, method: str = "input") -> torch.Tensor:
         """How much each slice drove the predicted class's logit (B, l), >= 0, zero at padding.
 
@@ -153,6 +319,7 @@ class MSNet(nn.Module):
             scores[empty] = self.slice_scores(x.detach()[empty], mask[empty], method="argmax")
         return scores
 
+    @_small_on_one_thread
     def logits_and_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, k) and ``slice_scores(method="input")`` (B, l) from one forward pass (eval behaviour)."""
         with torch.inference_mode(False), torch.enable_grad():
@@ -166,6 +333,27 @@ class MSNet(nn.Module):
         if empty.any():
             scores[empty] = self.slice_scores(x.detach()[empty], mask[empty], method="argmax")
         return logits.detach(), scores
+
+
+class MSNetReference(MSNet):
+    """MS-Net computed layer by layer on the padded batch (B, width, l), the mask applied after
+    every layer: the plain form of :class:`MSNet`, with the same parameters and state dict.
+
+    :class:`MSNet` is tested against it (outputs and gradients) and ``msnet bench train`` times
+    it as the naive baseline; it is not an aggregator of its own (``create`` does not make it).
+    """
+
+    def temporal(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-slice feature map (B, width, l) before pooling, zero at padded positions."""
+        return self._temporal_padded(x, mask)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = _prepare(x, mask)
+        return _masked_max(self.temporal(x, mask), mask)[0]
+
+    def forward_sequences(self, seqs: list[torch.Tensor]) -> torch.Tensor:
+        """Logits of a list of studies through a padded batch."""
+        return self(*pad_batch(seqs))
 
 
 class MeanPool(nn.Module):

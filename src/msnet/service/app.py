@@ -6,7 +6,9 @@ Routes::
     GET  /health      status, model name, classes, limits
     POST /v1/predict  multipart field ``file``: a .zip of a DICOM study, a .nii/.nii.gz, or several
                       DICOM files (the field repeated); optional field ``study_id`` (a pseudonym)
-    GET  /docs        OpenAPI documentation
+    GET  /docs        OpenAPI documentation (Swagger UI served from the installed package: works offline)
+    GET  /v1/studies/{token}[/slices/{i}.png | /cam/{i}.png]
+                      the page's study viewer: a finished study kept for a while (see service/viewer.py)
 
 Hardening (see docs/service.md): the request body is streamed to a per-request temp dir and cut
 off at ``max_upload_mb`` (413); zip archives are checked before extraction (too large, too many
@@ -16,7 +18,11 @@ that is not a study answers 422 with the reader's message; inference runs in a b
 longer than ``timeout_s`` answers 504; with an API key, /v1/* needs the ``X-API-Key`` header
 (401). The temp dir is removed when the request ends, whatever happens (after the worker
 finishes, when a timed-out inference is still running). Only the study's pseudonymous id is
-logged.
+logged. A study over the read limits (slice size, voxels, NIfTI compression ratio; see
+:class:`msnet.io.ReadLimits`) answers 413; a volume that fails the sanity checks (NaN, constant,
+not HU) 422. An upload that stalls for ``read_timeout_s`` answers 408. Slow or idle
+connections are handled in :mod:`msnet.service.connections` (header deadline, room-making
+eviction, /health never refused).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import ipaddress
 import logging
 import os
 import re
-import secrets
 import shutil
 import tempfile
 import threading
@@ -44,15 +49,18 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from msnet import __version__
-from msnet.errors import MsnetError
+from msnet.errors import LimitError, MsnetError
+from msnet.service import viewer
+from msnet.service.uploads import clean_study_id, locate_study, receive_upload
+
+__all__ = ["ServiceSettings", "InferencePool", "create_app", "make_server", "serve", "clean_study_id",
+           "locate_study", "receive_upload", "is_exposed", "warn_if_exposed"]
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 UPLOAD_PREFIX = "msnet-upload-"
 API_KEY_ENV = "MSNET_API_KEY"
-_NIFTI = (".nii", ".nii.gz")
-_CHUNK_WRITE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,17 @@ class ServiceSettings:
     max_files: int = 10000  # files in a zip or in one upload
     max_ratio: float = 200.0  # uncompressed / compressed size of a zip
     top_k: int = 5  # key slices returned
+    viewer_studies: int = 8  # finished studies kept for the page's viewer (0: no viewer)
+    viewer_mb: float = 512.0  # memory for them in all; least recently used go first
+    viewer_ttl_s: float = 1800.0  # each is dropped this long after its prediction
     device: str = "auto"
     tmp_dir: str | None = None  # where per-request temp dirs go (default: the system temp dir)
+    header_timeout_s: float = 10.0  # a connection's request headers must arrive within this; 408 past it
+    read_timeout_s: float = 30.0  # longest pause inside an upload; 408 past it
+    max_connections: int = 64  # open connections; over it the slowest idle one is closed (503)
+    max_slice_pixels: int | None = None  # read limits (None: MSNET_MAX_* or msnet.io's defaults); 413 over them
+    max_voxels: int | None = None
+    max_compression_ratio: float | None = None
 
     @property
     def capacity(self) -> int:
@@ -142,137 +159,6 @@ class InferencePool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-# ------------------------------------------------------------------ uploads
-
-
-def _safe_name(name: str, index: int) -> str:
-    """A client file name reduced to a harmless base name.
-
-    >>> _safe_name("../../etc/passwd", 0)
-    '0000_passwd'
-    >>> _safe_name("C:\\\\scans\\\\ct 1.dcm", 3)
-    '0003_ct_1.dcm'
-    """
-    base = re.split(r"[\\/]", name)[-1]
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")[-120:]
-    return f"{index:04d}_{base or 'file'}"
-
-
-def clean_study_id(value: str | None) -> str:
-    """The client's pseudonym made filesystem-safe, or a random one.
-
-    >>> clean_study_id("case 7/b")
-    'case_7_b'
-    >>> clean_study_id(None).startswith("study-")
-    True
-    """
-    text = re.sub(r"[^A-Za-z0-9._-]+", "_", (value or "").strip()).strip("._")[:64]
-    return text or f"study-{secrets.token_hex(4)}"
-
-
-async def receive_upload(request: Request, dest: Path, settings: ServiceSettings) -> tuple[list[Path], str | None]:
-    """Stream a multipart body into ``dest``: (saved ``file`` parts, ``study_id`` field); 413 past the limit."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    limit = settings.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload of {int(declared) >> 20} MiB is over the limit of {settings.max_upload_mb:g} MiB")
-    ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise HTTPException(422, "send the study as multipart/form-data in the field `file`")
-
-    saved: list[Path] = []
-    state: dict[str, Any] = {"headers": {}, "field": b"", "value": b"", "out": None, "name": None}
-    study_id = bytearray()
-
-    def on_part_begin() -> None:
-        state["headers"] = {}
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        state["headers"][state["field"].lower()] = state["value"]
-        state["field"], state["value"] = b"", b""
-
-    def on_headers_finished() -> None:
-        _, disp = parse_options_header(state["headers"].get(b"content-disposition", b""))
-        name = disp.get(b"name", b"").decode("utf-8", "replace")
-        state["name"] = name
-        if name == "file" and b"filename" in disp:
-            if len(saved) >= settings.max_files:
-                raise HTTPException(413, f"more than {settings.max_files} files in one upload")
-            path = dest / _safe_name(disp[b"filename"].decode("utf-8", "replace"), len(saved))
-            saved.append(path)
-            state["out"] = open(path, "wb", buffering=_CHUNK_WRITE)
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if state["out"] is not None:
-            state["out"].write(data[start:end])
-        elif state["name"] == "study_id" and len(study_id) < 256:
-            study_id.extend(data[start:end][: 256 - len(study_id)])
-
-    def on_part_end() -> None:
-        if state["out"] is not None:
-            state["out"].close()
-            state["out"] = None
-
-    parser = MultipartParser(params[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-        "on_part_end": on_part_end})
-    received = 0
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise HTTPException(413, f"upload is over the limit of {settings.max_upload_mb:g} MiB")
-            parser.write(chunk)
-        parser.finalize()
-    except HTTPException:
-        raise
-    except Exception as exc:  # malformed multipart body
-        raise HTTPException(422, f"malformed multipart upload ({type(exc).__name__})") from exc
-    finally:
-        if state["out"] is not None:
-            state["out"].close()
-    return saved, study_id.decode("utf-8", "replace") or None
-
-
-def locate_study(files: list[Path], work: Path, settings: ServiceSettings) -> Path:
-    """The path to hand to the reader: an extracted zip, a NIfTI file or the folder of uploaded files."""
-    from msnet.io.archives import ZipLimitError, safe_extract
-
-    if not files:
-        raise HTTPException(422, "no file in the form field `file`: send a .zip, a .nii/.nii.gz or DICOM files")
-    zips = [f for f in files if f.name.lower().endswith(".zip") or (len(files) == 1 and _magic(f) == b"PK\x03\x04")]
-    if zips and len(files) > 1:
-        raise HTTPException(422, "a zip must be sent alone: send one .zip of the study, or its DICOM files")
-    if zips:
-        out = work / "study"
-        out.mkdir()
-        try:
-            safe_extract(files[0], out, max_bytes=int(settings.max_unzipped_mb * (1 << 20)),
-                         max_files=settings.max_files, max_ratio=settings.max_ratio)
-        except ZipLimitError as exc:
-            raise HTTPException(413, exc.problem) from exc
-        except MsnetError as exc:
-            raise HTTPException(422, exc.problem if exc.fix is None else f"{exc.problem}: {exc.fix}") from exc
-        members = [p for p in out.rglob("*") if p.is_file() and "__MACOSX" not in p.parts and not p.name.startswith(".")]
-        nifti = [p for p in members if p.name.lower().endswith(_NIFTI)]
-        return nifti[0] if len(members) == 1 and nifti else out
-    return files[0] if len(files) == 1 else files[0].parent
-
-
-def _magic(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read(4)
-
-
 def _data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -282,13 +168,25 @@ def _run_study(app_state: Any, files: list[Path], work: Path, study_id: str) -> 
     settings: ServiceSettings = app_state.settings
     study = locate_study(files, work, settings)
     try:
-        result = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
-                                             top_k=settings.top_k).to_dict()
+        prediction = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
+                                                 top_k=settings.top_k)
+    except LimitError as exc:
+        raise HTTPException(413, _public_message(exc, work)) from exc
     except MsnetError as exc:
         raise HTTPException(422, _public_message(exc, work)) from exc
+    result = prediction.to_dict()
+    result["viewer"] = _keep_for_viewer(app_state, prediction)
     paths = result.pop("explanation", None) or {}
     result["images"] = {k.removesuffix("_png"): _data_url(Path(v)) for k, v in paths.items() if k.endswith("_png")}
     return result
+
+
+def _keep_for_viewer(app_state: Any, prediction: Any) -> dict | None:
+    """Keep the finished study for the page's viewer; its description (with the token) or None."""
+    kept = viewer.viewer_study(prediction, app_state.predictor)
+    if kept is None or app_state.viewer.put(kept) is None:
+        return None
+    return viewer.describe(app_state.viewer, kept)
 
 
 def _public_message(exc: MsnetError, work: Path) -> str:
@@ -323,8 +221,11 @@ _UPLOAD_SCHEMA = {
         }}},
     }
 }
-_ERRORS = {401: {"description": "API key missing or wrong"}, 413: {"description": "upload or unzipped study too large"},
-           422: {"description": "not a readable study (the reader's message)"}, 503: {"description": "queue full"},
+_ERRORS = {401: {"description": "API key missing or wrong"},
+           408: {"description": "the upload stalled (no data for read_timeout_s)"},
+           413: {"description": "upload, unzipped study or decoded volume over a limit"},
+           422: {"description": "not a readable study, or a volume that fails the sanity checks (the reader's message)"},
+           503: {"description": "queue full or too many connections; retry after the Retry-After header's seconds"},
            504: {"description": "timed out"}}
 
 
@@ -334,9 +235,12 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
 
     e.g. app = create_app("runs/cpu/bundle", max_upload_mb=200, workers=2)
     """
+    from msnet.service.connections import ConnectionGuard, OverloadMiddleware
+
     settings = replace(settings or ServiceSettings(), **overrides)
     if not settings.api_key and os.environ.get(API_KEY_ENV):
         settings = replace(settings, api_key=os.environ[API_KEY_ENV])
+    _apply_read_limits(settings)
     if predictor is None:
         from msnet.inference.predictor import Predictor
 
@@ -344,19 +248,27 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
             raise MsnetError("no bundle given", fix="pass the bundle folder written by `msnet run` (RUN/bundle)")
         predictor = Predictor(bundle, device=settings.device)
     pool = InferencePool(settings.workers, settings.queue_size)
+    store = viewer.ViewerStore(settings.viewer_studies, int(settings.viewer_mb * (1 << 20)), settings.viewer_ttl_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        sweeper = asyncio.create_task(viewer.sweep_forever(store, min(60.0, max(settings.viewer_ttl_s / 4, 1.0))))
         yield
+        sweeper.cancel()
+        store.clear()
         pool.shutdown()
 
     meta = getattr(predictor, "metadata", {}) or {}
-    app = FastAPI(title="msnet", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="msnet", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Chest CT study -> COVID-19 / CAP / NORMAL with key slices. "
                               "**Research use only — not for diagnosis.**")
-    app.state.settings, app.state.predictor, app.state.pool = settings, predictor, pool
+    guard = ConnectionGuard(settings.max_connections, settings.header_timeout_s)
+    app.add_middleware(OverloadMiddleware, guard=guard)
+    app.state.settings, app.state.predictor, app.state.pool, app.state.guard = settings, predictor, pool, guard
+    app.state.viewer = store
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _mount_docs(app)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -371,14 +283,49 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
                 "intended_use": meta.get("intended_use", "Research use only — not for diagnosis."),
                 "auth_required": bool(settings.api_key), "max_upload_mb": settings.max_upload_mb,
                 "workers": settings.workers, "busy": pool.busy, "capacity": pool.capacity,
-                "timeout_s": settings.timeout_s}
+                "timeout_s": settings.timeout_s, "connections": guard.stats()}
 
     @app.post("/v1/predict", dependencies=[Depends(_check_key)], openapi_extra=_UPLOAD_SCHEMA, responses=_ERRORS)
     async def predict(request: Request) -> JSONResponse:
-        """Diagnose one study: the prediction JSON plus `images` (Grad-CAM strip, slice-score curve) as data URLs."""
+        """Diagnose one study: the prediction JSON plus `images` (Grad-CAM strip, slice-score curve) as data URLs
+        and `viewer` (the token of the study kept for /v1/studies/..., or null)."""
         return await _predict(request)
 
+    viewer.add_routes(app, _check_key)
     return app
+
+
+def _apply_read_limits(settings: ServiceSettings) -> None:
+    """The read limits of the settings, for every read in this process (one service per process)."""
+    from msnet.io import read_limits, set_read_limits
+
+    given = {k: getattr(settings, k) for k in ("max_slice_pixels", "max_voxels", "max_compression_ratio")
+             if getattr(settings, k) is not None}
+    if given:
+        set_read_limits(replace(read_limits(), **given))
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from the swagger-ui-bundle package's files, so it works without a network."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # the page says so instead of loading a CDN
+        swagger_ui_path = None
+    if swagger_ui_path:
+        app.mount("/docs-static", StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if not swagger_ui_path:
+            return HTMLResponse("<p>Install swagger-ui-bundle for this page; the API is described at "
+                                "<a href='/openapi.json'>/openapi.json</a>.</p>")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="msnet API",
+                                   swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-static/swagger-ui.css",
+                                   swagger_favicon_url="/docs-static/favicon-32x32.png")
 
 
 async def _predict(request: Request) -> JSONResponse:
@@ -451,21 +398,34 @@ def warn_if_exposed(host: str, api_key: str | None) -> bool:
     return False
 
 
-def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_upload_mb: float = 1024.0, workers: int = 1, timeout_s: float = 300.0, queue_size: int = 16,
-          device: str = "auto", log_level: str = "info") -> None:
-    """Run the service with uvicorn until interrupted (``msnet serve``).
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """The uvicorn server for ``app`` with the guarded protocol (header deadline, connection limit).
 
-    e.g. serve("runs/cpu/bundle", port=8000)
+    e.g. make_server(create_app("runs/cpu/bundle"), port=8000).run()
     """
     import uvicorn
 
+    guard = app.state.guard
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guard.protocol_class(),
+                            limit_concurrency=None, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_upload_mb: float = 1024.0, workers: int = 1, timeout_s: float = 300.0, queue_size: int = 16,
+          device: str = "auto", log_level: str = "info", **limits: Any) -> None:
+    """Run the service with uvicorn until interrupted (``msnet serve``); ``limits`` are further
+    :class:`ServiceSettings` fields (header_timeout_s, read_timeout_s, max_connections, read limits,
+    viewer_studies, viewer_mb, viewer_ttl_s).
+
+    e.g. serve("runs/cpu/bundle", port=8000)
+    """
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     warn_if_exposed(host, api_key)
     settings = ServiceSettings(api_key=api_key, max_upload_mb=max_upload_mb, workers=workers,
-                               timeout_s=timeout_s, queue_size=queue_size, device=device)
+                               timeout_s=timeout_s, queue_size=queue_size, device=device, **limits)
     app = create_app(bundle, settings)
-    log.info("msnet service on http://%s:%d (workers %d, queue %d, upload limit %g MiB)", host, port, workers,
-             queue_size, max_upload_mb)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=settings.capacity + 32,
-                timeout_graceful_shutdown=5)
+    log.info("msnet service on http://%s:%d (workers %d, queue %d, upload limit %g MiB, %d connections, "
+             "header timeout %g s)", host, port, workers, queue_size, max_upload_mb, settings.max_connections,
+             settings.header_timeout_s)
+    make_server(app, host, port, log_level).run()

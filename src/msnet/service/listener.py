@@ -78,8 +78,8 @@ class _Study:
 class Listener:
     """The C-STORE SCP, its quiet-study scheduler and its single diagnosis worker.
 
-    >>> listener = Listener(predictor, "run/bundle", ListenerSettings(spool=Path("spool")))  # doctest: +SKIP
-    >>> listener.serve_forever()  # until SIGTERM  # doctest: +SKIP
+    e.g. listener = Listener(predictor, "run/bundle", ListenerSettings(spool=Path("spool")))
+    e.g. listener.serve_forever()  # until SIGTERM
     """
 
     def __init__(self, predictor, bundle: str | Path, settings: ListenerSettings):

@@ -3,8 +3,8 @@
 ``msnet listen`` goes through :func:`diagnose`; ``msnet predict ... --dicom-out/--store/--store-aet``
 hands :func:`result_writer` to the batch loop.
 
->>> pred, files = diagnose(predictor, "http://pacs/dicom-web/studies/1.2.3", bundle="run/bundle",
-...                        store_url="http://pacs/dicom-web")  # doctest: +SKIP
+e.g. pred, files = diagnose(predictor, "http://pacs/dicom-web/studies/1.2.3", bundle="run/bundle",
+                            store_url="http://pacs/dicom-web")
 """
 
 from __future__ import annotations

@@ -360,11 +360,15 @@ def _versions() -> dict[str, str]:
     return {"msnet": __version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__}
 
 
-def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
+def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0, partial: bool = False,
+                 partial_draws: int = 5) -> Path:
     """Evaluate every trained model of a run; return the path of ``evaluate/report.md``.
 
     The primary model (``msnet`` if present, else the first) gives the top level of
     ``metrics.json``; every model appears under ``by_aggregator`` and in the comparison.
+    ``partial``: also re-evaluate every aggregator on random contiguous sub-volumes of the
+    test studies (:func:`msnet.stages.partial.partial_scans`; needs the run's checkpoints and
+    cached features); ``partial.json``, ``partial.png`` and a section of report.md.
     """
     run_dir = Path(run_dir)
     models = _collect_models(run_dir)
@@ -409,13 +413,19 @@ def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0) -> Path:
     result.update(aggregator=primary, by_aggregator=by_agg, table3=pm["table3"], versions=_versions())
     result["headline"] = headline_table(result)
 
+    partial_result = None
+    if partial:
+        from msnet.stages.partial import partial_scans
+
+        partial_result = partial_scans(run_dir, draws=partial_draws, seed=seed)
+        result["partial"] = partial_result
     has_curves = _plot_history(models, out / "training_curves.png")
     plot_reliability(curves, out / "reliability.png", "patient level, test set (calibrated probabilities)")
     _plot_comparison(by_agg, out / "comparison.png")
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False))
     _write_predictions(out / "predictions.csv", models, test_rows)
     report = out / "report.md"
-    atomic_write_text(report, _report(run_dir, result, models, plots, has_curves))
+    atomic_write_text(report, _report(run_dir, result, models, plots, has_curves, partial_result))
     logger.info("report written to %s", report)
     return report
 
@@ -433,7 +443,8 @@ def _write_predictions(path: Path, models: Sequence[dict[str, Any]], rows: dict[
     atomic_write_text(path, buf.getvalue())
 
 
-def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, Any]], plots: dict, curves: bool) -> str:
+def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, Any]], plots: dict, curves: bool,
+            partial: dict[str, Any] | None = None) -> str:
     primary = result["aggregator"]
     pm = result["by_aggregator"][primary]
     parts = [
@@ -460,6 +471,10 @@ def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, An
               "| model | ECE | Brier |\n|---|---|---|\n" + "\n".join(
                   f"| {n} | {m.get('ece', 0.0):.3f} | {m.get('brier', 0.0):.3f} |" for n, m in result["by_aggregator"].items()),
               "![reliability diagram](reliability.png)"]
+    if partial is not None:
+        from msnet.stages.partial import partial_section
+
+        parts.append(partial_section(partial))
     parts.append("## Confusion matrices and ROC curves")
     for name, (cm_png, roc_png) in plots.items():
         parts.append(f"### {name}\n\n![{name} confusion matrix]({cm_png}) ![{name} ROC]({roc_png})")

@@ -203,7 +203,7 @@ class _Extractor:
             return {**rec, "n_slices": prev["n_slices"], "study_hash": shash}
         encoder = self._encoder()
         vol = read_study(row["path"], study_id=pid)
-        _save_npy(self.out / rec["file"], encoder.encode(vol.hu, vol.kind).numpy())
+        _save_npy(self.out / rec["file"], encoder.encode_volume(vol).numpy())
         return {**rec, "n_slices": vol.n_slices, "study_hash": shash}
 
 

@@ -99,7 +99,8 @@ def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: l
         idx = select_slices(label, slice_labels.get(pid), vol.n_slices, cfg)
         if len(idx) == 0:
             continue
-        unit = P.prepare_unit(vol.hu[idx], vol.kind, windows, size)
+        hu = vol.hu if not cfg.preprocess.lung_crop else P.model_slices(vol, P.PreprocessSpec(lung_crop=True))
+        unit = P.prepare_unit(hu[idx], vol.kind, windows, size)
         images.append(P.quantize(unit))
         labels += [classes.index(label)] * len(idx)
         groups += [pid] * len(idx)
@@ -451,7 +452,13 @@ def load_slice_classifier(path: Path, device: torch.device | str = "cpu"):
 
 
 def test(cfg: Config, test_dir: Path) -> dict:
-    """Evaluate the best stage-1 checkpoint on a held-out folder of the same layout."""
+    """Evaluate the best stage-1 checkpoint on a held-out folder of the same layout.
+
+    A cohort folder (cohort.csv + slice_labels.csv) whose labels are not the model's classes
+    (UCSD COVID/NON-COVID model, COVID-CT-MD cohort) is scored by infection score per slice
+    instead: :func:`msnet.stages.transfer.score_cohort` (keys ``infection_auc_vs_normal``,
+    ``infection_auc_within_patients``; every slice's score in ``test_slice_scores.csv``).
+    """
     out = cfg.run_path / "finetune"
     device = pick_device(cfg.device)
     model = load_slice_classifier(out / "backbone.pt", device)
@@ -460,9 +467,20 @@ def test(cfg: Config, test_dir: Path) -> dict:
     if (test_dir / "cohort.csv").exists():
         from msnet.data.cohorts import read_cohort, read_slice_labels
 
-        rows = read_cohort(test_dir / "cohort.csv")
+        rows = read_cohort(test_dir / "cohort.csv", only_ok=True)
         labels_file = test_dir / "slice_labels.csv"
-        data = _cohort_slices(rows, read_slice_labels(labels_file) if labels_file.exists() else {}, cfg, classes, "test")
+        slice_labels = read_slice_labels(labels_file) if labels_file.exists() else {}
+        if {r["label"] for r in rows} - set(classes):
+            from msnet.files import write_csv_atomic
+            from msnet.stages.transfer import SLICE_FIELDS, score_cohort
+
+            metrics, slice_rows = score_cohort(model, model.spec, classes, rows, slice_labels, device,
+                                               configured_normal=cfg.data.normal_class)
+            metrics["test_dir"] = str(test_dir)
+            write_csv_atomic(out / "test_slice_scores.csv", SLICE_FIELDS, slice_rows)
+            atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
+            return metrics
+        data = _cohort_slices(rows, slice_labels, cfg, classes, "test")
     else:
         data = _image_slices(image_folder_rows(test_dir), cfg, classes, "test")
     probs = _softmax(np.log(np.clip(predict_slices(model, data, cfg, device), 1e-12, None)) / model.temperature)

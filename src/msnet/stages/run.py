@@ -16,8 +16,11 @@ from msnet.stages.evaluate import format_console_table
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: Config, overwrite: bool = False) -> Path:
-    """finetune -> extract -> train -> evaluate (-> model bundle); returns report.md."""
+def run_pipeline(cfg: Config, overwrite: bool = False, partial: bool = False) -> Path:
+    """finetune -> extract -> train -> evaluate (-> model bundle); returns report.md.
+
+    ``partial``: evaluate also re-evaluates every aggregator on partial scans (``evaluate --partial``).
+    """
     from msnet.stages.evaluate import evaluate_run
     from msnet.stages.extract import extract
     from msnet.stages.finetune import finetune
@@ -40,7 +43,7 @@ def run_pipeline(cfg: Config, overwrite: bool = False) -> Path:
     timings["train_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     log.info("stage 4/4: evaluating")
-    path = evaluate_run(cfg.run_path)
+    path = evaluate_run(cfg.run_path, partial=partial)
     timings["evaluate_s"] = time.perf_counter() - t3
     bundle = build_bundle(cfg)
     log.info("model bundle: %s", bundle)
@@ -174,7 +177,7 @@ def run_demo(out: Path, n_patients: int = 120, overwrite: bool = False, seed: in
     with reproducible(seed, threads):
         _demo_cohort(out / "data", n_patients, size, seed, slices, console)
         cfg = demo_config(out, config, overrides)
-        report = run_pipeline(cfg, overwrite=False)
+        report = run_pipeline(cfg, overwrite=False, partial=True)
     metrics = json.loads((cfg.run_path / "evaluate" / "metrics.json").read_text())
     elapsed = time.perf_counter() - start
     metrics["elapsed_s"] = elapsed

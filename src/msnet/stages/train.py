@@ -22,25 +22,10 @@ from msnet.files import atomic_write_text
 from msnet.data.splits import carve, class_weights, stratified_folds
 from msnet.errors import MsnetError
 from msnet.inference.bundle import save_aggregator
+from msnet.models.aggregators import pad_batch, sequence_logits  # noqa: F401 (pad_batch: public here too)
 from msnet.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
-
-
-def pad_batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (l_i, d) -> padded (B, L, d) and mask (B, L), True on real slices.
-
-    >>> x, m = pad_batch([torch.ones(2, 3), torch.ones(4, 3)])
-    >>> tuple(x.shape), m.sum(1).tolist()
-    ((2, 4, 3), [2, 4])
-    """
-    L = max(s.shape[0] for s in seqs)
-    x = seqs[0].new_zeros(len(seqs), L, seqs[0].shape[1])
-    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        x[i, : s.shape[0]] = s
-        mask[i, : s.shape[0]] = True
-    return x, mask
 
 
 def random_crop(seq: torch.Tensor, min_fraction: float, gen: torch.Generator) -> torch.Tensor:
@@ -99,10 +84,8 @@ def predict_proba(model: nn.Module, seqs: list[torch.Tensor], batch_size: int = 
     """Class probabilities softmax(logits / temperature) of each feature sequence."""
     model.eval()
     out = []
-    with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            x, mask = pad_batch(seqs[i : i + batch_size])
-            out.append(torch.softmax(model(x, mask).float() / temperature, dim=1))
+    for i in range(0, len(seqs), batch_size):
+        out.append(torch.softmax(sequence_logits(model, seqs[i : i + batch_size]).float() / temperature, dim=1))
     return torch.cat(out).numpy()
 
 
@@ -154,9 +137,8 @@ def fit(
                 else train_x[j]
                 for j in idx
             ]
-            x, mask = pad_batch(seqs)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x, mask), train_y[idx])
+            loss = loss_fn(sequence_logits(model, seqs), train_y[idx])
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)

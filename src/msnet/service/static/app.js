@@ -1,4 +1,5 @@
-// msnet web page: choose or drop a study, upload it to /v1/predict, show the result.
+// msnet web page: choose or drop a study, upload it to /v1/predict, show the result (the study
+// viewer lives in viewer.js).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -96,7 +97,7 @@ function analyse() {
     if (xhr.status === 200) {
       $("progress").hidden = true;
       $("analyse").disabled = false;
-      render(body);
+      render(body, key);
     } else {
       let detail = body.detail;
       if (Array.isArray(detail)) detail = detail.map((d) => d.msg).join("; ");
@@ -108,11 +109,12 @@ function analyse() {
   $("analyse").disabled = true;
   $("error").hidden = true;
   $("result").hidden = true;
+  Viewer.hide();
   showProgress(0, "Uploading… 0 %");
   xhr.send(form);
 }
 
-function render(r) {
+function render(r, key) {
   const names = classes.length ? classes : Object.keys(r.probabilities);
   $("prediction").textContent = r.prediction;
   $("confidence").textContent = `p = ${(100 * r.probabilities[r.prediction]).toFixed(1)} %`;
@@ -151,6 +153,7 @@ function render(r) {
   $("meta").textContent = `Study ${r.study_id} · ${r.n_slices} slices · key slices: ${keys} · ` +
     `analysed in ${(t.total || 0).toFixed(1)} s`;
   $("result").hidden = false;
+  $("static-curve").hidden = Viewer.show(r, key);  // the viewer draws its own, clickable curve
   $("result").dataset.state = "done";
 }
 

@@ -1,0 +1,298 @@
+// msnet study viewer: scroll every slice of a diagnosed study through window presets, lay the
+// Grad-CAM of the predicted class over any slice, jump from the slider's key-slice marks or the
+// slice-score curve. Slices come from the server as windowed PNGs (never HU), one request per slice
+// and window, fetched around the current slice first; Grad-CAM maps are computed on demand.
+"use strict";
+
+const Viewer = (() => {
+  const $ = (id) => document.getElementById(id);
+  const PREFETCH = 4;      // slice requests in flight while preloading a window
+  const BITMAPS = 32;      // decoded images kept (the PNGs themselves are all kept)
+  const CAM_DELAY_MS = 150; // ask for a Grad-CAM only once scrolling rests on a slice
+  let S = null;            // the study on show
+  let wheelAcc = 0;
+
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+  async function fetchBlob(path) {
+    const res = await fetch(`/v1/studies/${encodeURIComponent(S.token)}/${path}`,
+                            { headers: S.key ? { "X-API-Key": S.key } : {} });
+    if (!res.ok) {
+      let detail = res.statusText;
+      try { detail = (await res.json()).detail || detail; } catch (e) { /* not JSON */ }
+      const err = new Error(detail);
+      err.status = res.status;
+      throw err;
+    }
+    return res.blob();
+  }
+
+  function cached(map, key, path) {   // one request per key; a failed one may be retried
+    let p = map.get(key);
+    if (!p) {
+      p = fetchBlob(path);
+      map.set(key, p);
+      p.catch(() => { if (map.get(key) === p) map.delete(key); });
+    }
+    return p;
+  }
+  const tile = (win, i) => cached(S.tiles, `${win}:${i}`, `slices/${i}.png?window=${win}`);
+  const cam = (i) => cached(S.cams, i, `cam/${i}.png`);
+
+  async function bitmap(key, blobPromise) {
+    const have = S.bitmaps.get(key);
+    if (have) {
+      S.bitmaps.delete(key);
+      S.bitmaps.set(key, have);
+      return have;
+    }
+    const bmp = await createImageBitmap(await blobPromise);
+    S.bitmaps.set(key, bmp);
+    while (S.bitmaps.size > BITMAPS) S.bitmaps.delete(S.bitmaps.keys().next().value);
+    return bmp;
+  }
+
+  function status(text) { $("stage-status").textContent = text; $("stage-status").hidden = !text; }
+
+  function fail(err) {
+    const box = $("viewer-error");
+    box.textContent = err.status === 404
+      ? "The server no longer keeps this study for viewing: analyse it again to scroll it."
+      : `Viewer: ${err.message}`;
+    box.hidden = false;
+    status("");
+  }
+
+  function paint(bmp, camBmp, win, i) {
+    const ctx = S.ctx;
+    ctx.globalAlpha = 1;
+    ctx.drawImage(bmp, 0, 0, S.w, S.h);
+    if (camBmp) {
+      ctx.globalAlpha = S.opacity;
+      ctx.drawImage(camBmp, 0, 0, S.w, S.h);
+      ctx.globalAlpha = 1;
+    }
+    $("slice-canvas").dataset.drawn = `${win}:${i}:${camBmp ? 1 : 0}`;
+    $("viewer-error").hidden = true;
+  }
+
+  async function draw() {
+    const st = S, gen = ++st.gen;
+    const stale = () => S !== st || gen !== st.gen;   // another slice, window or study since
+    const i = st.index, win = st.window, withCam = st.camOn;
+    try {
+      const camKnown = withCam && st.cams.has(i);
+      const [bmp, camBmp] = await Promise.all([
+        bitmap(`${win}:${i}`, tile(win, i)), camKnown ? bitmap(`cam:${i}`, cam(i)) : null]);
+      if (stale()) return;
+      paint(bmp, camBmp, win, i);
+      if (!withCam || camBmp) { status(""); return; }
+      await sleep(CAM_DELAY_MS);
+      if (stale()) return;
+      status("computing Grad-CAM…");
+      const late = await bitmap(`cam:${i}`, cam(i));
+      if (stale()) return;
+      paint(bmp, late, win, i);
+      status("");
+    } catch (err) {
+      if (!stale()) fail(err);
+    }
+  }
+
+  function prefetch() {   // every slice of the current window, nearest first
+    const st = S, gen = ++st.prefetchGen;
+    const win = st.window, from = st.index;
+    const order = [...Array(st.n).keys()].sort((a, b) => Math.abs(a - from) - Math.abs(b - from));
+    let next = 0;
+    const worker = async () => {
+      while (next < order.length && S === st && gen === st.prefetchGen) {
+        try { await tile(win, order[next++]); } catch (err) { if (err.status === 404) return; }
+      }
+    };
+    for (let k = 0; k < PREFETCH; k++) worker();
+  }
+
+  function info() {
+    const i = S.index;
+    const parts = [`slice ${i + 1} of ${S.n} (index ${i})`];
+    parts.push(S.z ? `z ${S.z[i].toFixed(1)} mm` : "z —");
+    parts.push(`score ${S.scores[i].toFixed(2)}`);
+    const rank = S.keys.indexOf(i);
+    if (rank >= 0) parts.push(`key slice #${rank + 1}`);
+    $("slice-info").textContent = parts.join(" · ");
+    $("stage").dataset.index = String(i);
+    $("slice-slider").value = String(i);
+    for (const m of $("key-marks").children) m.classList.toggle("here", Number(m.dataset.index) === i);
+    curve();
+  }
+
+  function go(i) {
+    if (!S) return;
+    const j = Math.max(0, Math.min(S.n - 1, Math.round(i)));
+    if (j === S.index && S.shown) return;
+    S.index = j;
+    S.shown = true;
+    info();
+    draw();
+  }
+
+  function curve() {
+    const cv = $("score-curve");
+    const dpr = window.devicePixelRatio || 1;
+    const cssW = cv.clientWidth || 600, cssH = 110;
+    if (cv.width !== Math.round(cssW * dpr)) { cv.width = Math.round(cssW * dpr); cv.height = Math.round(cssH * dpr); }
+    const ctx = cv.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, cssW, cssH);
+    const top = 8, bottom = cssH - 18, n = S.n;
+    const x = (i) => ((i + 0.5) / n) * cssW;
+    const y = (s) => bottom - s * (bottom - top);
+    ctx.fillStyle = "#dbe7fb";
+    ctx.strokeStyle = "#1f6feb";
+    ctx.beginPath();
+    ctx.moveTo(0, bottom);
+    S.scores.forEach((s, i) => { ctx.lineTo((i / n) * cssW, y(s)); ctx.lineTo(((i + 1) / n) * cssW, y(s)); });
+    ctx.lineTo(cssW, bottom);
+    ctx.closePath();
+    ctx.fill();
+    ctx.stroke();
+    ctx.fillStyle = "#d1495b";
+    for (const k of S.keys) { ctx.beginPath(); ctx.arc(x(k), y(S.scores[k]), 3.5, 0, 2 * Math.PI); ctx.fill(); }
+    ctx.strokeStyle = "#1d2630";
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    ctx.moveTo(x(S.index), top - 4);
+    ctx.lineTo(x(S.index), bottom);
+    ctx.stroke();
+    ctx.lineWidth = 1;
+    ctx.fillStyle = "#5d6b78";
+    ctx.font = "11px system-ui, sans-serif";
+    ctx.textBaseline = "bottom";
+    ctx.textAlign = "left";
+    ctx.fillText(`head · score for ${S.camClass}`, 2, cssH - 2);
+    ctx.textAlign = "right";
+    ctx.fillText("feet", cssW - 2, cssH - 2);
+  }
+
+  function curveIndex(ev) {
+    const r = $("score-curve").getBoundingClientRect();
+    return Math.floor(((ev.clientX - r.left) / r.width) * S.n);
+  }
+
+  function setWindow(win) {
+    if (!S || !S.windows.includes(win)) return;
+    S.window = win;
+    for (const b of $("windows").querySelectorAll("button")) b.setAttribute("aria-pressed", String(b.dataset.window === win));
+    draw();
+    prefetch();
+  }
+
+  function marks() {
+    const box = $("key-marks");
+    box.replaceChildren();
+    S.keys.forEach((k, rank) => {
+      const m = document.createElement("button");
+      m.type = "button";
+      m.className = "mark";
+      m.dataset.index = String(k);
+      m.style.setProperty("--f", S.n > 1 ? String(k / (S.n - 1)) : "0");
+      m.title = `key slice #${rank + 1}: index ${k}, score ${S.scores[k].toFixed(2)}`;
+      m.setAttribute("aria-label", m.title);
+      m.addEventListener("click", () => go(k));
+      box.appendChild(m);
+    });
+  }
+
+  function nextKey(dir) {
+    if (!S.keys.length) return;
+    const sorted = [...S.keys].sort((a, b) => a - b);
+    const after = dir > 0 ? sorted.find((k) => k > S.index) : [...sorted].reverse().find((k) => k < S.index);
+    go(after !== undefined ? after : (dir > 0 ? sorted[0] : sorted[sorted.length - 1]));
+  }
+
+  function onKey(ev) {
+    if (!S || $("viewer").hidden || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    const t = ev.target;
+    const inViewer = t === document.body || $("viewer").contains(t);
+    if (!inViewer || (t.tagName === "INPUT" && t.type !== "checkbox")) return;
+    const steps = { ArrowDown: 1, ArrowRight: 1, ArrowUp: -1, ArrowLeft: -1, PageDown: 10, PageUp: -10 };
+    if (ev.key in steps) go(S.index + steps[ev.key]);
+    else if (ev.key === "Home") go(0);
+    else if (ev.key === "End") go(S.n - 1);
+    else if (ev.key === "k" || ev.key === "K") nextKey(ev.shiftKey ? -1 : 1);
+    else return;
+    ev.preventDefault();
+  }
+
+  function onWheel(ev) {
+    if (!S) return;
+    ev.preventDefault();
+    wheelAcc += ev.deltaMode === 1 ? ev.deltaY * 16 : ev.deltaY;   // lines -> pixels
+    if (Math.abs(wheelAcc) >= 25) {
+      go(S.index + Math.sign(wheelAcc));
+      wheelAcc = 0;
+    }
+  }
+
+  function init() {
+    $("stage").addEventListener("wheel", onWheel, { passive: false });
+    $("stage").addEventListener("pointerdown", () => $("stage").focus());
+    document.addEventListener("keydown", onKey);
+    $("slice-slider").addEventListener("input", (e) => go(Number(e.target.value)));
+    for (const b of $("windows").querySelectorAll("button")) b.addEventListener("click", () => setWindow(b.dataset.window));
+    $("cam-on").addEventListener("change", (e) => { if (S) { S.camOn = e.target.checked; draw(); } });
+    $("cam-opacity").addEventListener("input", (e) => { if (S) { S.opacity = Number(e.target.value) / 100; draw(); } });
+    const cv = $("score-curve");
+    let dragging = false;
+    cv.addEventListener("pointerdown", (e) => { if (S) { dragging = true; cv.setPointerCapture(e.pointerId); go(curveIndex(e)); } });
+    cv.addEventListener("pointermove", (e) => { if (S && dragging) go(curveIndex(e)); });
+    cv.addEventListener("pointerup", () => { dragging = false; });
+    window.addEventListener("resize", () => { if (S && !$("viewer").hidden) curve(); });
+  }
+
+  function hide() {
+    S = null;
+    $("viewer").hidden = true;
+    $("viewer-off").hidden = true;
+    $("viewer-error").hidden = true;
+  }
+
+  // r: the /v1/predict answer; key: the API key the page sent, if any
+  function show(r, key) {
+    hide();
+    const v = r.viewer;
+    if (!v) { $("viewer-off").hidden = false; return false; }
+    const keys = (r.key_slices || []).map((k) => k.slice_index);
+    S = {
+      token: v.token, key, n: v.n_slices, w: v.width, h: v.height, z: v.z_mm, windows: v.windows,
+      camClass: v.cam_class, scores: r.slice_scores, keys, index: keys.length ? keys[0] : 0, shown: false,
+      window: v.windows.includes("lung") ? "lung" : v.windows[0], camOn: $("cam-on").checked,
+      opacity: Number($("cam-opacity").value) / 100, tiles: new Map(), cams: new Map(), bitmaps: new Map(),
+      gen: 0, prefetchGen: 0,
+    };
+    const canvas = $("slice-canvas");
+    canvas.width = v.width;
+    canvas.height = v.height;
+    delete canvas.dataset.drawn;
+    const [rowMm, colMm] = v.pixel_spacing_mm;
+    canvas.style.aspectRatio = `${v.width * (colMm || 1)} / ${v.height * (rowMm || 1)}`;
+    S.ctx = canvas.getContext("2d");
+    for (const b of $("windows").querySelectorAll("button")) {
+      b.hidden = !v.windows.includes(b.dataset.window);
+      b.setAttribute("aria-pressed", String(b.dataset.window === S.window));
+    }
+    $("cam-class").textContent = v.cam_class;
+    const slider = $("slice-slider");
+    slider.max = String(v.n_slices - 1);
+    $("viewer").hidden = false;
+    marks();
+    S.index = 0;
+    go(keys.length ? keys[0] : 0);   // open on the first key slice
+    prefetch();
+    return true;
+  }
+
+  return { init, show, hide, go };
+})();
+
+Viewer.init();

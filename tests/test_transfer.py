@@ -1,0 +1,107 @@
+"""`finetune --test` on a cohort whose classes differ from the model's: infection scores and their AUCs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from msnet.errors import MsnetError
+from msnet.stages.transfer import infection_metrics, normal_class
+
+
+def _patient(label, scores, labels=None):
+    return {"label": label, "scores": np.asarray(scores, float), "slice_labels": None if labels is None else np.asarray(labels)}
+
+
+def test_infection_aucs_on_known_cases():
+    # infected slices score highest, normal patients lowest, unlabelled slices of COVID patients in between
+    pats = [_patient("COVID-19", [0.9, 0.5, 0.8, 0.4], [1, 0, 1, 0]),
+            _patient("CAP", [0.3, 0.7], [0, 1]),
+            _patient("NORMAL", [0.1, 0.2, 0.35], [1, 1, 1]),  # a normal patient's slice labels count for nothing
+            _patient("COVID-19", [0.99, 0.99])]  # no slice labels: left out
+    m = infection_metrics(pats)
+    assert m["infection_auc_vs_normal"] == 1.0
+    assert m["infection_auc_within_patients"] == 1.0
+    assert (m["n_infected_slices"], m["n_normal_patient_slices"], m["n_unlabelled_slices"]) == (3, 3, 3)
+    assert (m["n_labelled_patients"], m["n_normal_patients"], m["n_patients_without_slice_labels"]) == (2, 1, 1)
+    # a model that scores normal lungs as infected: AUC 0 against normal patients
+    flipped = [_patient("COVID-19", [0.2, 0.6], [1, 0]), _patient("NORMAL", [0.8, 0.9])]
+    m = infection_metrics(flipped)
+    assert m["infection_auc_vs_normal"] == 0.0 and m["infection_auc_within_patients"] == 0.0
+    # ties count half; nothing to compare against gives None
+    m = infection_metrics([_patient("CAP", [0.5, 0.5], [1, 0])])
+    assert m["infection_auc_within_patients"] == 0.5 and m["infection_auc_vs_normal"] is None
+
+
+def test_normal_class_of_the_model():
+    assert normal_class(["COVID-19", "NON-COVID"]) == "NON-COVID"
+    assert normal_class(["COVID", "NonCOVID"]) == "NonCOVID"
+    assert normal_class(["COVID-19", "CAP", "NORMAL"]) == "NORMAL"
+    assert normal_class(["COVID-19", "HEALTHY"], configured="HEALTHY") == "HEALTHY"
+    with pytest.raises(MsnetError, match="no NORMAL or NON-COVID class"):
+        normal_class(["COVID-19", "CAP"])
+
+
+@pytest.fixture(scope="module")
+def run_and_cohort(tiny_bundle, tmp_path_factory) -> tuple[Path, Path]:
+    """The shared tiny run (its slice model knows COVID-19 / CAP / NORMAL) and a cohort labelled
+    COVID / NORMAL with slice labels: classes the model does not have."""
+    from msnet.data.synthetic import synth_cohort
+
+    cohort = tmp_path_factory.mktemp("transfer") / "cohort"
+    synth_cohort(cohort, n_patients=6, size=128, seed=32, slices=(12, 16), classes=("COVID", "NORMAL"))
+    return tiny_bundle.parent.parent, cohort
+
+
+def test_finetune_test_scores_a_cohort_with_other_classes(run_and_cohort):
+    from typer.testing import CliRunner
+
+    from msnet.cli import app
+    from msnet.data.cohorts import read_slice_labels
+
+    root, cohort_dir = run_and_cohort
+    res = CliRunner().invoke(app, ["finetune", str(root / "config.yaml"), "--test", str(cohort_dir)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((root / "run" / "finetune" / "test_metrics.json").read_text())
+    assert m["classes"] == ["COVID-19", "CAP", "NORMAL"] and m["normal_class"] == "NORMAL"
+    assert m["cohort_classes"] == ["COVID", "NORMAL"]
+    labels = read_slice_labels(cohort_dir / "slice_labels.csv")
+    with open(cohort_dir / "cohort.csv") as fh:
+        cohort = {r["patient_id"]: r["label"] for r in csv.DictReader(fh)}
+    n_infected = sum(int(v.sum()) for p, v in labels.items() if cohort[p] != "NORMAL")
+    assert m["n_infected_slices"] == n_infected > 0
+    assert m["n_normal_patients"] == 3 and m["n"] == sum(len(v) for v in labels.values())
+    # the model learnt lesions, not patients: infected slices score above normal lungs
+    assert m["infection_auc_vs_normal"] > 0.8
+    assert m["infection_auc_within_patients"] > 0.75
+    with open(root / "run" / "finetune" / "test_slice_scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == m["n"] and {r["patient_id"] for r in rows} == set(cohort)
+    assert all(0.0 <= float(r["infection_score"]) <= 1.0 for r in rows)
+
+
+def test_misaligned_slice_labels_are_refused(run_and_cohort, tmp_path):
+    import shutil
+
+    from msnet.config import load_config
+    from msnet.stages.finetune import test as finetune_test
+
+    root, cohort_dir = run_and_cohort
+    cohort = tmp_path / "cohort"
+    shutil.copytree(cohort_dir, cohort)
+    with open(cohort / "slice_labels.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    first = rows[0]["patient_id"]
+    last = max(int(r["slice_index"]) for r in rows if r["patient_id"] == first)
+    rows = [r for r in rows if not (r["patient_id"] == first and int(r["slice_index"]) == last)]
+    with open(cohort / "slice_labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["patient_id", "slice_index", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    cfg = load_config(root / "config.yaml")
+    with pytest.raises(MsnetError, match=f"patient {first}: {last} slice labels for {last + 1} slices"):
+        finetune_test(cfg, cohort)
