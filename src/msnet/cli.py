@@ -274,7 +274,7 @@ def run_all(
 @app.command()
 def demo(
     out: Path = typer.Argument(Path("msnet-demo"), help="Output folder."),
-    patients: int = typer.Option(120, help="Synthetic patients (split over the three classes; 30% held out for test)."),
+    patients: int = typer.Option(150, help="Synthetic patients (split over the three classes; half held out for test)."),
     overwrite: bool = typer.Option(False, help="Redo every stage."),
     seed: int = typer.Option(0, help="Seed of the synthetic cohort."),
     threads: int = typer.Option(2, help="CPU threads (fixed, so that the numbers do not depend on free cores)."),

@@ -184,10 +184,6 @@ _LOBES = {  # CAP's lobe: (probability, centre range along the lung, centre angl
     "upper": (0.3, (0.12, 0.4), (-np.pi, np.pi)),
     "middle": (0.15, (0.55, 0.75), (-0.8 * np.pi, -0.2 * np.pi)),  # right middle lobe / lingula, anterior
 }
-LUNG_HEIGHT_TYPICAL_MM = 260.0
-"""Apex to base of an adult lung: lesion lengths in mm become fractions of the phantom's lung."""
-
-
 def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
     """Community-acquired (bacterial) pneumonia: one dense consolidation with air bronchograms in one lung,
     bounded by its lobe's fissures, wide in the axial plane (a wedge on the pleura) and from a subsegment
@@ -197,7 +193,7 @@ def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
     lobe = names[int(rng.choice(len(names), p=[_LOBES[k][0] for k in names]))]
     _, (u_lo, u_hi), (a_lo, a_hi) = _LOBES[lobe]
     half_length_mm = 0.5 * float(np.exp(rng.uniform(np.log(25.0), np.log(80.0))))
-    return [Lesion(int(rng.choice([-1, 1])), float(rng.uniform(u_lo, u_hi)), half_length_mm / LUNG_HEIGHT_TYPICAL_MM,
+    return [Lesion(int(rng.choice([-1, 1])), float(rng.uniform(u_lo, u_hi)), half_length_mm / float(np.mean(LUNG_HEIGHT_MM)),
                    float(rng.uniform(a_lo, a_hi)), float(rng.uniform(0.3, 0.6)), float(rng.uniform(0.5, 0.8)),
                    float(rng.uniform(0.45, 0.75)), float(rng.uniform(-60.0, 30.0)), "consolidation", lobe=lobe)]
 
