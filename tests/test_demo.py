@@ -14,9 +14,9 @@ import pytest
 from conftest import REPO
 from msnet.errors import MsnetError
 
-REDUCED = ("n_patients=9, size=64, slices=(8, 12), config='tiny', "
+REDUCED = ("n_patients=15, size=64, slices=(8, 12), config='tiny', "
            "overrides=['train.aggregators=[msnet,mean,max,mil,vote]', 'finetune.epochs=1', 'train.epochs=2']")
-"""Every stage and all five aggregators, on 9 patients of 8-12 slices at 64 px (seconds)."""
+"""Every stage and all five aggregators, on 15 patients of 8-12 slices at 64 px (seconds)."""
 
 
 def _demo(out: Path, hash_seed: str, omp_threads: str | None) -> None:
@@ -49,7 +49,7 @@ def test_demo_gives_the_same_tables_on_every_run(tmp_path):
     _demo(tmp_path / "b", hash_seed="2", omp_threads=None)
     a, b = _outputs(tmp_path / "a"), _outputs(tmp_path / "b")
     assert sorted(a) == sorted(b)
-    assert sum(k.endswith("predictions.csv") for k in a) == 5 and sum(k.endswith(".npy") for k in a) == 9
+    assert sum(k.endswith("predictions.csv") for k in a) == 5 and sum(k.endswith(".npy") for k in a) == 15
     assert [k for k in a if a[k] != b[k]] == []
     table = (tmp_path / "a" / "table.md").read_text().splitlines()
     names = [row.split(" | ")[0] for row in table[2:]]
