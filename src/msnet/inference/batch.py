@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text, write_csv_atomic
@@ -51,8 +53,36 @@ def _write_tables(out: Path, classes: list[str], results: list[dict], status: li
     atomic_write_text(out / "predictions.json", json.dumps(results, indent=2, allow_nan=False))
 
 
+def _reads(predictor: Predictor, studies: list, skip: set[str], prefetch: int) -> Iterator[tuple]:
+    """(study, volume or None, read seconds, MsnetError or None) in order; with ``prefetch`` > 0, up to
+    that many studies are read ahead in a thread while the caller works on the current one."""
+    def read(study):
+        try:
+            return (*predictor.read(study), None)
+        except MsnetError as exc:
+            return None, 0.0, exc
+
+    if prefetch <= 0:
+        for study in studies:
+            yield (study, None, 0.0, None) if str(study) in skip else (study, *read(study))
+        return
+    todo = [s for s in studies if str(s) not in skip]
+    with ThreadPoolExecutor(1, thread_name_prefix="msnet-read") as pool:
+        ahead: dict[int, Future] = {}
+        nxt = 0
+        for study in studies:
+            if str(study) in skip:
+                yield study, None, 0.0, None
+                continue
+            while nxt < len(todo) and len(ahead) <= prefetch:
+                ahead[nxt] = pool.submit(read, todo[nxt])
+                nxt += 1
+            k = min(ahead)
+            yield (study, *ahead.pop(k).result())
+
+
 def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path | None = None,
-                 explain_dir: Path | None = None, on_result=None, on_study=None,
+                 explain_dir: Path | None = None, on_result=None, on_study=None, prefetch: int | None = None,
                  **predictor_kwargs) -> tuple[list[dict], list[dict]]:
     """Predict every study (paths or DICOMweb URLs); a bad one is recorded (status ``failed`` with the
     message) and skipped.
@@ -60,11 +90,15 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     Returns (prediction dicts, status rows). ``on_study(volume, prediction_dict)`` runs for each study
     before it counts as done (e.g. writing SR + KOS back to the PACS; a MsnetError there fails the
     study); ``on_result(prediction_dict)`` is called as each study finishes (the CLI prints there).
-    With ``out``, studies a previous run finished are not redone.
+    With ``out``, studies a previous run finished are not redone. ``prefetch``: studies read ahead
+    while the model works (default 1 on a GPU, where reading and the model use different hardware;
+    0 on the CPU, where they would share the same cores).
     """
     from rich.progress import track
 
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, **predictor_kwargs)
+    if prefetch is None:
+        prefetch = 0 if predictor.device.type == "cpu" else 1
     done: dict[str, dict] = {}
     if out is not None:
         out = Path(out)
@@ -76,13 +110,18 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
             log.info("%d of %d studies already done in %s: skipped", sum(str(s) in done for s in studies),
                      len(studies), out)
     results, status = [], []
-    for study in track(studies, description="predicting", transient=True, disable=len(studies) < 2):
+    reads = _reads(predictor, studies, set(done), prefetch)
+    for study, vol, read_s, error in track(reads, total=len(studies), description="predicting", transient=True,
+                                           disable=len(studies) < 2):
         key = str(study)
         if key in done:
             r = done[key]
         else:
             try:
-                pred = predictor.predict(study, explain_dir=explain_dir)
+                if error is not None:
+                    raise error
+                pred = predictor.predict_read(vol, read_s, explain_dir=explain_dir)
+                del vol
                 r = pred.to_dict()
                 if on_study is not None:
                     on_study(pred.extra["volume"], r)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -118,31 +119,41 @@ class Predictor:
         """(l, H, W) slices -> (l, d) features (what ``msnet extract`` caches for the same study)."""
         return self.encoder.encode(hu, kind, timing)
 
-    def predict(self, study: str | Path, study_id: str | None = None, explain_dir: Path | None = None,
-                top_k: int = 5) -> Prediction:
-        """One study (folder, file, .zip or DICOMweb study URL) -> :class:`Prediction`; the volume read
-        stays in ``prediction.extra["volume"]`` for callers that write results back as DICOM."""
+    def read(self, study: str | Path, study_id: str | None = None):
+        """One study (folder, file, .zip or DICOMweb study URL) read to a :class:`~msnet.io.CTVolume`:
+        (volume, seconds). Thread-safe: :func:`~msnet.inference.batch.predict_many` reads the next
+        study this way while the model works on the current one."""
         from msnet.io import read_study
         from msnet.io.archives import open_study
         from msnet.io.dicomweb import is_dicomweb_url
 
         t0 = time.perf_counter()
-        timing = _timing()
         if is_dicomweb_url(study):
             vol = read_study(str(study), study_id=study_id)
         else:
             with open_study(study) as path:
                 vol = read_study(path, study_id=study_id or Path(study).name.removesuffix(".zip"))
-        timing["read"] = time.perf_counter() - t0
+        return vol, time.perf_counter() - t0
+
+    def predict(self, study: str | Path, study_id: str | None = None, explain_dir: Path | None = None,
+                top_k: int = 5) -> Prediction:
+        """One study (folder, file, .zip or DICOMweb study URL) -> :class:`Prediction`; the volume read
+        stays in ``prediction.extra["volume"]`` for callers that write results back as DICOM."""
+        vol, read_s = self.read(study, study_id)
+        return self.predict_read(vol, read_s, explain_dir=explain_dir, top_k=top_k)
+
+    def predict_read(self, vol, read_s: float, explain_dir: Path | None = None, top_k: int = 5) -> Prediction:
+        """A volume :meth:`read` returned -> :class:`Prediction`, its read time counted in."""
+        timing = _timing()
+        timing["read"] = read_s
         result = self.predict_volume(vol, timing, explain_dir=explain_dir, top_k=top_k)
-        result.timing_s["total"] = timing["read"] + result.timing_s["total"]
+        result.timing_s["total"] = read_s + result.timing_s["total"]
         return result
 
     def predict_volume(self, vol, timing: dict | None = None, explain_dir: Path | None = None,
                        top_k: int = 5) -> Prediction:
         """A read :class:`~msnet.io.CTVolume` -> :class:`Prediction` (the volume is not changed)."""
-        from msnet.io import check_volume
-        from msnet.preprocess import check_lungs, model_slices
+        from msnet.preprocess import model_slices
 
         timing = dict(timing or _timing())
         t0 = time.perf_counter()
@@ -151,13 +162,18 @@ class Predictor:
             warnings.insert(0, self.metadata["warning"])
         if self.spec.kind == "hu" and vol.kind == "grey":
             warnings.append("grey-level images, not HU: windowing skipped")
-        checked = check_volume(replace(vol, warnings=[]))  # NaN, constant, impossible HU: refused
-        warnings += [w for w in checked.warnings if w not in warnings]
-        lungs = check_lungs(vol)  # no lungs, no diagnosis (None for grey-level images)
-        if lungs is not None:
-            warnings += lungs.warnings
-        slices = model_slices(vol, self.spec, lungs)
-        feats = self.encoder.encode(slices, vol.kind, timing)
+        if self.device.type == "cuda" and not self.spec.lung_crop:
+            # the checks run on the host while the GPU works: their verdict is awaited before any answer
+            with ThreadPoolExecutor(1, thread_name_prefix="msnet-gate") as pool:
+                gate = pool.submit(self._gate, vol)
+                slices = vol.hu
+                feats = self.encoder.encode(slices, vol.kind, timing)
+                new_warnings, lungs = gate.result()
+        else:
+            new_warnings, lungs = self._gate(vol)
+            slices = model_slices(vol, self.spec, lungs)
+            feats = self.encoder.encode(slices, vol.kind, timing)
+        warnings += [w for w in new_warnings if w not in warnings]
         if not torch.isfinite(feats).all():
             raise MsnetError("the backbone produced non-finite features", vol.source,
                              "check the study's pixel values (msnet inspect)")
@@ -187,6 +203,19 @@ class Predictor:
             result.explanation = explain(self, seen, feats, pred, scores, order, Path(explain_dir))
             result.explanation["seconds"] = round(time.perf_counter() - t, 3)
         return result
+
+    @staticmethod
+    def _gate(vol) -> tuple[list[str], object]:
+        """The checks before any diagnosis: NaN, constant or impossible HU and no lungs are refused
+        (MsnetError); returns their warnings and the lung stats (None for grey-level images)."""
+        from msnet.io import check_volume
+        from msnet.preprocess import check_lungs
+
+        warnings = list(check_volume(replace(vol, warnings=[])).warnings)
+        lungs = check_lungs(vol)
+        if lungs is not None:
+            warnings += lungs.warnings
+        return warnings, lungs
 
     def _aggregate(self, feats: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Logits (k,) and slice scores (l,) from one aggregator pass."""
