@@ -174,15 +174,15 @@ def check_volume(vol: CTVolume) -> CTVolume:
     hu, where = vol.hu, vol.source
     if hu.size == 0:
         raise MsnetError("the study holds no voxels", where, "pass a study with at least one slice")
-    finite = np.isfinite(hu)
-    if not finite.all():
+    lo, hi = float(hu.min()), float(hu.max())  # NaN and infinities show in the extremes
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = np.isfinite(hu)
         bad = int(hu.size - np.count_nonzero(finite))
         slices = np.flatnonzero(~finite.reshape(hu.shape[0], -1).all(axis=1))
         shown = ", ".join(str(int(s)) for s in slices[:10]) + (" ..." if slices.size > 10 else "")
         raise MsnetError(f"{bad} of {hu.size} voxels are NaN or infinite (slices {shown})", where,
                          "re-export the volume from the scanner or archive; NaN/infinite values "
                          "are never diagnosed")
-    del finite
     geometry = [*vol.spacing_mm, *np.asarray(vol.z_mm, float).ravel()]
     if not np.isfinite(geometry).all():
         raise MsnetError(f"slice geometry holds NaN or infinite values (spacing_mm {tuple(vol.spacing_mm)})", where,
@@ -192,7 +192,6 @@ def check_volume(vol: CTVolume) -> CTVolume:
                             "check PixelSpacing/SliceThickness (DICOM) or pixdim (NIfTI)")
     sample = _sample(hu)
     lo_q, hi_q = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
-    lo, hi = float(hu.min()), float(hu.max())
     grey = vol.kind != "hu"
     unit = "grey levels" if grey else "HU"
     if hi - lo < 1e-3:
