@@ -480,10 +480,10 @@ def test_a_decoder_crash_takes_down_a_worker_not_the_reader(tmp_path, monkeypatc
     victim = P001_FILES[41].name
     real = decode.decode_file
 
-    def crashing(path, direct=None, safe=False):
+    def crashing(path, direct=None, safe=False, pixel=None):
         if path.endswith(victim) and not safe:
             os.kill(os.getpid(), signal.SIGKILL)  # what an abort() inside a C decoder does to its process
-        return real(path, direct, safe)
+        return real(path, direct, safe, pixel)
 
     decode.shutdown_pool()  # the workers fork from here and now, with the crashing decoder
     monkeypatch.setattr(decode, "decode_file", crashing)

@@ -10,13 +10,15 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import CAP002, DICOM_ZOO, NORMAL001, P001, UCSD
+from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
 
 from msnet.errors import MsnetError
 from msnet.io import CTVolume, describe, read_study
 from msnet.io.decode import _gdcm_direct, decode_file, decode_series, gdcm_direct_ok
+from msnet.io.pixeldata import parse_header, read_pixel_bytes
 
-CT_SMALL = DICOM_ZOO / "pydicom" / "CT_small.dcm"
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 TS_SERIES = DICOM_ZOO / "totalsegmentator-example" / "example_ct_dicom"
 
 # --------------------------------------------------------------------------- real scans
@@ -172,7 +174,8 @@ def test_gdcm_direct_matches_pylibjpeg(shared_data, path):
     ref = pixel_array(ds, decoding_plugin="pylibjpeg")
     shape = (int(ds.Rows), int(ds.Columns))
     if gdcm_direct_ok(ds):  # unsigned 16-bit JPEG Lossless: GDCM reads the file without pydicom
-        np.testing.assert_array_equal(_gdcm_direct(str(path), *shape), ref)
+        info = parse_header(path)[1]
+        np.testing.assert_array_equal(_gdcm_direct(str(path), read_pixel_bytes(str(path), info), info, *shape), ref)
     arr, decoder, err = decode_file(str(path), shape if gdcm_direct_ok(ds) else None)
     assert err is None and decoder == ("gdcm-region" if gdcm_direct_ok(ds) else "gdcm") and arr.dtype == ref.dtype
     np.testing.assert_array_equal(arr, ref)
