@@ -2,7 +2,7 @@
 
 Public API: :func:`decode_file` (one file), :func:`decode_series` (a series into one array),
 :func:`to_hu`, :func:`quiet_pydicom`, :func:`shutdown_pool`, :func:`stop_workers`,
-:func:`stored_bytes_problem`, :func:`pixel_info`, :class:`DecodeTask`.
+:func:`stored_bytes_problem`, :class:`DecodeTask`.
 
 What is read when (pydicom parses each file once):
 
@@ -59,8 +59,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, fragments_end, parse_header, pixel_dataset, pixel_value,
-                                read_pixel_bytes)
+from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, fragments_end, parse_header, pixel_dataset, pixel_info,
+                                pixel_value, read_pixel_bytes)
 from msnet.io.volume import AIR_HU, floor_out_of_field
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,6 @@ def _as_stored(value, dtype) -> int:
     return v
 
 
-PIXEL_INFO_ATTR = "msnet_pixel_info"  # the header's attribute that holds its PixelInfo
 _GDCM_DIRECT_SYNTAXES = ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")  # JPEG Lossless
 # JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000 and HTJ2K: every frame ends with FF D9
 # (EOI / EOC), a pair that cannot occur inside the entropy-coded data
@@ -160,12 +159,13 @@ def stored_bytes_problem(path: str, ds, rows: int, cols: int, frames: int) -> st
         if size >= need:
             return None
         info = pixel_info(ds)
-        if info is not None and info.tag is None:
-            return "no pixel data"
-        if info is None:
+        if info is not None:
+            has_pixels = info.tag is not None
+        else:  # a header not made by read_header: look for the tag (the file is under ``need`` bytes)
             with open(path, "rb") as fh:
-                if b"\xe0\x7f\x10\x00" not in fh.read():  # small: it is under ``need`` bytes
-                    return "no pixel data"
+                has_pixels = b"\xe0\x7f\x10\x00" in fh.read()
+        if not has_pixels:
+            return "no pixel data"
         return f"truncated: the header declares {need} bytes of pixels, the file holds {size} bytes"
     if ts in _GDCM_DIRECT_SYNTAXES and size < samples // 8:
         return (f"the header declares {rows} x {cols} pixels x {frames} frames but the file holds only "
@@ -227,8 +227,8 @@ def _direct_problem(data: bytes, info: PixelInfo, rows: int, cols: int) -> str |
     """For GDCM's direct path, on the pixel data bytes read once: an encapsulated (7FE0,0010) OB
     element whose items tile the rest of the file exactly (basic offset table, one JPEG frame,
     sequence delimiter at the end of the file), and a sound frame."""
-    if (info.tag != PIXEL_DATA or info.length is not None or info.vr != "OB" or info.implicit_vr
-            or not info.little_endian or info.inflate_from is not None):
+    encapsulated = info.tag == PIXEL_DATA and info.length is None and info.vr == "OB"
+    if not encapsulated or info.implicit_vr or not info.little_endian:
         return "no encapsulated pixel data"
     end, items, problem = fragments_end(data)
     if end is None:
@@ -260,12 +260,6 @@ def _frames_problem(value: bytes, info: PixelInfo) -> str | None:
     if found < n:
         return f"truncated pixel data: {found} of {n} frames present"
     return None
-
-
-def pixel_info(ds) -> PixelInfo | None:
-    """The PixelInfo that the header pass (:func:`msnet.io.dicom.read_header`) attached to a
-    header, or None for a data set made another way."""
-    return getattr(ds, PIXEL_INFO_ATTR, None)
 
 
 def gdcm_direct_ok(ds) -> bool:

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from msnet.errors import MsnetError
-from msnet.io.decode import (PIXEL_INFO_ATTR, DecodeTask, decode_series, gdcm_direct_ok, pixel_info,
-                             stored_bytes_problem)
-from msnet.io.pixeldata import parse_header
+from msnet.io.decode import DecodeTask, decode_series, gdcm_direct_ok, stored_bytes_problem
+from msnet.io.pixeldata import PIXEL_INFO_ATTR, parse_header, pixel_info
 from msnet.io.volume import CTVolume, read_limits
 
 logger = logging.getLogger(__name__)
@@ -24,7 +23,7 @@ def read_header(path: Path):
     """The dataset without pixel data, or None when the file is not DICOM.
 
     This is the only pydicom parse of the file (see :mod:`msnet.io.pixeldata`): where the pixel
-    data lies is kept with the header (:func:`msnet.io.decode.pixel_info`), and the decode reads
+    data lies is kept with the header (:func:`msnet.io.pixeldata.pixel_info`), and the decode reads
     that element alone.
     """
     found = parse_header(path)

@@ -45,6 +45,7 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _UNDEFINED = 0xFFFFFFFF
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _ITEM, _SEQ_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
+PIXEL_INFO_ATTR = "msnet_pixel_info"  # the header's attribute that holds its PixelInfo
 _META_START = 128 + 4  # after the preamble and "DICM" (pydicom refuses a file without them unless forced)
 
 
@@ -86,6 +87,12 @@ class PixelInfo:
             return default
 
 
+def pixel_info(ds) -> PixelInfo | None:
+    """The PixelInfo that :func:`msnet.io.dicom.read_header` keeps with a header (in its
+    ``msnet_pixel_info`` attribute), or None for a data set made another way."""
+    return getattr(ds, PIXEL_INFO_ATTR, None)
+
+
 def parse_header(path: str | Path):
     """The one parse of a file, up to its pixel data: (data set without pixel data, PixelInfo), or
     None when the file is not DICOM (or its header cannot be parsed)."""
@@ -120,7 +127,6 @@ def _locate(fh, ds) -> PixelInfo:
         wide = tag == PIXEL_DATA and length != _UNDEFINED and info.number("BitsAllocated", 16) > 8
         vr = "OW" if wide else _PIXEL_TAGS[tag]
     return replace(info, tag=tag, vr=vr, head=head[:size], length=None if length == _UNDEFINED else length)
-
 
 
 def element_header(head: bytes, implicit: bool, little: bool) -> tuple[int, str | None, int, int] | None:
@@ -177,9 +183,11 @@ def read_pixel_bytes(path: str, info: PixelInfo) -> bytes:
     undefined length, up to the end of the file). Raises OSError when the file cannot be read and
     ValueError when the element is not where the header pass found it."""
     with open(path, "rb") as fh:
-        if info.inflate_from is not None:
+        if info.transfer_syntax == _DEFLATED:
             import io
 
+            if info.inflate_from is None:
+                raise ValueError("the deflated data set cannot be located (no file meta group length)")
             fh.seek(info.inflate_from)
             try:
                 stream = io.BytesIO(zlib.decompress(fh.read(), -zlib.MAX_WBITS))
@@ -190,7 +198,7 @@ def read_pixel_bytes(path: str, info: PixelInfo) -> bytes:
             stream, size = fh, os.fstat(fh.fileno()).st_size
         stream.seek(info.offset)
         if stream.read(len(info.head)) != info.head:
-            raise ValueError("the pixel data element is no longer where the header was read (file changed)")
+            raise ValueError("the pixel data element is not where the header pass found it (has the file changed?)")
         left = max(size - info.value_offset, 0)
         return stream.read(left if info.length is None else min(info.length, left))
 
