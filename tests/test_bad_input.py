@@ -108,6 +108,18 @@ def test_file_without_pixel_data(tmp_path):
     _raises(tmp_path / "nopix.dcm", "nopix.dcm", "no pixel data")
 
 
+def test_header_that_runs_past_its_pixel_data(tmp_path):
+    """An element length that skips over the pixel data: the header pass ends without it, and the
+    error says so rather than "no pixel data"."""
+    import struct
+
+    raw = bytearray(CT_SMALL.read_bytes())
+    at = raw.find(b"\x43\x00\x4e\x10FL")  # (0043,104E), the last element before the pixel data
+    raw[at + 4:at + 12] = b"UN\x00\x00" + struct.pack("<I", 0x7FFFFFF0)
+    (tmp_path / "skip.dcm").write_bytes(bytes(raw))
+    _raises(tmp_path / "skip.dcm", "skip.dcm", "no pixel data where the header ends", "header damaged")
+
+
 def test_unknown_transfer_syntax(tmp_path):
     ds = pydicom.dcmread(CT_SMALL)
     ds.file_meta.TransferSyntaxUID = UID("1.2.3.4.5.6.7")

@@ -370,6 +370,19 @@ def test_header_pass_stops_at_the_pixel_data_element(name):
     assert arr.dtype == full.pixel_array.dtype
 
 
+def test_header_pass_reads_explicit_vr_where_the_transfer_syntax_says_implicit(tmp_path):
+    """pydicom parses a data set as explicit VR when it looks so, whatever the file meta says; the
+    pixel data element is then read as explicit VR too."""
+    raw = CT_SMALL.read_bytes()
+    lying = raw.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2\x00\x00\x00", 1)
+    assert lying != raw
+    (tmp_path / "lying.dcm").write_bytes(lying)
+    ds, info = parse_header(tmp_path / "lying.dcm")
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert (info.implicit_vr, info.vr, info.length) == (False, "OW", 128 * 128 * 2)
+    np.testing.assert_array_equal(read_study(tmp_path / "lying.dcm").hu, read_study(CT_SMALL).hu)
+
+
 def _count_parses(monkeypatch, log: Path) -> None:
     """Each pydicom parse of a file appends a line to ``log``: ``read_partial`` (what ``dcmread``
     runs) and any top-level ``read_dataset`` outside it (what ``pixel_array(path)`` runs). A file

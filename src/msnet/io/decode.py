@@ -59,8 +59,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, fragments_end, parse_header, pixel_dataset, pixel_info,
-                                pixel_value, read_pixel_bytes)
+from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, fragments_end, has_pixel_tag, parse_header, pixel_dataset,
+                                pixel_info, pixel_value, read_pixel_bytes)
 from msnet.io.volume import AIR_HU, floor_out_of_field
 
 logger = logging.getLogger(__name__)
@@ -159,12 +159,7 @@ def stored_bytes_problem(path: str, ds, rows: int, cols: int, frames: int) -> st
         if size >= need:
             return None
         info = pixel_info(ds)
-        if info is not None:
-            has_pixels = info.tag is not None
-        else:  # a header not made by read_header: look for the tag (the file is under ``need`` bytes)
-            with open(path, "rb") as fh:
-                has_pixels = b"\xe0\x7f\x10\x00" in fh.read()
-        if not has_pixels:
+        if (info is None or info.tag is None) and not has_pixel_tag(path):
             return "no pixel data"
         return f"truncated: the header declares {need} bytes of pixels, the file holds {size} bytes"
     if ts in _GDCM_DIRECT_SYNTAXES and size < samples // 8:
@@ -311,6 +306,9 @@ def decode_file(path: str, direct: tuple[int, int] | None = None, safe: bool = F
         if found is None:
             return None, "", "unreadable: not a DICOM file, or its header cannot be parsed"
         pixel = found[1]
+    if pixel.tag is None:
+        return None, "", ("no pixel data where the header ends (the file is cut short or its header damaged)"
+                          if has_pixel_tag(path) else "no pixel data")
     try:
         data = read_pixel_bytes(path, pixel)
     except (OSError, ValueError) as exc:

@@ -123,25 +123,35 @@ def _locate(fh, ds) -> PixelInfo:
     if parsed is None or parsed[0] not in _PIXEL_TAGS:
         return info
     tag, vr, size, length = parsed
-    if vr is None:  # implicit VR: what pydicom would make of it
+    implicit_here = vr is None
+    if implicit_here:  # the VR pydicom would give it
         wide = tag == PIXEL_DATA and length != _UNDEFINED and info.number("BitsAllocated", 16) > 8
         vr = "OW" if wide else _PIXEL_TAGS[tag]
-    return replace(info, tag=tag, vr=vr, head=head[:size], length=None if length == _UNDEFINED else length)
+    return replace(info, tag=tag, vr=vr, implicit_vr=implicit_here, head=head[:size],
+                   length=None if length == _UNDEFINED else length)
 
 
 def element_header(head: bytes, implicit: bool, little: bool) -> tuple[int, str | None, int, int] | None:
     r"""(tag, VR or None for implicit VR, header size, value length) of the element that ``head``
     starts with; None if ``head`` is too short.
 
+    Explicit VR with a 4-byte length is recognised even where ``implicit`` says otherwise: pydicom
+    reads a data set as explicit VR when its first element looks so, whatever the transfer syntax
+    says. (Implicit VR bytes cannot look like that: the low bytes of an even length would have to
+    spell one of these VRs, and each starts with an odd byte, "O", "S" or "U".)
+
     >>> element_header(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff", False, True)
     (2145386512, 'OB', 12, 4294967295)
+    >>> element_header(b"\xe0\x7f\x10\x00OW\x00\x00\x00\x80\x00\x00", True, True)  # explicit, though implicit is said
+    (2145386512, 'OW', 12, 32768)
     """
     if len(head) < 8:
         return None
     order = "<" if little else ">"
     group, element = struct.unpack_from(order + "HH", head)
     tag, vr = group << 16 | element, head[4:6]
-    if implicit or not (b"AA" <= vr <= b"ZZ"):  # pydicom reads an invalid VR as implicit VR
+    long_explicit = vr in _LONG_VRS and head[6:8] == b"\x00\x00"
+    if not long_explicit and (implicit or not b"AA" <= vr <= b"ZZ"):  # pydicom reads an invalid VR as implicit
         return tag, None, 8, struct.unpack_from(order + "L", head, 4)[0]
     if vr in _LONG_VRS:
         return (tag, vr.decode(), 12, struct.unpack_from(order + "L", head, 8)[0]) if len(head) >= 12 else None
@@ -201,6 +211,18 @@ def read_pixel_bytes(path: str, info: PixelInfo) -> bytes:
             raise ValueError("the pixel data element is not where the header pass found it (has the file changed?)")
         left = max(size - info.value_offset, 0)
         return stream.read(left if info.length is None else min(info.length, left))
+
+
+def has_pixel_tag(path: str | Path) -> bool:
+    """Whether the bytes of a (7FE0,0010) tag occur anywhere in the file: for the message when the
+    header pass found no pixel data element (a byte search, no parse; memory-mapped, not read in)."""
+    import mmap
+
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return False
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(b"\xe0\x7f\x10\x00") >= 0 or data.find(b"\x7f\xe0\x00\x10") >= 0
 
 
 def fragments_end(data: bytes, little: bool = True) -> tuple[int | None, list[tuple[int, int]], str | None]:
