@@ -32,6 +32,10 @@ What is read when (pydicom parses each file once):
    but pydicom still parses the header once. If GDCM fails, the bytes of step 3 are decoded
    through pydicom as above.
 
+A file whose header pass found no pixel data element is searched for the tag's bytes (no parse),
+only to word its error. After a worker crash the series is decoded again in this process: the
+pixel data elements are read again, the headers are not parsed again.
+
 A decode that comes back short is refused, never filled in: JPEG and JPEG 2000 frames must end
 with their end-of-image marker (GDCM's direct path reports no error for a truncated stream and
 pylibjpeg fills the missing rows), and a file too small for the pixels its header declares
@@ -59,8 +63,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, fragments_end, has_pixel_tag, parse_header, pixel_dataset,
-                                pixel_info, pixel_value, read_pixel_bytes)
+from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, has_pixel_tag, parse_header, pixel_dataset, pixel_info,
+                                pixel_value, read_pixel_bytes, walk_items)
 from msnet.io.volume import AIR_HU, floor_out_of_field
 
 logger = logging.getLogger(__name__)
@@ -225,7 +229,7 @@ def _direct_problem(data: bytes, info: PixelInfo, rows: int, cols: int) -> str |
     encapsulated = info.tag == PIXEL_DATA and info.length is None and info.vr == "OB"
     if not encapsulated or info.implicit_vr or not info.little_endian:
         return "no encapsulated pixel data"
-    end, items, problem = fragments_end(data)
+    end, items, problem = walk_items(data)
     if end is None:
         return problem
     if data[end + 4:] != b"\x00\x00\x00\x00" or len(items) < 2:  # delimiter of length 0, then the end of the file

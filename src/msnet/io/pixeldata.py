@@ -8,10 +8,11 @@ explicit and implicit VR, little and big endian alike; a file without pixel data
 end. For Deflated Explicit VR Little Endian, pydicom inflates the data set into its own buffer
 (``ds.buffer``) and the position is the one in that inflated copy.
 
-Then 12 bytes are read from there: the element's tag, VR and length. Together with the data set's
-encoding and the keywords that describe the pixels (:data:`PIXEL_KEYWORDS`, with the transfer
-syntax) this is a :class:`PixelInfo`: a few hundred bytes, picklable, so it travels with each
-decode task to the worker processes.
+Then 12 bytes are read from there: the element's tag, VR and length (explicit VR where they look
+so, as pydicom reads a data set whose transfer syntax says implicit VR but whose elements are
+explicit). Together with the encoding and the keywords that describe the pixels
+(:data:`PIXEL_KEYWORDS`, with the transfer syntax) this is a :class:`PixelInfo`: small and
+picklable, so it travels with each decode task to the worker processes.
 
 The decode step never parses the header again: :func:`read_pixel_bytes` opens the file, seeks to
 the recorded position, checks that the element header there is still the one recorded, and reads
@@ -19,11 +20,13 @@ the element's value only (a defined length: that many bytes at most, never more 
 holds; encapsulated data of undefined length: from there to the end of the file). :func:`pixel_value`
 checks the bytes (a length that runs past the end of the file, items cut short or broken) and
 :func:`pixel_dataset` builds the minimal data set that pydicom's pixel API decodes: the recorded
-keywords and that one element.
+keywords and that one element. Only when the header pass found no pixel data element is the file
+searched for the tag's bytes (:func:`has_pixel_tag`, memory-mapped), to word the error.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -194,8 +197,6 @@ def read_pixel_bytes(path: str, info: PixelInfo) -> bytes:
     ValueError when the element is not where the header pass found it."""
     with open(path, "rb") as fh:
         if info.transfer_syntax == _DEFLATED:
-            import io
-
             if info.inflate_from is None:
                 raise ValueError("the deflated data set cannot be located (no file meta group length)")
             fh.seek(info.inflate_from)
@@ -225,11 +226,11 @@ def has_pixel_tag(path: str | Path) -> bool:
             return data.find(b"\xe0\x7f\x10\x00") >= 0 or data.find(b"\x7f\xe0\x00\x10") >= 0
 
 
-def fragments_end(data: bytes, little: bool = True) -> tuple[int | None, list[tuple[int, int]], str | None]:
+def walk_items(data: bytes, little: bool = True) -> tuple[int | None, list[tuple[int, int]], str | None]:
     r"""Walk the items of encapsulated pixel data: (position of the sequence delimiter or None, the
     items as (start, end) of their values, why the walk stopped short or None).
 
-    >>> fragments_end(b"\xfe\xff\x00\xe0\x00\x00\x00\x00\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    >>> walk_items(b"\xfe\xff\x00\xe0\x00\x00\x00\x00\xfe\xff\xdd\xe0\x00\x00\x00\x00")
     (8, [(8, 8)], None)
     """
     order = "<" if little else ">"
@@ -258,7 +259,7 @@ def pixel_value(data: bytes, info: PixelInfo) -> tuple[bytes | None, str | None]
             return None, (f"truncated: the pixel data declares {info.length} bytes, "
                           f"the file holds {len(data)} after it")
         return data, None
-    end, _, problem = fragments_end(data, info.little_endian)
+    end, _, problem = walk_items(data, info.little_endian)
     return (None, problem) if end is None else (data[:end], None)
 
 
