@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.data import get_testdata_file
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CT_SMALL = DATA / "dicom-zoo" / "pydicom" / "CT_small.dcm"
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 P001 = DATA / "covid-ct-md" / "Sample data" / "COVID-19 subjects" / "P001"
 NIFTI_CT = DATA / "dicom-zoo" / "totalsegmentator-example" / "example_ct.nii.gz"
 

@@ -9,18 +9,16 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import DICOM_ZOO
+from pydicom.data import get_testdata_file
 from pydicom.uid import UID
 
 from msnet.errors import MsnetError
 from msnet.io import read_study
 
-CT_SMALL = DICOM_ZOO / "pydicom" / "CT_small.dcm"
-J2KR = DICOM_ZOO / "pydicom-data" / "693_J2KR.dcm"
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+J2KI = Path(get_testdata_file("693_J2KI.dcm"))  # JPEG 2000 CT slice
 
-
-@pytest.fixture(autouse=True)
-def _need_data(shared_data):
-    return shared_data
+needs_data = pytest.mark.usefixtures("shared_data")  # the real scans beside the repository
 
 
 def _series(folder: Path, n: int) -> list[Path]:
@@ -73,6 +71,7 @@ def test_folder_without_dicom_or_images(tmp_path):
     _raises(tmp_path, "no DICOM files or images")
 
 
+@needs_data
 def test_folder_with_nifti_points_to_it(tmp_path):
     shutil.copy(DICOM_ZOO / "totalsegmentator-example" / "example_ct.nii.gz", tmp_path / "ct.nii.gz")
     err = _raises(tmp_path, "no DICOM files")
@@ -109,6 +108,18 @@ def test_file_without_pixel_data(tmp_path):
     _raises(tmp_path / "nopix.dcm", "nopix.dcm", "no pixel data")
 
 
+def test_header_that_runs_past_its_pixel_data(tmp_path):
+    """An element length that skips over the pixel data: the header pass ends without it, and the
+    error says so rather than "no pixel data"."""
+    import struct
+
+    raw = bytearray(CT_SMALL.read_bytes())
+    at = raw.find(b"\x43\x00\x4e\x10FL")  # (0043,104E), the last element before the pixel data
+    raw[at + 4:at + 12] = b"UN\x00\x00" + struct.pack("<I", 0x7FFFFFF0)
+    (tmp_path / "skip.dcm").write_bytes(bytes(raw))
+    _raises(tmp_path / "skip.dcm", "skip.dcm", "no pixel data where the header ends", "header damaged")
+
+
 def test_unknown_transfer_syntax(tmp_path):
     ds = pydicom.dcmread(CT_SMALL)
     ds.file_meta.TransferSyntaxUID = UID("1.2.3.4.5.6.7")
@@ -118,7 +129,7 @@ def test_unknown_transfer_syntax(tmp_path):
 
 
 def test_undecodable_transfer_syntax_jpeg_xl(tmp_path):
-    ds = pydicom.dcmread(J2KR)
+    ds = pydicom.dcmread(J2KI)
     ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.110")  # JPEG XL: no decoder installed
     _write_raw(ds, tmp_path / "jxl.dcm")  # pydicom refuses to write a syntax it does not know
     _raises(tmp_path / "jxl.dcm", "jxl.dcm", "1.2.840.10008.1.2.4.110")
@@ -171,6 +182,7 @@ def test_all_stored_values_become_finite_hu(tmp_path):
     np.testing.assert_array_equal(vol.hu[0], np.where(ref < -1124, -1000, ref))
 
 
+@needs_data
 def test_truncated_file_in_compressed_series_parallel_path(tmp_path):
     """20 JPEG 2000 files: decoded by worker processes; the broken one is skipped, the rest kept."""
     src = DICOM_ZOO / "totalsegmentator-example" / "example_ct_dicom"

@@ -18,19 +18,17 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import COVID_CT_MD, DICOM_ZOO, P001
+from pydicom.data import get_testdata_file
 
 from msnet.errors import LimitError, MsnetError
 from msnet.io import ReadLimits, read_study, set_read_limits
 
-CT_SMALL = DICOM_ZOO / "pydicom" / "CT_small.dcm"
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 NIFTI_CT = DICOM_ZOO / "totalsegmentator-example" / "example_ct.nii.gz"
 P001_FILES = sorted(P001.glob("*.dcm"))
 MB = 1 << 20
 
-
-@pytest.fixture(autouse=True)
-def _need_data(shared_data):
-    return shared_data
+needs_data = pytest.mark.usefixtures("shared_data")  # the real scans beside the repository
 
 
 def _refused(path: Path, *words: str, error=MsnetError) -> MsnetError:
@@ -84,6 +82,7 @@ def _small_dicom(path: Path, **tags) -> Path:
 # ------------------------------------------------------------------ 1. NaN / inf voxels
 
 
+@needs_data
 @pytest.mark.parametrize("kind", ["some-nan", "all-nan", "+inf", "-inf"])
 def test_nan_and_inf_nifti_refused(tmp_path, kind):
     data, affine = _ct_data()
@@ -106,6 +105,7 @@ def test_nan_rescale_in_dicom_refused(tmp_path):
     _refused(tmp_path / "nan.dcm", "RescaleIntercept nan", "finite")
 
 
+@needs_data
 def test_cli_inspect_never_prints_nan(tmp_path, monkeypatch, capsys):
     data, affine = _ct_data()
     data[:, :, 3] = np.nan
@@ -161,6 +161,7 @@ def test_blank_image_refused(tmp_path):
     _refused(tmp_path / "blank.png", "same value (7 grey levels)")
 
 
+@needs_data
 def test_real_scans_pass_the_checks():
     for study in (P001, DICOM_ZOO / "totalsegmentator-example" / "example_ct_dicom", NIFTI_CT):
         vol = read_study(study)
@@ -187,6 +188,7 @@ def _fragment_cut(src: Path, dst: Path, fraction: float = 0.6) -> Path:
     return dst
 
 
+@needs_data
 def test_truncated_jpeg_lossless_file_refused_on_both_paths(tmp_path):
     from msnet.io.decode import decode_file, gdcm_direct_ok
 
@@ -199,6 +201,7 @@ def test_truncated_jpeg_lossless_file_refused_on_both_paths(tmp_path):
     _refused(cut, "no slice could be decoded", "truncated")
 
 
+@needs_data
 def test_cut_jpeg_stream_is_not_filled_in(tmp_path):
     """pylibjpeg decodes a cut stream without an error (the missing rows become a constant); the
     reader refuses it for the missing end-of-image marker, on the GDCM direct and pydicom paths."""
@@ -214,6 +217,7 @@ def test_cut_jpeg_stream_is_not_filled_in(tmp_path):
         assert arr is None and "no end-of-image marker" in err
 
 
+@needs_data
 @pytest.mark.parametrize("n_files", [4, 9])  # 9: decoded by the worker processes
 def test_truncated_slice_skipped_with_warning(tmp_path, n_files):
     picked = P001_FILES[40:40 + n_files]
@@ -243,6 +247,7 @@ def _peak_mb(fn) -> float:
     return peak / MB
 
 
+@needs_data
 @pytest.mark.parametrize("size", [60000, 20000])
 def test_huge_declared_jpeg_lossless_refused_before_allocating(tmp_path, size):
     ds = pydicom.dcmread(P001_FILES[40])
@@ -255,6 +260,7 @@ def test_huge_declared_jpeg_lossless_refused_before_allocating(tmp_path, size):
     assert _peak_mb(read) < 32
 
 
+@needs_data
 def test_jpeg_lossless_too_small_for_its_header_skipped(tmp_path):
     ds = pydicom.dcmread(P001_FILES[40])
     ds.Rows = ds.Columns = 2000  # under the slice limit, but 2000 x 2000 samples need >= 500 kB at 1 bit each
@@ -328,6 +334,7 @@ def _corrupt(data: bytes, how: str) -> bytes:
     return bytes(raw)
 
 
+@needs_data
 @pytest.mark.parametrize("how, words", [("crc", "Bad CRC-32"), ("size", "Bad CRC-32"), ("data", "corrupt zip member"),
                                         ("encrypted", "encrypted")])
 def test_corrupt_zip_member(tmp_path, monkeypatch, capsys, how, words):
@@ -345,6 +352,7 @@ def test_corrupt_zip_member(tmp_path, monkeypatch, capsys, how, words):
     assert code == 2 and "corrupt zip member" in err_text and "Traceback" not in err_text
 
 
+@needs_data
 def test_inspect_accepts_zip_and_nested_zip_message(tmp_path, monkeypatch, capsys):
     zpath = tmp_path / "case7.zip"
     zpath.write_bytes(_zip_of(P001_FILES[:3]))
@@ -378,6 +386,7 @@ def _md_root(tmp_path: Path) -> Path:
     return root
 
 
+@needs_data
 def test_index_corrupt_label_array(tmp_path, monkeypatch, capsys):
     root = _md_root(tmp_path)
     npy = root / "Slice-level-labels-updated-1.npy"
@@ -387,6 +396,7 @@ def test_index_corrupt_label_array(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out" / "cohort.csv").exists()
 
 
+@needs_data
 def test_index_csv_wrong_columns_fails(tmp_path, monkeypatch, capsys):
     root = _md_root(tmp_path)
     lines = (root / "Index.csv").read_text().splitlines()
@@ -399,6 +409,7 @@ def test_index_csv_wrong_columns_fails(tmp_path, monkeypatch, capsys):
     assert code == 0 and (tmp_path / "out" / "slice_labels.csv").is_file()
 
 
+@needs_data
 def test_index_output_is_a_file_checked_before_reading(tmp_path, monkeypatch, capsys):
     import msnet.io
 
@@ -442,6 +453,7 @@ def test_symlink_outside_the_study_warns(tmp_path):
     assert not any("links" in w for w in read_study(study).warnings)
 
 
+@needs_data
 def test_pydicom_log_lines_silenced(tmp_path, caplog, capfd):
     """Files that make pydicom log (excess pixel padding; a header element longer than the file)
     read without a pydicom log line or anything on stderr."""
@@ -468,6 +480,7 @@ def test_pydicom_log_lines_silenced(tmp_path, caplog, capfd):
     assert capfd.readouterr().err == ""
 
 
+@needs_data
 def test_a_decoder_crash_takes_down_a_worker_not_the_reader(tmp_path, monkeypatch, caplog):
     """GDCM aborts the whole process on some broken JPEG streams. Compressed files are decoded in
     worker processes; when one dies, the series is decoded again here without GDCM."""
@@ -480,10 +493,10 @@ def test_a_decoder_crash_takes_down_a_worker_not_the_reader(tmp_path, monkeypatc
     victim = P001_FILES[41].name
     real = decode.decode_file
 
-    def crashing(path, direct=None, safe=False):
+    def crashing(path, direct=None, safe=False, pixel=None):
         if path.endswith(victim) and not safe:
             os.kill(os.getpid(), signal.SIGKILL)  # what an abort() inside a C decoder does to its process
-        return real(path, direct, safe)
+        return real(path, direct, safe, pixel)
 
     decode.shutdown_pool()  # the workers fork from here and now, with the crashing decoder
     monkeypatch.setattr(decode, "decode_file", crashing)

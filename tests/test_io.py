@@ -10,13 +10,15 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import CAP002, DICOM_ZOO, NORMAL001, P001, UCSD
+from pydicom.data import get_testdata_file
 from pydicom.pixels import pixel_array
 
 from msnet.errors import MsnetError
 from msnet.io import CTVolume, describe, read_study
 from msnet.io.decode import _gdcm_direct, decode_file, decode_series, gdcm_direct_ok
+from msnet.io.pixeldata import parse_header, read_pixel_bytes
 
-CT_SMALL = DICOM_ZOO / "pydicom" / "CT_small.dcm"
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 TS_SERIES = DICOM_ZOO / "totalsegmentator-example" / "example_ct_dicom"
 
 # --------------------------------------------------------------------------- real scans
@@ -172,7 +174,8 @@ def test_gdcm_direct_matches_pylibjpeg(shared_data, path):
     ref = pixel_array(ds, decoding_plugin="pylibjpeg")
     shape = (int(ds.Rows), int(ds.Columns))
     if gdcm_direct_ok(ds):  # unsigned 16-bit JPEG Lossless: GDCM reads the file without pydicom
-        np.testing.assert_array_equal(_gdcm_direct(str(path), *shape), ref)
+        info = parse_header(path)[1]
+        np.testing.assert_array_equal(_gdcm_direct(str(path), read_pixel_bytes(str(path), info), info, *shape), ref)
     arr, decoder, err = decode_file(str(path), shape if gdcm_direct_ok(ds) else None)
     assert err is None and decoder == ("gdcm-region" if gdcm_direct_ok(ds) else "gdcm") and arr.dtype == ref.dtype
     np.testing.assert_array_equal(arr, ref)
@@ -336,3 +339,133 @@ def test_bench_read_small_series(shared_data):
     assert result["ours_s"] > 0 and result["plain_s"] > 0
     assert result["ratio"] == pytest.approx(result["plain_s"] / result["ours_s"], rel=0.02)
     assert "speed-up plain/ours" in buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- each file parsed once
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
+                                  "image_dfl.dcm", "JPEG2000.dcm", "rtplan.dcm"])
+def test_header_pass_stops_at_the_pixel_data_element(name):
+    """Explicit and implicit VR, big endian, deflated, encapsulated, no pixel data: the recorded
+    offset is the first byte of the (7FE0,0010) element, and the decode from there equals pydicom's."""
+    import zlib
+
+    path = get_testdata_file(name)
+    full = pydicom.dcmread(path)
+    ds, info = parse_header(path)
+    raw = Path(path).read_bytes()
+    if info.inflate_from is not None:  # Deflated: the offset is in the inflated data set
+        raw = zlib.decompress(raw[info.inflate_from:], -zlib.MAX_WBITS)
+    arr, _, err = decode_file(path, pixel=info)
+    if "PixelData" not in full:
+        assert info.tag is None and info.offset == len(raw) and (arr, err) == (None, "no pixel data")
+        return
+    tag = b"\x7f\xe0\x00\x10" if name == "MR_small_bigendian.dcm" else b"\xe0\x7f\x10\x00"
+    assert raw[info.offset:info.offset + 4] == tag and "PixelData" not in ds
+    assert info.length == (None if full["PixelData"].is_undefined_length else len(full.PixelData))
+    assert info.implicit_vr == (name == "MR_small_implicit.dcm") and info.little_endian == (tag[0] == 0xE0)
+    assert err is None
+    np.testing.assert_array_equal(arr, full.pixel_array)
+    assert arr.dtype == full.pixel_array.dtype
+
+
+def test_header_pass_reads_explicit_vr_where_the_transfer_syntax_says_implicit(tmp_path):
+    """pydicom parses a data set as explicit VR when it looks so, whatever the file meta says; the
+    pixel data element is then read as explicit VR too."""
+    raw = CT_SMALL.read_bytes()
+    lying = raw.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2\x00\x00\x00", 1)
+    assert lying != raw
+    (tmp_path / "lying.dcm").write_bytes(lying)
+    ds, info = parse_header(tmp_path / "lying.dcm")
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+    assert (info.implicit_vr, info.vr, info.length) == (False, "OW", 128 * 128 * 2)
+    np.testing.assert_array_equal(read_study(tmp_path / "lying.dcm").hu, read_study(CT_SMALL).hu)
+
+
+def _count_parses(monkeypatch, log: Path) -> None:
+    """Each pydicom parse of a file appends a line to ``log``: ``read_partial`` (what ``dcmread``
+    runs) and any top-level ``read_dataset`` outside it (what ``pixel_array(path)`` runs). A file
+    is used because the decode workers are forked processes: their parses count too."""
+    import pydicom.filereader as reader
+
+    real_partial, real_dataset = reader.read_partial, reader.read_dataset
+    inside = []
+
+    def note(kind: str, fp) -> None:
+        with open(log, "a") as fh:
+            fh.write(f"{kind}\t{getattr(fp, 'name', None) or '<stream>'}\n")
+
+    def read_partial(fileobj, *args, **kwargs):
+        note("parse", fileobj)
+        inside.append(True)
+        try:
+            return real_partial(fileobj, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def read_dataset(fp, *args, **kwargs):
+        if kwargs.get("at_top_level", True) and not inside:
+            note("parse", fp)
+        return real_dataset(fp, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "read_partial", read_partial)
+    monkeypatch.setattr(reader, "read_dataset", read_dataset)
+
+
+def _plain_hu(files: list[Path]) -> np.ndarray:
+    """The reference: pydicom's dcmread + pixel_array, x slope + intercept, superior slice first."""
+    from msnet.io import AIR_HU, OUT_OF_FIELD_HU
+
+    slices = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array.astype(np.float32) * np.float32(ds.get("RescaleSlope", 1)) + np.float32(
+            ds.get("RescaleIntercept", 0))
+        slices.append((float(ds.ImagePositionPatient[2]), np.where(hu < OUT_OF_FIELD_HU, AIR_HU, hu)))
+    return np.stack([hu for _, hu in sorted(slices, key=lambda s: -s[0])])
+
+
+def _read_counting(monkeypatch, tmp_path: Path, study: Path) -> tuple[CTVolume, list[str]]:
+    from collections import Counter
+
+    from msnet.io import decode
+
+    log = tmp_path / "parses.log"
+    log.touch()
+    _count_parses(monkeypatch, log)
+    decode.shutdown_pool()  # the workers fork after the counters are in place
+    try:
+        vol = read_study(study)
+    finally:
+        decode.shutdown_pool(kill=True, wait_s=5)  # drop the counting workers
+        monkeypatch.undo()
+    return vol, Counter(log.read_text().splitlines())
+
+
+def test_each_uncompressed_file_parsed_once(tmp_path, monkeypatch):
+    """CT_small copies as one series (decoded in this process): one pydicom parse per file."""
+    study = tmp_path / "study"
+    study.mkdir()
+    src = pydicom.dcmread(CT_SMALL)
+    for k in range(5):
+        ds = src.copy()
+        ds.SOPInstanceUID = f"1.2.3.4.9.{k + 1}"
+        ds.ImagePositionPatient = [0.0, 0.0, 3.0 * ((k * 2) % 5)]  # not in name order
+        ds.RescaleIntercept = -1024 + 10 * k
+        ds.PixelData = (src.pixel_array + 7 * k).astype(src.pixel_array.dtype).tobytes()
+        ds.save_as(study / f"slice{k}.dcm")
+    files = sorted(study.iterdir())
+    ref = _plain_hu(files)
+    vol, parses = _read_counting(monkeypatch, tmp_path, study)
+    assert parses == {f"parse\t{f}": 1 for f in files}
+    np.testing.assert_array_equal(vol.hu, ref)
+
+
+def test_each_jpeg2000_file_parsed_once(tmp_path, monkeypatch, shared_data):
+    """The 20-slice JPEG 2000 series, decoded by the worker processes: one pydicom parse per file."""
+    files = sorted(TS_SERIES.iterdir())
+    ref = _plain_hu(files)
+    vol, parses = _read_counting(monkeypatch, tmp_path, TS_SERIES)
+    assert vol.n_slices == 20 and parses == {f"parse\t{f}": 1 for f in files}
+    np.testing.assert_array_equal(vol.hu, ref)

@@ -8,6 +8,7 @@ import io
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,18 +16,16 @@ import pydicom
 import pytest
 from conftest import DICOM_ZOO, P001
 from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
 from stubs import StubPredictor
 
 from msnet.service.app import ServiceSettings, create_app, make_server
 
-CT_SMALL = DICOM_ZOO / "pydicom" / "CT_small.dcm"
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
 P001_FILES = sorted(P001.glob("*.dcm"))
 MB = 1 << 20
 
-
-@pytest.fixture(autouse=True)
-def _need_data(shared_data):
-    return shared_data
+needs_data = pytest.mark.usefixtures("shared_data")  # the real scans beside the repository
 
 
 @pytest.fixture
@@ -64,6 +63,7 @@ def _nifti_bytes(data: np.ndarray, gz: bool) -> bytes:
     return raw
 
 
+@needs_data
 def test_nan_volume_answers_422_json(client):
     import nibabel as nib
 
@@ -74,6 +74,7 @@ def test_nan_volume_answers_422_json(client):
     assert "NaN or infinite" in r.json()["detail"] and "/tmp" not in r.json()["detail"]
 
 
+@needs_data
 def test_limits_answer_413_without_memory_growth(client):
     r = _post(client, "bomb.nii.gz", _nifti_bytes(np.zeros((2048, 2048, 64), np.int16), gz=True))  # 1 MB -> 512 MiB
     assert r.status_code == 413 and "would expand to" in r.json()["detail"]
@@ -87,6 +88,7 @@ def test_limits_answer_413_without_memory_growth(client):
     assert _rss_mb() - before < 100
 
 
+@needs_data
 @pytest.mark.parametrize("how", ["crc", "size"])
 def test_corrupt_zip_answers_422(client, how):
     from test_hostile import _corrupt, _zip_of

@@ -2,7 +2,39 @@
 
 Public API: :func:`decode_file` (one file), :func:`decode_series` (a series into one array),
 :func:`to_hu`, :func:`quiet_pydicom`, :func:`shutdown_pool`, :func:`stop_workers`,
-:func:`stored_bytes_problem`.
+:func:`stored_bytes_problem`, :class:`DecodeTask`.
+
+What is read when (pydicom parses each file once):
+
+1. Header pass, in the calling process (:func:`msnet.io.dicom.read_header`, which calls
+   :func:`msnet.io.pixeldata.parse_header`): pydicom parses the file up to its pixel data
+   (``stop_before_pixels``; elements longer than ``DEFER_BYTES`` are skipped, not read). The
+   position of the pixel data element, its tag, VR and length, the file's encoding and the pixel
+   keywords (Rows, Columns, BitsAllocated, ... and the transfer syntax) make a
+   :class:`~msnet.io.pixeldata.PixelInfo`, kept with the header and sent in the :class:`DecodeTask`.
+2. Size check (:func:`stored_bytes_problem`), before the series array is allocated: the file's
+   size against the pixels the header declares. Nothing is read.
+3. Decode (:func:`decode_file`, in a worker process for a compressed series): the file is opened,
+   and the pixel data element alone is read from the recorded position (a defined length: that
+   many bytes, never more than the file holds; encapsulated data: to the end of the file). Every
+   check runs on these bytes: a declared length past the end of the file, encapsulated items cut
+   short or broken, missing frames, a frame without its end-of-image marker or with a broken JPEG
+   marker structure. pydicom's pixel API then decodes a minimal data set made of the recorded
+   keywords and that one element, trying the decoders of ``DECODERS`` in turn (``SAFE_DECODERS``
+   after a worker crash). The header is not parsed again.
+4. GDCM direct path (single-frame unsigned 16-bit JPEG Lossless, :func:`gdcm_direct_ok`): the
+   bytes read in step 3 must tile the file exactly (basic offset table, one JPEG frame, sequence
+   delimiter at the end of the file) and hold a sound frame; then GDCM opens the file by name and
+   reads it with its own reader (``ImageRegionReader``), decoding straight into a buffer. GDCM
+   reads the file itself because handing it the bytes we hold goes through its Python API as a
+   ``str``, a round trip that doubles the cost (a P001 slice: 3.9 ms when GDCM opens the file,
+   7.8 ms from bytes). So on this path the file's bytes are read twice (once here, once by GDCM),
+   but pydicom still parses the header once. If GDCM fails, the bytes of step 3 are decoded
+   through pydicom as above.
+
+A file whose header pass found no pixel data element is searched for the tag's bytes (no parse),
+only to word its error. After a worker crash the series is decoded again in this process: the
+pixel data elements are read again, the headers are not parsed again.
 
 A decode that comes back short is refused, never filled in: JPEG and JPEG 2000 frames must end
 with their end-of-image marker (GDCM's direct path reports no error for a truncated stream and
@@ -22,22 +54,21 @@ import logging
 import multiprocessing
 import os
 import signal
-import struct
 import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import NamedTuple
 
 import numpy as np
 
+from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, has_pixel_tag, parse_header, pixel_dataset, pixel_info,
+                                pixel_value, read_pixel_bytes, walk_items)
 from msnet.io.volume import AIR_HU, floor_out_of_field
 
 logger = logging.getLogger(__name__)
 
-# Elements longer than this are not read while parsing (pydicom seeks past them and reads them
-# only when asked): a falsified length in a header then costs no allocation.
-DEFER_BYTES = 1 << 20
 DECODERS = ("gdcm", "pylibjpeg", "")  # "" lets pydicom try every plugin it has
 # without GDCM: for a file decoded again in this process after a worker died on it (GDCM aborts the
 # whole process on some broken JPEG streams, where pylibjpeg raises an error)
@@ -112,7 +143,6 @@ _GDCM_DIRECT_SYNTAXES = ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")  # 
 _EOI_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 201, 202, 203)}
 _EOI = b"\xff\xd9"
 _DEFLATED = "1.2.840.10008.1.2.1.99"  # the whole data set is zlib-compressed: its size says nothing
-_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
 def stored_bytes_problem(path: str, ds, rows: int, cols: int, frames: int) -> str | None:
@@ -132,9 +162,9 @@ def stored_bytes_problem(path: str, ds, rows: int, cols: int, frames: int) -> st
         need = samples * max(int(ds.get("BitsAllocated") or 16), 1) // 8
         if size >= need:
             return None
-        with open(path, "rb") as fh:
-            if b"\xe0\x7f\x10\x00" not in fh.read():  # small: it is under ``need`` bytes
-                return "no pixel data"
+        info = pixel_info(ds)
+        if (info is None or info.tag is None) and not has_pixel_tag(path):
+            return "no pixel data"
         return f"truncated: the header declares {need} bytes of pixels, the file holds {size} bytes"
     if ts in _GDCM_DIRECT_SYNTAXES and size < samples // 8:
         return (f"the header declares {rows} x {cols} pixels x {frames} frames but the file holds only "
@@ -142,8 +172,6 @@ def stored_bytes_problem(path: str, ds, rows: int, cols: int, frames: int) -> st
     return None
 
 
-_PIXEL_DATA_UNDEFINED = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"  # (7FE0,0010) OB, encapsulated
-_ITEM = b"\xfe\xff\x00\xe0"
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70)}
 
@@ -194,56 +222,32 @@ def jpeg_problem(frame: bytes, rows: int, cols: int) -> str | None:
     return "no JPEG frame header (SOF) before the scan"
 
 
-def _pixel_length_problem(path: str) -> str | None:
-    """A pixel data element whose declared length runs past the end of the file (checked before
-    pydicom would allocate that length)."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    for vr in (b"OW", b"OB"):
-        at = data.find(b"\xe0\x7f\x10\x00" + vr + b"\x00\x00")
-        if at >= 0:
-            start, length = at + 12, struct.unpack_from("<I", data, at + 8)[0] if at + 12 <= len(data) else 0
-            break
-    else:
-        return None  # implicit VR or no pixel data: pydicom's own checks apply
-    if length != 0xFFFFFFFF and start + length > len(data):
-        return f"truncated: the pixel data declares {length} bytes, the file holds {len(data) - start} after it"
-    return None
-
-
-def _direct_problem(path: str, rows: int, cols: int) -> str | None:
-    """For GDCM's direct path: the encapsulated items must tile the pixel data exactly (basic
-    offset table, one JPEG frame, sequence delimiter at the end of the file) and the frame be sound."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    at = data.find(_PIXEL_DATA_UNDEFINED)
-    if at < 0:
+def _direct_problem(data: bytes, info: PixelInfo, rows: int, cols: int) -> str | None:
+    """For GDCM's direct path, on the pixel data bytes read once: an encapsulated (7FE0,0010) OB
+    element whose items tile the rest of the file exactly (basic offset table, one JPEG frame,
+    sequence delimiter at the end of the file), and a sound frame."""
+    encapsulated = info.tag == PIXEL_DATA and info.length is None and info.vr == "OB"
+    if not encapsulated or info.implicit_vr or not info.little_endian:
         return "no encapsulated pixel data"
-    pos, items = at + len(_PIXEL_DATA_UNDEFINED), []
-    while pos + 8 <= len(data):
-        tag, length = data[pos:pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        if tag == _SEQ_DELIMITER[:4]:
-            if length != 0 or pos + 8 != len(data) or len(items) < 2:
-                return "broken pixel data items"
-            frame = b"".join(data[start:end] for start, end in items[1:])
-            return jpeg_problem(frame, rows, cols)
-        if tag != _ITEM or pos + 8 + length > len(data):
-            return "broken pixel data items"
-        items.append((pos + 8, pos + 8 + length))
-        pos += 8 + length
-    return "truncated: the file ends inside its pixel data"
+    end, items, problem = walk_items(data)
+    if end is None:
+        return problem
+    if data[end + 4:] != b"\x00\x00\x00\x00" or len(items) < 2:  # delimiter of length 0, then the end of the file
+        return "broken pixel data items"
+    return jpeg_problem(b"".join(data[start:stop] for start, stop in items[1:]), rows, cols)
 
 
-def _frames_problem(ds, ts: str) -> str | None:
+def _frames_problem(value: bytes, info: PixelInfo) -> str | None:
     """Why the encapsulated frames are incomplete (missing frames, no end-of-image marker), or None."""
-    if ts not in _EOI_SYNTAXES or "PixelData" not in ds:
+    ts = info.transfer_syntax
+    if ts not in _EOI_SYNTAXES or info.tag != PIXEL_DATA:
         return None
     from pydicom.encaps import generate_frames
 
-    n, found = int(ds.get("NumberOfFrames") or 1), 0
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    n, found = info.number("NumberOfFrames", 1), 0
+    rows, cols = info.number("Rows", 0), info.number("Columns", 0)
     try:
-        for frame in generate_frames(ds.PixelData, number_of_frames=n):
+        for frame in generate_frames(value, number_of_frames=n):
             if _EOI not in frame[-8:]:
                 return f"truncated pixel data: frame {found} has no end-of-image marker"
             problem = jpeg_problem(frame, rows, cols) if ts in _JPEG_SYNTAXES else None
@@ -265,11 +269,12 @@ def gdcm_direct_ok(ds) -> bool:
             and int(ds.get("NumberOfFrames") or 1) == 1)
 
 
-def _gdcm_direct(path: str, rows: int, cols: int) -> np.ndarray:
-    """GDCM decodes the whole file straight into a buffer (no str round trip, no pydicom pass)."""
+def _gdcm_direct(path: str, data: bytes, info: PixelInfo, rows: int, cols: int) -> np.ndarray:
+    """GDCM opens the file itself and decodes it straight into a buffer (no str round trip, no
+    pydicom pass), once the pixel data bytes (``data``, read from ``info``) pass the checks."""
     import gdcm
 
-    problem = _direct_problem(path, rows, cols)
+    problem = _direct_problem(data, info, rows, cols)
     if problem:
         raise ValueError(problem)
     gdcm.Trace.WarningOff()
@@ -291,39 +296,50 @@ def _gdcm_direct(path: str, rows: int, cols: int) -> np.ndarray:
     return np.frombuffer(buf, np.uint16).reshape(rows, cols)
 
 
-def decode_file(path: str, direct: tuple[int, int] | None = None,
-                safe: bool = False) -> tuple[np.ndarray | None, str, str | None]:
+def decode_file(path: str, direct: tuple[int, int] | None = None, safe: bool = False,
+                pixel: PixelInfo | None = None) -> tuple[np.ndarray | None, str, str | None]:
     """Stored pixel values of one file: (array or None, decoder used, error text).
 
+    ``pixel``: where the header pass found the pixel data (without it, this makes the header pass
+    itself). The pixel data element is read once, from there; the header is not parsed again.
     ``direct=(rows, cols)``: try GDCM on the file first (for files where ``gdcm_direct_ok``).
-    Then GDCM, pylibjpeg and any pydicom decoder through pydicom, per file. ``safe``: never GDCM.
+    Then GDCM, pylibjpeg and any pydicom decoder through pydicom's pixel API. ``safe``: never GDCM.
     """
+    if pixel is None:
+        found = parse_header(path)
+        if found is None:
+            return None, "", "unreadable: not a DICOM file, or its header cannot be parsed"
+        pixel = found[1]
+    if pixel.tag is None:
+        return None, "", ("no pixel data where the header ends (the file is cut short or its header damaged)"
+                          if has_pixel_tag(path) else "no pixel data")
+    try:
+        data = read_pixel_bytes(path, pixel)
+    except (OSError, ValueError) as exc:
+        return None, "", f"unreadable ({type(exc).__name__}: {exc})"
     if direct is not None and not safe:
         try:
-            return _gdcm_direct(path, *direct), "gdcm-region", None
+            return _gdcm_direct(path, data, pixel, *direct), "gdcm-region", None
         except Exception as exc:  # fall back to pydicom below
             logger.debug("%s: direct GDCM failed (%s)", path, exc)
-    import pydicom
+    value, problem = pixel_value(data, pixel)
+    if problem is None:
+        problem = _frames_problem(value, pixel)
+    if problem:
+        return None, "", problem
+    return _decode_value(pixel, value, safe)
+
+
+def _decode_value(pixel: PixelInfo, value: bytes, safe: bool) -> tuple[np.ndarray | None, str, str | None]:
+    """Decode one pixel data element with pydicom's pixel API, trying the decoders in order."""
     from pydicom.pixels import pixel_array
     from pydicom.uid import UncompressedTransferSyntaxes
 
-    problem = _pixel_length_problem(path)
-    if problem:
-        return None, "", problem
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-    except Exception as exc:
+        ds = pixel_dataset(pixel, value)
+    except Exception as exc:  # a recorded keyword pydicom refuses (e.g. a non-numeric Rows)
         return None, "", f"unreadable ({type(exc).__name__}: {exc})"
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        with open(path, "rb") as fh:  # pydicom drops an encapsulated element that the file cuts short
-            cut = b"\xe0\x7f\x10\x00" in fh.read()
-        return None, "", "truncated: the file ends inside its pixel data" if cut else "no pixel data"
-    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    problem = _frames_problem(ds, ts)
-    if problem:
-        return None, "", problem
+    ts = pixel.transfer_syntax
     plugins = ("native",) if ts in UncompressedTransferSyntaxes else SAFE_DECODERS if safe else DECODERS
     err = ""
     for plugin in plugins:
@@ -337,11 +353,30 @@ def decode_file(path: str, direct: tuple[int, int] | None = None,
     return None, "", err or "cannot decode"
 
 
+class DecodeTask(NamedTuple):
+    """One file to decode: its frames go to slots of the series array, as HU.
+
+    ``frames``: (frame index or None, slot, slope, intercept, padding value, padding limit) each.
+    ``direct``: GDCM may read the file itself. ``pixel``: where the header pass found the pixel
+    data (None: the decode makes the header pass itself).
+    """
+
+    path: str
+    frames: list
+    shape: tuple[int, int]
+    direct: bool
+    pixel: PixelInfo | None = None
+
+
+def _as_task(task: tuple) -> DecodeTask:
+    return task if isinstance(task, DecodeTask) else DecodeTask(*task)
+
+
 def _decode_into(tasks: list, out: np.ndarray, safe: bool = False) -> list[tuple[str, str | None]]:
     """Decode each task's file and write its frames, as HU, to their slots of ``out``."""
     results = []
-    for path, frames, (rows, cols), direct in tasks:
-        arr, plugin, err = decode_file(path, (rows, cols) if direct else None, safe=safe)
+    for path, frames, (rows, cols), direct, pixel in map(_as_task, tasks):
+        arr, plugin, err = decode_file(path, (rows, cols) if direct else None, safe=safe, pixel=pixel)
         if arr is not None and arr.shape[-2:] != (rows, cols):
             arr, err = None, f"decoded size {arr.shape[-2:]} differs from Rows x Columns {rows}x{cols}"
         if arr is not None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from msnet.errors import MsnetError
-from msnet.io.decode import DEFER_BYTES, decode_series, gdcm_direct_ok, stored_bytes_problem
+from msnet.io.decode import DecodeTask, decode_series, gdcm_direct_ok, stored_bytes_problem
+from msnet.io.pixeldata import PIXEL_INFO_ATTR, parse_header, pixel_info
 from msnet.io.volume import CTVolume, read_limits
 
 logger = logging.getLogger(__name__)
@@ -20,15 +20,18 @@ _CONVERT_FIX = "convert the files to an uncompressed transfer syntax (e.g. `gdcm
 
 
 def read_header(path: Path):
-    """The dataset without pixel data, or None when the file is not DICOM."""
-    import pydicom
+    """The dataset without pixel data, or None when the file is not DICOM.
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_BYTES)
-    except Exception:  # not DICOM, truncated header, unreadable: the caller decides
+    This is the only pydicom parse of the file (see :mod:`msnet.io.pixeldata`): where the pixel
+    data lies is kept with the header (:func:`msnet.io.pixeldata.pixel_info`), and the decode reads
+    that element alone.
+    """
+    found = parse_header(path)
+    if found is None:
         return None
+    ds, info = found
+    setattr(ds, PIXEL_INFO_ATTR, info)
+    return ds
 
 
 def _series_key(ds) -> str:
@@ -130,7 +133,7 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
         direct = [gdcm_direct_ok(ds) for _, ds in files]
     except ImportError:
         direct = [False] * len(files)
-    tasks: list[tuple] = [(str(f), [], (rows, cols), d) for (f, _), d in zip(files, direct)]
+    tasks = [DecodeTask(str(f), [], (rows, cols), d, pixel_info(ds)) for (f, ds), d in zip(files, direct)]
     for j, (i, k) in enumerate(slices):
         ds = files[i][1]
         pad, lim = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
