@@ -4,7 +4,8 @@ Builds a temporary bundle (random-init backbone + MS-Net of a shipped config; sp
 on the weights) and measures, in one run, with torch.cuda.synchronize around each timing:
 
 - backbone only: preprocessed slices -> features (the encoder alone, the study in memory);
-- from HU: ``Predictor.predict_volume`` on the study already read (checks, lung gate, model);
+- from HU: ``Predictor.predict_volume`` on the study already read (checks and lung gate on the host,
+  beside the model on the GPU); the header pass and the checks with the lung gate also alone;
 - from files: ``Predictor.predict`` on the study folder (header pass and sort, parallel decode in
   worker processes, then the above), best and median of ``--repeats``;
 - a folder: ``predict_many`` over ``--patients`` copies of the study (hard links), read one study
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     from msnet.bench import temp_bundle
     from msnet.inference.predictor import Predictor
     from msnet.io import decode
+    from msnet.io.dicom import read_headers
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
         bb = _timed(backbone_only, device, args.repeats)
         hu = _timed(lambda: pred.predict_volume(vol), device, args.repeats)
         reads = _timed(lambda: pred.read(args.study), device, args.repeats)
+        files_in_study = sorted(p for p in args.study.rglob("*") if p.is_file())
+        headers = _timed(lambda: read_headers(files_in_study), device, args.repeats)
+        gate = _timed(lambda: pred._gate(vol), device, args.repeats)
         files, stages = [], []
         for _ in range(args.repeats):
             _sync(device)
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         "backbone_only_s": round(min(bb), 4),
         "from_hu_s": round(min(hu), 4), "from_hu_median_s": round(statistics.median(hu), 4),
         "read_s": round(min(reads), 4), "read_median_s": round(statistics.median(reads), 4),
+        "header_pass_median_s": round(statistics.median(headers), 4),
+        "checks_and_lung_gate_median_s": round(statistics.median(gate), 4),
         "from_files_s": round(min(files), 4), "from_files_median_s": round(statistics.median(files), 4),
         "from_files_per_150_slices_s": round(statistics.median(files) * per150, 4),
         "stages_median_s": {k: round(statistics.median(s[k] for s in stages), 4) for k in stages[0]},

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from msnet.errors import MsnetError
 from msnet.io.decode import quiet_pydicom
-from msnet.io.dicom import read_dicom, read_header
+from msnet.io.dicom import read_dicom, read_header, read_headers
 from msnet.io.dicomweb import is_dicomweb_url, read_dicomweb
 from msnet.io.images import is_image, natural_key, read_images
 from msnet.io.nifti import NIFTI_SUFFIXES, read_nifti
@@ -123,10 +123,8 @@ def _links_outside(root: Path, files: list[Path]) -> list[Path]:
 
 def _read_folder(path: Path, files: list[Path], sid: str, series) -> CTVolume:
     headers, others = [], []
-    for f in files:
-        if f.name.upper() in _SKIP_NAMES:
-            continue
-        h = read_header(f)
+    files = [f for f in files if f.name.upper() not in _SKIP_NAMES]
+    for f, h in zip(files, read_headers(files)):
         (headers.append((f, h)) if h is not None else others.append(f))
     if headers:
         return read_dicom(headers, others, path, sid, series)

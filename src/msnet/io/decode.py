@@ -494,6 +494,24 @@ def shutdown_pool(kill: bool = False, wait_s: float = 0.0) -> None:
         manager.join(wait_s)
 
 
+def map_chunks(fn, items: list, min_items: int = 64) -> list:
+    """``fn`` (a module-level function: list -> list) over contiguous chunks of ``items`` in the worker
+    processes, results concatenated in order; in this process when there are fewer than ``min_items``
+    items or one core. A pool that breaks falls back to this process too."""
+    if len(items) < min_items or _n_workers() < 2:
+        return fn(items)
+    n_chunks = min(len(items), 2 * _n_workers())
+    chunks = [items[i * len(items) // n_chunks:(i + 1) * len(items) // n_chunks] for i in range(n_chunks)]
+    try:
+        with _signals_held():
+            futures = [_pool().submit(fn, c) for c in chunks]
+        return [r for f in futures for r in f.result()]
+    except (BrokenProcessPool, OSError, RuntimeError) as exc:
+        logger.warning("worker processes failed (%s); working in this process", exc)
+        shutdown_pool()
+        return fn(items)
+
+
 def decode_series(tasks: list, n_slices: int, transfer_syntax: str | None,
                   parallel: bool | None = None) -> tuple[np.ndarray, list, list[str]]:
     """Decode a series to HU (n_slices, rows, cols): (array, (decoder, error) per file, decoders used).
