@@ -246,6 +246,41 @@ def test_extract_on_onnx_int8_records_agreement_or_refuses(finetuned):
     assert meta["runtime"] == "onnx-int8" and agree["ok"] and agree["slices"] > 0
     assert -1.0 <= agree["cosine_min"] <= agree["cosine_mean"] <= 1.0
     assert (fdir / "onnx" / "backbone_int8.onnx").is_file()
+    # after training, every aggregator's decisions on the held-out reference studies: int8 against fp32
+    ref = agree["reference"]
+    assert len(ref["patients"]) == agree["held_out_studies"] > 0
+    assert all((fdir / ref["folder"] / f"{p}.npy").is_file() for p in ref["patients"])
+    from msnet.stages.train import train
+
+    cfg8 = load_config(finetuned / "config.yaml", ["extract.runtime=onnx", "extract.int8=true",
+                                                   "extract.int8_min_cosine=0.0", "train.aggregators=[msnet]",
+                                                   "train.epochs=30", "train.folds=1"])
+    train(cfg8)
+    info = json.loads((cfg8.run_path / "train" / "msnet" / "info.json").read_text())
+    decisions = json.loads((fdir / "meta.json").read_text())["int8_agreement"]["decisions"]["msnet"]
+    assert info["int8_decisions"] == decisions and decisions["studies"] == len(ref["patients"])
+    assert decisions["identical"] == decisions["studies"]  # cosine ~1 here: the same decisions
+    # fp32 reference features that no longer match the int8 ones, as a broken quantisation would give
+    # (scaled, shifted or sign-flipped until the trained model decides otherwise): training stops with the fix
+    import torch
+
+    from msnet.inference.bundle import load_aggregator
+    from msnet.stages.train import predict_proba
+
+    model, _ = load_aggregator(cfg8.run_path / "train" / "msnet" / "model.pt")
+    broken = 0
+    for p in ref["patients"]:
+        f = fdir / ref["folder"] / f"{p}.npy"
+        a = np.load(f)
+        decide = lambda x: int(predict_proba(model, [torch.from_numpy(np.ascontiguousarray(x, np.float32))]).argmax())
+        for b in (-a, 50 * a, -50 * a, np.roll(a, 1, axis=1) * 50, np.roll(a, 7, axis=1) * -50):
+            if decide(b) != decide(a):
+                np.save(f, b)
+                broken += 1
+                break
+    assert broken, "no corruption changed the decision"
+    with pytest.raises(MsnetError, match="int8 features differs"):
+        train(cfg8, overwrite=True)
     strict = load_config(finetuned / "config.yaml", ["extract.runtime=onnx", "extract.int8=true",
                                                      "extract.int8_min_cosine=1.0", "run_dir=run_strict"])
     (finetuned / "run_strict").mkdir()

@@ -114,3 +114,11 @@ def test_reading_ahead_gives_the_same_results_in_the_same_order(tiny_bundle, tmp
     again, again_status = predict_many(predictor, studies, out=tmp_path / "out", prefetch=1)  # resumed: nothing redone
     assert [r["study_id"] for r in again] == [r["study_id"] for r in plain]
     assert [s["status"] for s in again_status] == ["ok", "failed", "ok", "ok"]
+    # reader processes (read + checks + lung gate ahead, HU back through shared memory): the same answers
+    shm = set(Path("/dev/shm").glob("msnet-study-*"))
+    procs, procs_status = predict_many(predictor, studies, readers=2)
+    assert [s["status"] for s in procs_status] == ["ok", "failed", "ok", "ok"]
+    assert "not-a-study" in procs_status[1]["error"] and "no DICOM" in procs_status[1]["error"]
+    assert [r["probabilities"] for r in procs] == [r["probabilities"] for r in plain]
+    assert [r["warnings"] for r in procs] == [r["warnings"] for r in plain]
+    assert set(Path("/dev/shm").glob("msnet-study-*")) == shm  # no file left behind

@@ -26,6 +26,9 @@ class MsnetError(Exception):
             text = f"{text.rstrip('.')}. Fix: {fix}"
         super().__init__(text)
 
+    def __reduce__(self):  # from a worker process: problem, path and fix survive the trip
+        return type(self), (self.problem, self.path, self.fix)
+
 
 class LimitError(MsnetError):
     """An input over a configured size limit (a study too large, a possible decompression bomb).

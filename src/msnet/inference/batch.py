@@ -7,16 +7,22 @@ interruption keeps every finished study); ``predictions.csv``, ``predictions.jso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import tempfile
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text, write_csv_atomic
-from msnet.inference.predictor import Prediction, Predictor
+from msnet.inference.predictor import Prediction, Predictor, gate, read_volume
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +59,106 @@ def _write_tables(out: Path, classes: list[str], results: list[dict], status: li
     atomic_write_text(out / "predictions.json", json.dumps(results, indent=2, allow_nan=False))
 
 
-def _reads(predictor: Predictor, studies: list, skip: set[str], prefetch: int) -> Iterator[tuple]:
-    """(study, volume or None, read seconds, MsnetError or None) in order; with ``prefetch`` > 0, up to
-    that many studies are read ahead in a thread while the caller works on the current one."""
-    def read(study):
-        try:
-            return (*predictor.read(study), None)
-        except MsnetError as exc:
-            return None, 0.0, exc
+def _read(study) -> tuple:
+    """(volume or None, read seconds, MsnetError or None, gate result or None), in this process."""
+    try:
+        return (*read_volume(study), None, None)
+    except MsnetError as exc:
+        return None, 0.0, exc, None
 
-    if prefetch <= 0:
+
+def _read_and_gate(study) -> tuple:
+    """In a reader process: read a study and run the checks and lung gate on it; the HU travel back
+    through a file in shared memory (mapped by the parent, no copy), the rest pickled."""
+    try:
+        vol, read_s = read_volume(study)
+        checked = gate(vol)
+    except MsnetError as exc:
+        return None, 0.0, exc, None
+    hu = np.ascontiguousarray(vol.hu, dtype=np.float32)
+    folder = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    fd, name = tempfile.mkstemp(prefix="msnet-study-", suffix=".f32", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            hu.tofile(fh)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return replace(vol, hu=np.empty((0,) + hu.shape[1:], np.float32)), read_s, None, checked, name, hu.shape
+
+
+def _mapped(result: tuple) -> tuple:
+    """A reader process's result with its HU mapped back (copy-on-write) and the file unlinked."""
+    if len(result) == 4:
+        return result
+    vol, read_s, error, checked, name, shape = result
+    try:
+        hu = np.memmap(name, np.float32, mode="c", shape=shape)
+    finally:
+        os.unlink(name)
+    return replace(vol, hu=hu.view(np.ndarray)), read_s, error, checked
+
+
+def _reader_pool(readers: int) -> ProcessPoolExecutor:
+    import multiprocessing
+
+    from msnet.io.decode import worker_init
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(readers, mp_context=multiprocessing.get_context(method), initializer=worker_init,
+                               initargs=(os.getpid(),))
+
+
+def _reads(studies: list, skip: set[str], prefetch: int, readers: int = 0) -> Iterator[tuple]:
+    """(study, volume or None, read seconds, MsnetError or None, gate result or None) in order.
+
+    ``prefetch`` > 0: up to that many studies are read ahead in a thread while the caller works on
+    the current one. ``readers`` > 0: that many processes read studies ahead and run their checks
+    and lung gate (the host work of a study, mostly single-threaded), each decoding its own files. A
+    study whose reader process dies (a decoder crash) is read again here, with the crash-safe decode.
+    """
+    depth = max(prefetch, readers)
+    if depth <= 0:
         for study in studies:
-            yield (study, None, 0.0, None) if str(study) in skip else (study, *read(study))
+            yield (study, None, 0.0, None, None) if str(study) in skip else (study, *_read(study))
         return
     todo = [s for s in studies if str(s) not in skip]
-    with ThreadPoolExecutor(1, thread_name_prefix="msnet-read") as pool:
-        ahead: dict[int, Future] = {}
-        nxt = 0
+    pool = _reader_pool(readers) if readers > 0 else ThreadPoolExecutor(1, thread_name_prefix="msnet-read")
+    task = _read_and_gate if readers > 0 else _read
+    ahead: dict[int, Future] = {}
+    nxt = 0
+    try:
         for study in studies:
             if str(study) in skip:
-                yield study, None, 0.0, None
+                yield study, None, 0.0, None, None
                 continue
-            while nxt < len(todo) and len(ahead) <= prefetch:
-                ahead[nxt] = pool.submit(read, todo[nxt])
+            while nxt < len(todo) and len(ahead) <= depth:
+                ahead[nxt] = pool.submit(task, todo[nxt])
                 nxt += 1
-            k = min(ahead)
-            yield (study, *ahead.pop(k).result())
+            try:
+                result = _mapped(ahead.pop(min(ahead)).result())
+            except BrokenProcessPool as exc:
+                log.warning("a reader process died on %s (%s); reading it here", study, exc)
+                pool.shutdown(wait=False, cancel_futures=True)
+                _drop(ahead.values())
+                pool, ahead, nxt = _reader_pool(readers), {}, todo.index(study) + 1
+                result = _read(study)
+            yield (study, *result)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _drop(ahead.values())
+
+
+def _drop(futures) -> None:
+    """Studies read ahead and never used: their shared-memory files are removed."""
+    for fut in futures:
+        with contextlib.suppress(Exception):
+            _mapped(fut.result())
 
 
 def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path | None = None,
                  explain_dir: Path | None = None, on_result=None, on_study=None, prefetch: int | None = None,
-                 **predictor_kwargs) -> tuple[list[dict], list[dict]]:
+                 readers: int = 0, **predictor_kwargs) -> tuple[list[dict], list[dict]]:
     """Predict every study (paths or DICOMweb URLs); a bad one is recorded (status ``failed`` with the
     message) and skipped.
 
@@ -92,7 +167,9 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     study); ``on_result(prediction_dict)`` is called as each study finishes (the CLI prints there).
     With ``out``, studies a previous run finished are not redone. ``prefetch``: studies read ahead
     while the model works (default 1 on a GPU, where reading and the model use different hardware;
-    0 on the CPU, where they would share the same cores).
+    0 on the CPU, where they would share the same cores). ``readers``: processes that read studies
+    ahead and run their checks and lung gate (for a GPU fed from a many-core host, where that host
+    work, not the model, bounds the rate).
     """
     from rich.progress import track
 
@@ -110,8 +187,8 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
             log.info("%d of %d studies already done in %s: skipped", sum(str(s) in done for s in studies),
                      len(studies), out)
     results, status = [], []
-    reads = _reads(predictor, studies, set(done), prefetch)
-    for study, vol, read_s, error in track(reads, total=len(studies), description="predicting", transient=True,
+    reads = _reads(studies, set(done), prefetch, readers)
+    for study, vol, read_s, error, checked in track(reads, total=len(studies), description="predicting", transient=True,
                                            disable=len(studies) < 2):
         key = str(study)
         if key in done:
@@ -120,7 +197,7 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
             try:
                 if error is not None:
                     raise error
-                pred = predictor.predict_read(vol, read_s, explain_dir=explain_dir)
+                pred = predictor.predict_read(vol, read_s, explain_dir=explain_dir, checked=checked)
                 del vol
                 r = pred.to_dict()
                 if on_study is not None:

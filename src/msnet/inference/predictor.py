@@ -66,6 +66,34 @@ class Prediction:
                 " | ".join(self.warnings)]
 
 
+def read_volume(study: str | Path, study_id: str | None = None):
+    """A study (folder, file, .zip or DICOMweb study URL) -> (:class:`~msnet.io.CTVolume`, seconds)."""
+    from msnet.io import read_study
+    from msnet.io.archives import open_study
+    from msnet.io.dicomweb import is_dicomweb_url
+
+    t0 = time.perf_counter()
+    if is_dicomweb_url(study):
+        vol = read_study(str(study), study_id=study_id)
+    else:
+        with open_study(study) as path:
+            vol = read_study(path, study_id=study_id or Path(study).name.removesuffix(".zip"))
+    return vol, time.perf_counter() - t0
+
+
+def gate(vol) -> tuple[list[str], object]:
+    """The checks before any diagnosis: NaN, constant or impossible HU and no lungs are refused
+    (MsnetError); returns their warnings and the lung stats (None for grey-level images)."""
+    from msnet.io import check_volume
+    from msnet.preprocess import check_lungs
+
+    warnings = list(check_volume(replace(vol, warnings=[])).warnings)
+    lungs = check_lungs(vol)
+    if lungs is not None:
+        warnings += lungs.warnings
+    return warnings, lungs
+
+
 class Predictor:
     """Diagnose studies with a bundle.
 
@@ -123,17 +151,7 @@ class Predictor:
         """One study (folder, file, .zip or DICOMweb study URL) read to a :class:`~msnet.io.CTVolume`:
         (volume, seconds). Thread-safe: :func:`~msnet.inference.batch.predict_many` reads the next
         study this way while the model works on the current one."""
-        from msnet.io import read_study
-        from msnet.io.archives import open_study
-        from msnet.io.dicomweb import is_dicomweb_url
-
-        t0 = time.perf_counter()
-        if is_dicomweb_url(study):
-            vol = read_study(str(study), study_id=study_id)
-        else:
-            with open_study(study) as path:
-                vol = read_study(path, study_id=study_id or Path(study).name.removesuffix(".zip"))
-        return vol, time.perf_counter() - t0
+        return read_volume(study, study_id)
 
     def predict(self, study: str | Path, study_id: str | None = None, explain_dir: Path | None = None,
                 top_k: int = 5) -> Prediction:
@@ -142,17 +160,21 @@ class Predictor:
         vol, read_s = self.read(study, study_id)
         return self.predict_read(vol, read_s, explain_dir=explain_dir, top_k=top_k)
 
-    def predict_read(self, vol, read_s: float, explain_dir: Path | None = None, top_k: int = 5) -> Prediction:
+    def predict_read(self, vol, read_s: float, explain_dir: Path | None = None, top_k: int = 5,
+                     checked: tuple | None = None) -> Prediction:
         """A volume :meth:`read` returned -> :class:`Prediction`, its read time counted in."""
         timing = _timing()
         timing["read"] = read_s
-        result = self.predict_volume(vol, timing, explain_dir=explain_dir, top_k=top_k)
+        result = self.predict_volume(vol, timing, explain_dir=explain_dir, top_k=top_k, checked=checked)
         result.timing_s["total"] = read_s + result.timing_s["total"]
         return result
 
     def predict_volume(self, vol, timing: dict | None = None, explain_dir: Path | None = None,
-                       top_k: int = 5) -> Prediction:
-        """A read :class:`~msnet.io.CTVolume` -> :class:`Prediction` (the volume is not changed)."""
+                       top_k: int = 5, checked: tuple | None = None) -> Prediction:
+        """A read :class:`~msnet.io.CTVolume` -> :class:`Prediction` (the volume is not changed).
+
+        ``checked``: what :func:`gate` returned for this very volume (a reader process ran it), so it
+        is not run again."""
         from msnet.preprocess import model_slices
 
         timing = dict(timing or _timing())
@@ -162,13 +184,17 @@ class Predictor:
             warnings.insert(0, self.metadata["warning"])
         if self.spec.kind == "hu" and vol.kind == "grey":
             warnings.append("grey-level images, not HU: windowing skipped")
-        if self.device.type == "cuda" and not self.spec.lung_crop:
+        if checked is not None:
+            new_warnings, lungs = checked
+            slices = model_slices(vol, self.spec, lungs)
+            feats = self.encoder.encode(slices, vol.kind, timing)
+        elif self.device.type == "cuda" and not self.spec.lung_crop:
             # the checks run on the host while the GPU works: their verdict is awaited before any answer
             with ThreadPoolExecutor(1, thread_name_prefix="msnet-gate") as pool:
-                gate = pool.submit(self._gate, vol)
+                pending = pool.submit(self._gate, vol)
                 slices = vol.hu
                 feats = self.encoder.encode(slices, vol.kind, timing)
-                new_warnings, lungs = gate.result()
+                new_warnings, lungs = pending.result()
         else:
             new_warnings, lungs = self._gate(vol)
             slices = model_slices(vol, self.spec, lungs)
@@ -204,18 +230,7 @@ class Predictor:
             result.explanation["seconds"] = round(time.perf_counter() - t, 3)
         return result
 
-    @staticmethod
-    def _gate(vol) -> tuple[list[str], object]:
-        """The checks before any diagnosis: NaN, constant or impossible HU and no lungs are refused
-        (MsnetError); returns their warnings and the lung stats (None for grey-level images)."""
-        from msnet.io import check_volume
-        from msnet.preprocess import check_lungs
-
-        warnings = list(check_volume(replace(vol, warnings=[])).warnings)
-        lungs = check_lungs(vol)
-        if lungs is not None:
-            warnings += lungs.warnings
-        return warnings, lungs
+    _gate = staticmethod(gate)
 
     def _aggregate(self, feats: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Logits (k,) and slice scores (l,) from one aggregator pass."""

@@ -401,6 +401,9 @@ def _decode_chunk_mapped(tasks: list, filename: str, shape: tuple) -> list:
 
 
 _POOL: ProcessPoolExecutor | None = None
+IN_WORKER = False
+"""True in a process that reads whole studies for a parent (:func:`worker_init`): it decodes itself,
+with no pool of its own."""
 MAX_WORKERS = 16
 """Decode processes at most (one per core up to this): a 16-core GPU host decodes a 150-slice JPEG Lossless
 study in about the time its GPU needs for the model."""
@@ -442,6 +445,14 @@ def _worker_init(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="msnet-parent-watch", daemon=True).start()
+
+
+def worker_init(parent: int) -> None:
+    """Initializer for a pool of study readers (processes that read whole studies, each decoding
+    its own files): the decode workers' signal handling and parent watch, and no nested pool."""
+    global IN_WORKER, _POOL
+    IN_WORKER, _POOL = True, None  # a forked copy of the parent's pool must never be used here
+    _worker_init(parent)
 
 
 def _n_workers() -> int:
@@ -498,7 +509,7 @@ def map_chunks(fn, items: list, min_items: int = 64) -> list:
     """``fn`` (a module-level function: list -> list) over contiguous chunks of ``items`` in the worker
     processes, results concatenated in order; in this process when there are fewer than ``min_items``
     items or one core. A pool that breaks falls back to this process too."""
-    if len(items) < min_items or _n_workers() < 2:
+    if len(items) < min_items or _n_workers() < 2 or IN_WORKER:
         return fn(items)
     n_chunks = min(len(items), 2 * _n_workers())
     chunks = [items[i * len(items) // n_chunks:(i + 1) * len(items) // n_chunks] for i in range(n_chunks)]
@@ -526,7 +537,7 @@ def decode_series(tasks: list, n_slices: int, transfer_syntax: str | None,
     rows, cols = tasks[0][2]
     shape = (n_slices, rows, cols)
     if parallel is None:
-        parallel = str(transfer_syntax) not in UncompressedTransferSyntaxes
+        parallel = str(transfer_syntax) not in UncompressedTransferSyntaxes and not IN_WORKER
     results, safe = None, False
     if parallel:
         try:

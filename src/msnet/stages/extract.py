@@ -84,9 +84,16 @@ def runtime_key(cfg: Config) -> str:
     return "torch" if e.runtime == "torch" else ("onnx-int8" if e.int8 else "onnx")
 
 
+INT8_CHECK_STUDIES = 8
+"""Held-out studies whose int8 features are compared with fp32 (features, and after training the decisions)."""
+INT8_REFERENCE = "int8_reference"
+
+
 def onnx_encoder(cfg: Config, torch_encoder: SliceEncoder, rows: list[dict], folder: Path) -> tuple[SliceEncoder, dict]:
     """The run's encoder on ONNX Runtime. For int8: calibrated on training studies, then checked against
-    fp32 on held-out studies (per-slice cosine of the features); refused below extract.int8_min_cosine."""
+    fp32 on held-out studies (per-slice cosine of the features); refused below extract.int8_min_cosine.
+    Their fp32 features are kept: ``msnet train`` then requires every aggregator's decisions on them to
+    equal its decisions on their int8 features."""
     from msnet.io import read_study
 
     if not cfg.extract.int8:
@@ -100,15 +107,19 @@ def onnx_encoder(cfg: Config, torch_encoder: SliceEncoder, rows: list[dict], fol
 
     calib = torch_encoder.calibration_slices([read_study(r["path"]) for r in pick(train, 12)], 96)
     q = torch_encoder.to_onnx(folder, int8=True, calibration=calib)
-    cos = []
-    for r in pick(held, 4):
+    cos, reference = [], []
+    for r in pick(held, INT8_CHECK_STUDIES):
         vol = read_study(r["path"])
-        a, b = torch_encoder.encode(vol.hu, vol.kind), q.encode(vol.hu, vol.kind)
+        a, b = torch_encoder.encode_volume(vol), q.encode_volume(vol)
         cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1).numpy())
+        # fp32 features kept, so that `msnet train` can check the aggregators' decisions on them too
+        _save_npy(folder / INT8_REFERENCE / f"{r['patient_id']}.npy", a.numpy())
+        reference.append(r["patient_id"])
     c = np.concatenate(cos)
     agreement = {"held_out_studies": len(cos), "slices": int(c.size), "cosine_min": float(c.min()),
                  "cosine_mean": float(c.mean()), "threshold": cfg.extract.int8_min_cosine,
-                 "ok": bool(c.min() >= cfg.extract.int8_min_cosine)}
+                 "ok": bool(c.min() >= cfg.extract.int8_min_cosine),
+                 "reference": {"folder": f"{folder.name}/{INT8_REFERENCE}", "patients": reference}}
     atomic_write_text(folder / "int8_agreement.json", json.dumps(agreement, indent=2))
     if not agreement["ok"]:
         raise MsnetError(f"int8 features disagree with fp32 (per-slice cosine down to {c.min():.4f}, "

@@ -163,9 +163,10 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 
 
 def _train_fold(name: str, k: int, split: dict, feats: dict, y_of: dict, by_id: dict, meta: dict, fdir: Path,
-                adir: Path, cfg: Config, classes: list[str], n_splits: int, progress) -> tuple[list[dict], list[dict], int]:
+                adir: Path, cfg: Config, classes: list[str], n_splits: int, progress) -> tuple:
     """Train one aggregator on one split, calibrate it on the split's validation patients, save it, and
-    return its (calibrated) predictions for every patient of the split, its history and its size."""
+    return its (calibrated) predictions for every patient of the split, its history, its size and (for
+    int8 features) its decisions on the int8 reference studies."""
     from msnet.models.aggregators import create
 
     seed = cfg.train.seed * 100 + k
@@ -181,6 +182,7 @@ def _train_fold(name: str, k: int, split: dict, feats: dict, y_of: dict, by_id: 
                     extra={"feature_set": meta["set_id"], "backbone": meta["backbone"],
                            "feature_dtype": meta.get("feature_dtype", "float32"), "temperature": temperature,
                            "best_epoch": best["epoch"], "fold": k})
+    int8 = _int8_decisions(model, temperature, feats, meta, fdir)
     preds = []
     for role in ("train", "val", "test"):
         pids = split[role]
@@ -191,7 +193,32 @@ def _train_fold(name: str, k: int, split: dict, feats: dict, y_of: dict, by_id: 
             preds.append({"patient_id": p, "label": r["label"], "subset": r.get("subset", "") or role, "split": role,
                           "fold": k, "prediction": classes[int(pr.argmax())],
                           **{f"p_{c}": f"{v:.6f}" for c, v in zip(classes, pr)}})
-    return preds, [{"fold": k, **h} for h in hist], sum(p.numel() for p in model.parameters())
+    return preds, [{"fold": k, **h} for h in hist], sum(p.numel() for p in model.parameters()), int8
+
+
+def _record_int8(fdir: Path, name: str, int8: dict) -> None:
+    """Int8 decisions recorded in the feature cache's meta.json; different decisions stop the run."""
+    meta_path = fdir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("int8_agreement", {}).setdefault("decisions", {})[name] = int8
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    if int8["identical"] < int8["studies"]:
+        raise MsnetError(f"{name}: on {int8['studies'] - int8['identical']} of {int8['studies']} held-out studies the "
+                         "decision from int8 features differs from the decision from fp32 features", meta_path,
+                         "extract fp32 features (--set extract.int8=false) and train again")
+
+
+def _int8_decisions(model: nn.Module, temperature: float, feats: dict, meta: dict, fdir: Path) -> dict | None:
+    """For int8 features: the trained aggregator's decisions on the held-out reference studies, from their
+    int8 features (the cached ones) and from their fp32 features (kept by ``msnet extract``)."""
+    ref = (meta.get("int8_agreement") or {}).get("reference") or {}
+    pids = [p for p in ref.get("patients", []) if p in feats and (fdir / ref["folder"] / f"{p}.npy").is_file()]
+    if not pids:
+        return None
+    fp32 = [torch.from_numpy(np.load(fdir / ref["folder"] / f"{p}.npy")) for p in pids]
+    a = predict_proba(model, fp32, temperature=temperature).argmax(1)
+    b = predict_proba(model, [feats[p] for p in pids], temperature=temperature).argmax(1)
+    return {"studies": len(pids), "identical": int((a == b).sum())}
 
 
 def train(cfg: Config, overwrite: bool = False) -> dict:
@@ -226,18 +253,23 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
             adir = out / name
             if (adir / "info.json").exists() and not overwrite:
                 info = json.loads((adir / "info.json").read_text())
-                results[name] = info.get("test_accuracy")
-                log.info("%s: already trained (use --overwrite to retrain)", name)
-                continue
+                if info.get("features") == meta["set_id"]:
+                    results[name] = info.get("test_accuracy")
+                    log.info("%s: already trained (use --overwrite to retrain)", name)
+                    continue
+                log.info("%s: trained on other features (%s, now %s): training again", name, info.get("features"),
+                         meta["set_id"])
             adir.mkdir(parents=True, exist_ok=True)
             preds, history = [], []
             task = progress.add_task(f"training {name}", total=len(splits))
-            n_params = 0
+            n_params, int8 = 0, {"studies": 0, "identical": 0}
             for k, split in enumerate(splits):
-                fold_preds, hist, n_params = _train_fold(name, k, split, feats, y_of, by_id, meta, fdir, adir, cfg,
-                                                         classes, len(splits), progress)
+                fold_preds, hist, n_params, fold_int8 = _train_fold(name, k, split, feats, y_of, by_id, meta, fdir,
+                                                                    adir, cfg, classes, len(splits), progress)
                 preds += fold_preds
                 history += hist
+                for key in int8:
+                    int8[key] += (fold_int8 or {}).get(key, 0)
                 progress.advance(task)
             progress.remove_task(task)
             _write_csv(adir / "history.csv", history, ["fold", "epoch", "train_loss", "val_loss", "val_accuracy"])
@@ -254,7 +286,11 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
                 "classes": classes,
                 "test_accuracy": acc,
             }
+            if int8["studies"]:
+                info["int8_decisions"] = int8
             atomic_write_text(adir / "info.json", json.dumps(info, indent=2))
+            if int8["studies"]:
+                _record_int8(fdir, name, int8)
             log.info("%s: test accuracy %s", name, "n/a" if acc is None else f"{acc:.4f}")
             results[name] = acc
     return results
