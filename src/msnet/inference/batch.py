@@ -158,7 +158,7 @@ def _drop(futures) -> None:
 
 def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path | None = None,
                  explain_dir: Path | None = None, on_result=None, on_study=None, prefetch: int | None = None,
-                 readers: int = 0, **predictor_kwargs) -> tuple[list[dict], list[dict]]:
+                 readers: int | None = None, **predictor_kwargs) -> tuple[list[dict], list[dict]]:
     """Predict every study (paths or DICOMweb URLs); a bad one is recorded (status ``failed`` with the
     message) and skipped.
 
@@ -168,14 +168,17 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     With ``out``, studies a previous run finished are not redone. ``prefetch``: studies read ahead
     while the model works (default 1 on a GPU, where reading and the model use different hardware;
     0 on the CPU, where they would share the same cores). ``readers``: processes that read studies
-    ahead and run their checks and lung gate (for a GPU fed from a many-core host, where that host
-    work, not the model, bounds the rate).
+    ahead and run their checks and lung gate (default on a GPU: half the host's cores, 2 to 8; there
+    that host work, not the model, bounds the rate: benchmarks/gpu_from_files.py).
     """
     from rich.progress import track
 
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, **predictor_kwargs)
+    gpu = predictor.device.type != "cpu"
     if prefetch is None:
-        prefetch = 0 if predictor.device.type == "cpu" else 1
+        prefetch = 1 if gpu else 0
+    if readers is None:
+        readers = max(2, min(8, len(os.sched_getaffinity(0)) // 2)) if gpu and len(studies) > 1 else 0
     done: dict[str, dict] = {}
     if out is not None:
         out = Path(out)
