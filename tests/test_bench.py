@@ -41,3 +41,28 @@ def test_bench_extract_smoke() -> None:
     assert r["n_slices"] == 12 and set(r["runs"]) == {"torch", "onnx_fp32", "onnx_int8"}
     assert r["runs"]["onnx_fp32"]["cosine_min"] > 0.9999  # fp32 ONNX computes the same features
     assert all(v["slices_per_s"] > 0 for v in r["runs"].values())
+
+
+def test_bench_eager_variants_compute_the_same_features(tmp_path) -> None:
+    """Each eager variant is timed against the floor; an unknown one is refused by name."""
+    from msnet.bench import _eager_variant, bench_eager, temp_bundle
+    from msnet.inference.bundle import read_bundle
+
+    import torch
+
+    study = synthetic_studies(tmp_path / "s", n=1, size=64, slices=(6, 6), seed=3)[0]
+    names = ("contiguous, no_grad", "channels_last, inference_mode", "oneDNN fused (TorchScript freeze)")
+    r = bench_eager("cpu", study=study, size=64, batch_size=4, variants=names[:2])
+    assert list(r["variants"]) == list(names[:2]) and r["n_slices"] == 6 and r["floor_s"] > 0
+    assert all(v["s"] > 0 and v["over_floor"] > 0 for v in r["variants"].values()), r["variants"]
+    backbone = read_bundle(temp_bundle("cpu", tmp_path / "b", size=64)).backbone.eval()
+    x = torch.rand(3, 3, 64, 64)
+    outs = []
+    for name in names:
+        run, mode, xv = _eager_variant(name, backbone, x)
+        with mode():
+            outs.append(run(xv))
+    for out in outs[1:]:  # the variants change speed, never the features
+        assert torch.allclose(out, outs[0], atol=1e-4)
+    with pytest.raises(MsnetError, match="unknown variant"):
+        _eager_variant("fast please", backbone, x)

@@ -456,6 +456,21 @@ def bench_predict(
     run(config=config, study=study, threads=threads, repeats=repeats, int8=int8)
 
 
+@bench_app.command("eager")
+def bench_eager(
+    config: str = typer.Option("paper", help="paper (SE-ResNet50, 224 px) or cpu (EfficientNet-Lite0)."),
+    study: Optional[Path] = typer.Option(None, help="DICOM study (default: COVID-CT-MD P001 from ../shared/data)."),
+    threads: int = typer.Option(2, help="PyTorch threads."),
+    batch_size: int = typer.Option(16, help="Slices per forward pass."),
+    repeats: int = typer.Option(1, help="Timed repetitions (best is kept)."),
+) -> None:
+    """The eager PyTorch backbone, variant by variant (channels_last, inference mode, oneDNN fusion,
+    torch.compile), against the GEMM floor."""
+    from msnet.bench import bench_eager as run
+
+    run(config=config, study=study, threads=threads, batch_size=batch_size, repeats=repeats)
+
+
 @bench_app.command("extract")
 def bench_extract(
     config: str = typer.Option("cpu", help="paper (SE-ResNet50, 224 px) or cpu (EfficientNet-Lite0)."),
