@@ -186,14 +186,20 @@ def finetune(
     config: Path = typer.Argument(..., help="YAML config."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set finetune.epochs=2."),
     test: Optional[Path] = typer.Option(None, "--test", help="Held-out folder of the same layout to test on."),
+    cv: bool = typer.Option(False, "--cv", help="First cross-validate the recipe on source-grouped folds of "
+                            "`train` (finetune.folds, default 5); mean and sd under the key `cv`."),
     overwrite: bool = typer.Option(False, help="Redo finished work."),
 ) -> None:
     """Stage 1: fine-tune the slice backbone on slice labels."""
     from msnet.config import load_config
+    from msnet.stages.finetune import cross_validate
     from msnet.stages.finetune import finetune as run_finetune
 
     cfg = load_config(config, _overrides(set_))
+    cv_result = cross_validate(cfg, overwrite=overwrite) if cv else None
     result = run_finetune(cfg, test_dir=test, overwrite=overwrite)
+    if cv_result is not None:
+        result["cv"] = cv_result
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -59,15 +59,38 @@ class BackboneConfig:
 @dataclass
 class FinetuneConfig:
     enabled: bool = True
+    mode: str = "full"
+    """full: train backbone and head together; linear_probe: the backbone stays as loaded and only
+    the head is fitted (L2 logistic regression on its pooled features); lp_ft: the linear probe
+    first, then full fine-tuning starting from that head (Kumar et al. 2022)."""
     epochs: int = 100
     batch_size: int = 32
     lr: float = 1e-5
+    """Learning rate of the head (and of the backbone unless backbone_lr_scale says otherwise)."""
+    backbone_lr_scale: float = 1.0
+    """Backbone learning rate = lr * backbone_lr_scale."""
+    probe_c: float = 0.1
+    """Inverse L2 strength of the linear probe (as scikit-learn's C, on standardised features)."""
     weight_decay: float = 0.0
     class_weights: bool = True
     hflip: float = 0.5
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
+    crop_scale: float = 1.0
+    """Random resized crop: keep between this fraction and all of the image's area (1 = off)."""
+    rotate: float = 0.0
+    """Random rotation up to this many degrees either way (0 = off)."""
+    jpeg_quality: list[int] = field(default_factory=list)
+    """Random JPEG re-encoding: [low, high] quality range, applied with probability jpeg_prob
+    (empty = off); gives every class the codec's artefacts at varying strength."""
+    jpeg_prob: float = 0.0
+    downscale: float = 1.0
+    """Random resize: shrink to between this fraction and all of the size and back (1 = off)."""
+    freeze_bn: bool = False
+    """Batch-norm layers keep their (ImageNet) running statistics while fine-tuning."""
+    ema: float = 0.0
+    """Exponential moving average of the weights (decay per step; 0 = off); validated and saved."""
     infected_only: bool = True
     """Paper: only infected slices of COVID-19/CAP patients carry their class."""
     normal_slices_per_patient: int = 0
@@ -76,6 +99,9 @@ class FinetuneConfig:
     """Cap on slices per patient and class (0 = no cap); keeps CPU runs short."""
     val_fraction: float = 0.2
     """Patients held out for validation when the cohort has no `val` subset."""
+    folds: int = 0
+    """Slice manifests: hold out one of this many source-grouped, stratified folds of `train` for
+    model selection (0 = a random val_fraction of the images); `msnet finetune --cv` runs all folds."""
     early_stopping: int = 0
     """Stop after this many epochs without validation improvement (0 = off)."""
     seed: int = 0
@@ -147,6 +173,11 @@ def _build(cls, data: dict[str, Any], where: str):
         f = known[key]
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
             kwargs[key] = _build(f.default_factory, value, f"{where}{key}.")
+        elif f.type == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:  # YAML reads `3e-5` (no dot) as a string
+                kwargs[key] = float(value)
+            except ValueError as exc:
+                raise MsnetError(f"config key '{where}{key}' must be a number, not {value!r}") from exc
         else:
             kwargs[key] = value
     return cls(**kwargs)
@@ -191,7 +222,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     shipped config (loaded by name) against the working directory.
     """
     p = Path(path)
-    shipped = not p.exists() and str(path) in shipped_configs()
+    shipped = not p.is_file() and str(path) in shipped_configs()  # `ucsd` may also be a data folder
     if shipped:  # a shipped config by name: relative paths resolve against the working directory
         p = Path(__file__).parent / "configs" / f"{path}.yaml"
     if not p.is_file():

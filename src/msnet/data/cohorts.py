@@ -16,9 +16,11 @@ it into manifests once. Layouts understood (detected in this order):
   ``Label Index`` column skips 43 and is wrong from P044 on); labels run head to
   feet, i.e. canonical order. Normal patients get all-zero slice labels.
 - **slice images**: ROOT/<split>/<class>/*.png|jpg (split = train/val/test) ->
-  ``slices.csv`` (``image_path,label,subset,format,status,error``). ``format`` is
+  ``slices.csv`` (``image_path,label,subset,group,format,status,error``). ``format`` is
   the encoding found in the file's bytes (PNG/JPEG/...), not its extension: in
   UCSD COVID-CT every train JPEG is non-COVID, a shortcut a model can learn.
+  ``group`` is the image's source (patient id from ``meta/*.csv``, else the figure
+  or numbering run its file name gives; :func:`image_groups`) for grouped splits.
   ``CT_COVID`` -> ``COVID-19``, ``CT_NonCOVID`` -> ``NON-COVID``.
 - **class folders**: ROOT/<class>/<patient>, a patient being a DICOM folder, a
   .nii/.nii.gz file or an image folder.
@@ -377,15 +379,61 @@ def image_format(path: Path) -> str:
     return "unknown"
 
 
+def _meta_patients(root: Path) -> dict[str, str]:
+    """File name -> patient id from a UCSD-style ``meta/*MetaInfo*.csv`` under ``root`` (empty if none)."""
+    out: dict[str, str] = {}
+    for meta in sorted((root / "meta").glob("*.csv")) if (root / "meta").is_dir() else []:
+        with open(meta, newline="", encoding="utf-8-sig", errors="replace") as fh:
+            for r in csv.DictReader(fh):
+                name, pid = (r.get("File name") or "").strip(), (r.get("Patient ID") or "").strip()
+                if name and pid:
+                    out[name] = pid
+    return out
+
+
+def image_groups(names: list[str], patients: dict[str, str] | None = None) -> list[str]:
+    """A source group for each image file name of one class folder, for grouped splits.
+
+    A name listed in ``patients`` (a meta CSV) takes its patient id; ``<n>%<k>.<ext>`` names share
+    the group ``<n>`` (crops of one figure); purely numeric names form one group per run of
+    consecutive numbers (images numbered together come from one source); any other name is its
+    own group.
+
+    >>> image_groups(["35%0.jpg", "35%1.jpg", "2138.png", "2139.png", "2141.png", "a.png"])
+    ['fig:35', 'fig:35', 'run:2138', 'run:2138', 'run:2141', 'file:a.png']
+    >>> image_groups(["x.png"], {"x.png": "Patient 7"})
+    ['patient:Patient 7']
+    """
+    patients = patients or {}
+    numbers = sorted({int(Path(n).stem) for n in names if Path(n).stem.isdigit()})
+    run_of: dict[int, int] = {}
+    for k in numbers:
+        run_of[k] = run_of[k - 1] if k - 1 in run_of else k
+    out = []
+    for n in names:
+        stem = Path(n).stem
+        if n in patients:
+            out.append(f"patient:{patients[n]}")
+        elif "%" in stem and stem.split("%", 1)[0]:
+            out.append(f"fig:{stem.split('%', 1)[0]}")
+        elif stem.isdigit():
+            out.append(f"run:{run_of[int(stem)]}")
+        else:
+            out.append(f"file:{n}")
+    return out
+
+
 def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool) -> IndexReport:
     report = IndexReport(layout="slice-images")
+    patients = _meta_patients(root)
     for split in sorted(_image_split_dirs(root)):
         for class_dir in sorted(d for d in split.iterdir() if d.is_dir() and _visible(d)):
-            for f in sorted(class_dir.iterdir()):
-                if not (f.is_file() and _visible(f) and f.suffix.lower() in _IMAGE_EXT):
-                    continue
-                row = {"image_path": f, "label": map_class(class_dir.name), "subset": _SPLITS[split.name.lower()],
-                       "format": image_format(f), "status": "ok", "error": ""}
+            files = [f for f in sorted(class_dir.iterdir())
+                     if f.is_file() and _visible(f) and f.suffix.lower() in _IMAGE_EXT]
+            label = map_class(class_dir.name)
+            for f, group in zip(files, image_groups([f.name for f in files], patients)):
+                row = {"image_path": f, "label": label, "subset": _SPLITS[split.name.lower()],
+                       "group": f"{label}/{group}", "format": image_format(f), "status": "ok", "error": ""}
                 if check:
                     try:
                         from PIL import Image
@@ -402,7 +450,7 @@ def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool) ->
                     logger.debug("%s: extension says %s but content is %s", f.name, ext, row["format"])
                 report.rows.append(row)
     out = Path(out_dir) / "slices.csv"
-    header = ["image_path", "label", "subset", "format", "status", "error"]
+    header = ["image_path", "label", "subset", "group", "format", "status", "error"]
     write_csv_atomic(out, header, [{**r, "image_path": _rel(r["image_path"], out_dir)} for r in report.rows])
     report.outputs.append(out)
     report.n_failed = sum(r["status"] == "failed" for r in report.rows)

@@ -151,7 +151,7 @@ def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str) 
             )
         images.append(load_image_slice(r["image_path"], cfg.preprocess.size, cfg.data.reencode_jpeg))
         labels.append(classes.index(r["label"]))
-        groups.append(str(r["image_path"]))
+        groups.append(str(r.get("group") or r["image_path"]))
         formats.append(r.get("format") or image_format(r["image_path"]))
     if not images:
         raise MsnetError(f"no {desc} images")
@@ -172,6 +172,21 @@ def image_folder_rows(folder: Path) -> list[dict]:
     return rows
 
 
+def manifest_folds(rows: list[dict], k: int, seed: int) -> list[list[dict]]:
+    """``k`` label-stratified folds of manifest rows that never split a source group (``group``
+    column; rows without one are their own group)."""
+    from msnet.data.splits import stratified_folds
+
+    if k < 2:
+        raise MsnetError(f"finetune.folds={k}: cross-validation needs at least 2 folds", fix="set finetune.folds >= 2")
+    keys = [str(i) for i in range(len(rows))]
+    groups = [str(r.get("group") or r["image_path"]) for r in rows]
+    if len(set(groups)) < k:
+        raise MsnetError(f"{len(set(groups))} source groups cannot fill {k} folds", fix="lower finetune.folds")
+    folds = stratified_folds(keys, [r["label"] for r in rows], k, seed, groups=groups)
+    return [[rows[int(i)] for i in sorted(f, key=int)] for f in folds]
+
+
 def build_slice_sets(cfg: Config) -> dict[str, SliceSet]:
     """The train and val slice sets of stage 1 (test patients are never used)."""
     classes = list(cfg.data.classes)
@@ -182,7 +197,10 @@ def build_slice_sets(cfg: Config) -> dict[str, SliceSet]:
         rows = read_slice_manifest(cfg.resolve(cfg.data.slice_manifest))
         train = [r for r in rows if r.get("subset", "train") == "train"]
         val = [r for r in rows if r.get("subset") == "val" and ft.val_fraction < 0]
-        if not val:
+        if not val and ft.folds > 1:
+            folds = manifest_folds(train, ft.folds, ft.seed)
+            train, val = [r for f in folds[1:] for r in f], folds[0]
+        elif not val:
             # model selection on a part of train; the manifest's own val stays unseen (use --test)
             rng = random.Random(ft.seed)
             rng.shuffle(train)
@@ -216,6 +234,50 @@ def build_slice_sets(cfg: Config) -> dict[str, SliceSet]:
         "train": _cohort_slices(train, slice_labels, cfg, classes, "train"),
         "val": _cohort_slices(val, slice_labels, cfg, classes, "val"),
     }
+
+
+def augment_images(batch: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
+    """Geometric and codec augmentation of uint8 slices (n, c, S, S): random resized crop, small
+    rotation, random down- and up-sizing, random JPEG re-encoding (each as configured, else a no-op)."""
+    from PIL import Image
+
+    ft = cfg.finetune
+    if ft.crop_scale >= 1 and not ft.rotate and ft.downscale >= 1 and not (ft.jpeg_quality and ft.jpeg_prob > 0):
+        return batch
+    if ft.jpeg_quality and len(ft.jpeg_quality) != 2:
+        raise MsnetError(f"finetune.jpeg_quality={ft.jpeg_quality} is not a [low, high] pair", fix="e.g. [30, 95]")
+    rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    out = []
+    for img in batch:
+        chans = []
+        for plane in img:
+            chans.append(_augment_plane(Image.fromarray(plane.numpy()), ft, rng))
+        out.append(torch.stack(chans))
+    return torch.stack(out)
+
+
+def _augment_plane(im, ft, rng: random.Random) -> torch.Tensor:
+    from PIL import Image
+
+    size = im.size[0]
+    if ft.crop_scale < 1:
+        area = rng.uniform(ft.crop_scale, 1.0)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        w = min(size, int(round(size * np.sqrt(area * ratio))))
+        h = min(size, int(round(size * np.sqrt(area / ratio))))
+        x0, y0 = rng.randint(0, size - w), rng.randint(0, size - h)
+        im = im.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
+    if ft.rotate:
+        im = im.rotate(rng.uniform(-ft.rotate, ft.rotate), resample=Image.BILINEAR)
+    if ft.downscale < 1:
+        small = max(8, int(round(size * rng.uniform(ft.downscale, 1.0))))
+        im = im.resize((small, small), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+    if ft.jpeg_quality and rng.random() < ft.jpeg_prob:
+        buf = _io.BytesIO()
+        im.save(buf, format="JPEG", quality=rng.randint(int(ft.jpeg_quality[0]), int(ft.jpeg_quality[1])))
+        buf.seek(0)
+        im = Image.open(buf).convert("L")
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
 
 
 def augment(batch: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
@@ -282,6 +344,20 @@ class _Trainer:
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"accuracy": -1.0, "loss": float("inf"), "epoch": -1})
     start_epoch: int = 0
+    ema: nn.Module | None = None
+    """Exponential moving average of the weights (finetune.ema > 0): validated and saved instead."""
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.finetune.ema
+        for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+            pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(bm)
 
     @property
     def train_model(self) -> nn.Module:
@@ -292,6 +368,8 @@ class _Trainer:
     def resume(self, state_file: Path) -> None:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.start_epoch, self.history, self.best = state["epoch"] + 1, state["history"], state["best"]
         log.info("resuming fine-tuning at epoch %d", self.start_epoch + 1)
@@ -303,16 +381,22 @@ class _Trainer:
         gen = torch.Generator().manual_seed(cfg.finetune.seed * 1000 + epoch)
         order = torch.randperm(len(train_set), generator=gen)[self.rank::self.world]  # same permutation everywhere
         self.train_model.train()
+        if cfg.finetune.freeze_bn:  # keep the normalisation statistics the probe saw
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         total, n_seen = 0.0, 0
         for i in range(0, len(order), bs):
             idx = order[i : i + bs]
-            x = P.to_three_channels(P.dequantize(train_set.images[idx]))
+            x = P.to_three_channels(P.dequantize(augment_images(train_set.images[idx], cfg, gen)))
             x = P.normalize(augment(x, cfg, gen), mean, std).to(self.device)
             y = train_set.labels[idx].to(self.device)
             self.opt.zero_grad(set_to_none=True)
             loss = self.loss_fn(self.train_model(x), y)
             loss.backward()
             self.opt.step()
+            if self.ema is not None:
+                self._update_ema()
             total += loss.item() * len(idx)
             n_seen += len(idx)
             advance()
@@ -320,7 +404,7 @@ class _Trainer:
 
     def validate(self, epoch: int, train_loss: float, val_set: SliceSet, out: Path, classes: list[str]) -> bool:
         """Score the validation slices, log, checkpoint the best and the resume state; True if improved."""
-        probs = predict_slices(self.model, val_set, self.cfg, self.device)
+        probs = predict_slices(self.eval_model, val_set, self.cfg, self.device)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), val_set.labels))
         val_acc = float((probs.argmax(1) == val_set.labels.numpy()).mean())
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
@@ -331,23 +415,111 @@ class _Trainer:
         if improved:
             self.best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1}
             if D.is_main():
-                save_backbone(self.model, self.cfg, classes, out / "backbone.pt",
+                save_backbone(self.eval_model, self.cfg, classes, out / "backbone.pt",
                               extra={"epoch": epoch + 1, "val_accuracy": val_acc})
         if D.is_main():
-            atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
-                               "history": self.history, "best": self.best}, out / "state.pt")
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
+                     "history": self.history, "best": self.best}
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
+            atomic_torch_save(state, out / "state.pt")
             _write_history(out / "history.csv", self.history)
         return improved
 
 
+MODES = ("full", "linear_probe", "lp_ft")
+
+
+@torch.inference_mode()
+def pooled_features(backbone: nn.Module, data: SliceSet, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """The backbone's pooled features (n, num_features) of every slice, in eval mode, unaugmented."""
+    was_training = backbone.training
+    backbone.eval()
+    mean, std = backbone.data_config["mean"], backbone.data_config["std"]
+    out = [backbone(P.finish(P.dequantize(data.images[i : i + batch_size]), mean, std).to(device)).float().cpu()
+           for i in range(0, len(data), batch_size)]
+    backbone.train(was_training)
+    return torch.cat(out)
+
+
+def fit_linear_probe(model: nn.Module, data: SliceSet, cfg: Config, device: torch.device) -> None:
+    """Fit ``model.fc`` as an L2-regularised logistic regression on the frozen backbone's pooled
+    features, centred and scaled by one overall standard deviation (folded into the layer, so that no
+    feature of tiny variance gets a huge weight for fine-tuning to start from). The backbone is not changed."""
+    feats = pooled_features(model.backbone, data, device).double()
+    y = data.labels
+    n_classes = model.fc.out_features
+    mu, sd = feats.mean(0), feats.std().clamp_min(1e-6)
+    z = (feats - mu) / sd
+    weights = class_weights(y, n_classes).double() if cfg.finetune.class_weights else None
+    w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    lam = 1.0 / (max(cfg.finetune.probe_c, 1e-12) * len(y))
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(z @ w.T + b, y, weight=weights) + 0.5 * lam * (w**2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        model.fc.weight.copy_((w / sd).float())
+        model.fc.bias.copy_((b - (w * mu / sd).sum(1)).float())
+
+
 def _trainer(cfg: Config, train_set: SliceSet, n_classes: int, rank: int, world: int) -> _Trainer:
+    ft = cfg.finetune
+    if ft.mode not in MODES:
+        raise MsnetError(f"finetune.mode={ft.mode!r} is not one of {', '.join(MODES)}", fix="set finetune.mode")
     device = pick_device(cfg.device)
     model = build_model(cfg, n_classes).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay)
-    weights = class_weights(train_set.labels, n_classes) if cfg.finetune.class_weights else None
+    if ft.mode in ("linear_probe", "lp_ft"):
+        fit_linear_probe(model, train_set, cfg, device)
+    head = list(model.fc.parameters())
+    body = [p for p in model.backbone.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": ft.lr}]
+    if body and ft.backbone_lr_scale > 0:
+        groups.append({"params": body, "lr": ft.lr * ft.backbone_lr_scale})
+    opt = torch.optim.Adam(groups, lr=ft.lr, weight_decay=ft.weight_decay)
+    weights = class_weights(train_set.labels, n_classes) if ft.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
-    return _Trainer(cfg, model, opt, loss_fn, device, rank, world)
+    tr = _Trainer(cfg, model, opt, loss_fn, device, rank, world)
+    if ft.ema > 0 and ft.mode != "linear_probe":
+        import copy
+
+        tr.ema = copy.deepcopy(model).eval()
+        for q in tr.ema.parameters():
+            q.requires_grad_(False)
+    return tr
+
+
+def _fit(cfg: Config, train_set: SliceSet, val_set: SliceSet, out: Path, classes: list[str], rank: int = 0,
+         world: int = 1, resume: bool = False) -> _Trainer:
+    """Train one model (as finetune.mode says) with model selection on ``val_set``; the best
+    checkpoint is ``out/backbone.pt``."""
+    from msnet.progress import Rate
+
+    tr = _trainer(cfg, train_set, len(classes), rank, world)
+    ft = cfg.finetune
+    if resume and (out / "state.pt").exists():
+        tr.resume(out / "state.pt")
+    elif ft.mode != "full":  # the probe is a candidate too: epoch 0
+        tr.validate(-1, float("nan"), val_set, out, classes)
+    if ft.mode == "linear_probe":
+        return tr
+    stale, rate = 0, Rate(ft.epochs - tr.start_epoch, "epochs")
+    for epoch in range(tr.start_epoch, ft.epochs):
+        train_loss = tr.epoch(epoch, train_set, lambda: None)
+        stale = 0 if tr.validate(epoch, train_loss, val_set, out, classes) else stale + 1
+        log.info("fine-tuning: %s", rate.update())
+        if ft.early_stopping and stale >= ft.early_stopping:
+            log.info("early stopping after %d epochs without improvement", stale)
+            break
+    return tr
 
 
 def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device) -> tuple[np.ndarray, float]:
@@ -374,8 +546,6 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False) -> dict:
     """Run stage 1; returns the slice-level validation metrics (and test metrics with `test_dir`)."""
-    from msnet.progress import Rate
-
     rank, world = D.init_from_env()
     out = cfg.run_path / "finetune"
     done_file = out / "metrics.json"
@@ -391,18 +561,9 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
     seed_everything(cfg.finetune.seed)
     data = build_slice_sets(cfg)
     train_set, val_set = data["train"], data["val"]
-    log.info("fine-tuning on %d slices, validating on %d (classes %s)", len(train_set), len(val_set), classes)
-    tr = _trainer(cfg, train_set, len(classes), rank, world)
-    if (out / "state.pt").exists() and not overwrite:
-        tr.resume(out / "state.pt")
-    stale, rate = 0, Rate(cfg.finetune.epochs - tr.start_epoch, "epochs")
-    for epoch in range(tr.start_epoch, cfg.finetune.epochs):
-        train_loss = tr.epoch(epoch, train_set, lambda: None)
-        stale = 0 if tr.validate(epoch, train_loss, val_set, out, classes) else stale + 1
-        log.info("fine-tuning: %s", rate.update())
-        if cfg.finetune.early_stopping and stale >= cfg.finetune.early_stopping:
-            log.info("early stopping after %d epochs without improvement", stale)
-            break
+    log.info("fine-tuning (%s) on %d slices, validating on %d (classes %s)", cfg.finetune.mode, len(train_set),
+             len(val_set), classes)
+    tr = _fit(cfg, train_set, val_set, out, classes, rank, world, resume=not overwrite)
     D.barrier()
     probs, temperature = _calibrate(out / "backbone.pt", val_set, cfg, tr.device)
     metrics = slice_metrics(val_set, probs, classes)
@@ -414,6 +575,66 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
     if test_dir is not None:
         metrics["test"] = test(cfg, test_dir)
     return metrics
+
+
+def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
+    """Source-grouped, stratified k-fold CV of the recipe on the manifest's `train` images
+    (k = finetune.folds, at least 2): each fold is trained on the others, with model selection on a
+    grouped part of them, and scored once. Writes ``finetune/cv/cv_metrics.json`` (per fold, mean, sd)."""
+    from msnet.data.cohorts import read_slice_manifest
+    from msnet.metrics import classification_metrics
+
+    if not cfg.data.slice_manifest:
+        raise MsnetError("--cv needs a slice manifest (data.slice_manifest)", fix="run `msnet index` on the images")
+    ft, classes = cfg.finetune, list(cfg.data.classes)
+    out = cfg.run_path / "finetune" / "cv"
+    done = out / "cv_metrics.json"
+    if done.exists() and not overwrite:
+        return json.loads(done.read_text())
+    save_run_info(cfg, out, "finetune-cv")
+    rows = [r for r in read_slice_manifest(cfg.resolve(cfg.data.slice_manifest), only_ok=True)
+            if r.get("subset", "train") == "train"]
+    k = ft.folds if ft.folds > 1 else 5
+    folds = manifest_folds(rows, k, ft.seed)
+    per_fold = []
+    for i, held in enumerate(folds):
+        seed_everything(ft.seed + i)
+        rest = [r for j, f in enumerate(folds) if j != i for r in f]
+        inner = manifest_folds(rest, k, ft.seed + 1 + i)
+        fit_rows, sel_rows = [r for f in inner[1:] for r in f], inner[0]
+        fold_out = out / f"fold{i}"
+        fold_out.mkdir(parents=True, exist_ok=True)
+        data = {n: _image_slices(r, cfg, classes, n) for n, r in (("train", fit_rows), ("select", sel_rows),
+                                                                  ("test", held))}
+        tr = _fit(cfg, data["train"], data["select"], fold_out, classes)
+        probs, temperature = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
+        model = load_slice_classifier(fold_out / "backbone.pt", tr.device)
+        probs = _softmax(np.log(np.clip(predict_slices(model, data["test"], cfg, tr.device), 1e-12, None)) / temperature)
+        y = data["test"].labels.numpy()
+        m = classification_metrics(y, probs.argmax(1), probs, classes)
+        m = {key: m[key] for key in ("accuracy", "f1", "auc") if key in m}
+        m.update(n=len(y), best_epoch=tr.best["epoch"], by_format=_by_format(data["test"], probs, classes))
+        log.info("fold %d/%d: %s", i + 1, k, {key: m[key] for key in ("accuracy", "f1", "auc") if key in m})
+        per_fold.append(m)
+    summary = {key: {"mean": float(np.mean([f[key] for f in per_fold])), "sd": float(np.std([f[key] for f in per_fold]))}
+               for key in ("accuracy", "f1", "auc") if all(key in f for f in per_fold)}
+    result = {"folds": per_fold, **summary, "k": k, "mode": ft.mode}
+    atomic_write_text(done, json.dumps(result, indent=2))
+    return result
+
+
+def _by_format(data: SliceSet, probs: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy per encoded image format and class counts (the file-format shortcut check)."""
+    fmt = np.array(data.formats)
+    y, pred = data.labels.numpy(), probs.argmax(1)
+    return {
+        f: {
+            "n": int((fmt == f).sum()),
+            "accuracy": float((pred[fmt == f] == y[fmt == f]).mean()),
+            "per_class_n": {c: int(((fmt == f) & (y == k)).sum()) for k, c in enumerate(classes)},
+        }
+        for f in sorted(set(data.formats))
+    }
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -489,15 +710,6 @@ def test(cfg: Config, test_dir: Path) -> dict:
     metrics["temperature"] = model.temperature
     metrics["test_dir"] = str(test_dir)
     if data.formats:  # the file-format shortcut check: accuracy per encoded format and class
-        fmt = np.array(data.formats)
-        y, pred = data.labels.numpy(), probs.argmax(1)
-        metrics["by_format"] = {
-            f: {
-                "n": int((fmt == f).sum()),
-                "accuracy": float((pred[fmt == f] == y[fmt == f]).mean()),
-                "per_class_n": {c: int(((fmt == f) & (y == k)).sum()) for k, c in enumerate(classes)},
-            }
-            for f in sorted(set(data.formats))
-        }
+        metrics["by_format"] = _by_format(data, probs, classes)
     atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
     return metrics

@@ -1,0 +1,182 @@
+"""Fine-tuning modes (linear probe, LP-FT, full), source-grouped folds and the image augmentations,
+on tiny synthetic slice images (UCSD layout)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from msnet.config import load_config
+from msnet.data.cohorts import image_groups, index_dataset, read_slice_manifest
+from msnet.errors import MsnetError
+from msnet.stages import finetune as F
+
+
+def _write_images(root: Path, seed: int = 0) -> None:
+    """Bright-blob "COVID" images vs dark ones; names follow the dataset's grouping patterns."""
+    rng = np.random.default_rng(seed)
+    names = {
+        "CT_COVID": [f"paper{k}-p{j}.png" for k in range(6) for j in range(2)],
+        "CT_NonCOVID": [f"{k}%{j}.jpg" for k in range(3) for j in range(2)] + [f"{n}.png" for n in (10, 11, 20, 21, 30, 40)],
+    }
+    for split in ("train", "val"):
+        for cls, files in names.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for name in files if split == "train" else files[:4]:
+                img = rng.integers(0, 80, (40, 40)).astype(np.uint8)
+                if cls == "CT_COVID":
+                    img[10:30, 10:30] += 120
+                Image.fromarray(img).save(folder / name, format="JPEG" if name.endswith(".jpg") else "PNG")
+    meta = root / "meta"
+    meta.mkdir()
+    with open(meta / "MetaInfo.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["File name", "Patient ID", "Age"])
+        for k in range(6):
+            for j in range(2):
+                w.writerow([f"paper{k}-p{j}.png", f"Patient {k // 2}", ""])  # two papers per patient
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ucsd") / "data"
+    _write_images(root)
+    index_dataset(root, root.parent / "index")
+    return root
+
+
+def _config(folder: Path, images: Path, **finetune) -> object:
+    data = yaml.safe_load((Path(F.__file__).parents[1] / "configs" / "tiny.yaml").read_text())
+    data["run_dir"] = str(folder / "run")
+    data["data"] = {"slice_manifest": str(images.parent / "index" / "slices.csv"), "cohort": "", "slice_labels": "",
+                    "classes": ["COVID-19", "NON-COVID"]}
+    data["preprocess"] = {"size": 32}
+    data["finetune"] = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "folds": 3, **finetune}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+def test_index_groups_images_by_patient_figure_and_numbering_run(images):
+    rows = read_slice_manifest(images.parent / "index" / "slices.csv")
+    group = {Path(r["image_path"]).name: r["group"] for r in rows if r["subset"] == "train"}
+    assert group["paper0-p0.png"] == group["paper1-p1.png"] == "COVID-19/patient:Patient 0"
+    assert group["paper2-p0.png"] != group["paper0-p0.png"]
+    assert group["0%0.jpg"] == group["0%1.jpg"] != group["1%0.jpg"]
+    assert group["10.png"] == group["11.png"] != group["20.png"]
+    assert group["30.png"] != group["40.png"]
+    assert image_groups(["5.png", "7.png", "6.png"]) == ["run:5"] * 3  # consecutive in any listing order
+
+
+def test_grouped_folds_never_split_a_group_and_stratify(images):
+    rows = [r for r in read_slice_manifest(images.parent / "index" / "slices.csv") if r["subset"] == "train"]
+    folds = F.manifest_folds(rows, 3, seed=1)
+    assert sorted(str(r["image_path"]) for f in folds for r in f) == sorted(str(r["image_path"]) for r in rows)
+    fold_of = defaultdict(set)
+    for i, f in enumerate(folds):
+        for r in f:
+            fold_of[r["group"]].add(i)
+    assert all(len(v) == 1 for v in fold_of.values())
+    assert all({r["label"] for r in f} == {"COVID-19", "NON-COVID"} for f in folds)
+    with pytest.raises(MsnetError):
+        F.manifest_folds(rows, 50, seed=1)  # more folds than groups
+
+
+def test_linear_probe_fits_the_head_only(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="linear_probe")
+    data = F.build_slice_sets(cfg)["train"]
+    torch.manual_seed(0)
+    model = F.build_model(cfg, 2)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head_before = model.fc.weight.detach().clone()
+    F.fit_linear_probe(model, data, cfg, torch.device("cpu"))
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(head_before, model.fc.weight)
+    probs = F.predict_slices(model, data, cfg, torch.device("cpu"))
+    assert (probs.argmax(1) == data.labels.numpy()).mean() >= 0.9  # separable toy classes
+
+
+def test_linear_probe_mode_leaves_the_saved_backbone_as_loaded(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="linear_probe")
+    torch.manual_seed(0)
+    reference = F.build_model(cfg, 2).backbone.state_dict()
+    F.finetune(cfg)  # seeds the same way before building the model
+    model = F.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
+    saved = model.backbone.state_dict()
+    assert all(torch.allclose(reference[k].float(), saved[k].float()) for k in reference)
+    history = list(csv.DictReader(open(cfg.run_path / "finetune" / "history.csv")))
+    assert [int(r["epoch"]) for r in history] == [0]
+
+
+def test_lp_ft_starts_the_full_phase_from_the_probe_head(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="lp_ft", backbone_lr_scale=0.1)
+    data = F.build_slice_sets(cfg)["train"]
+    torch.manual_seed(0)
+    probe = F.build_model(cfg, 2)
+    F.fit_linear_probe(probe, data, cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    tr = F._trainer(cfg, data, 2, 0, 1)
+    assert torch.allclose(tr.model.fc.weight, probe.fc.weight) and torch.allclose(tr.model.fc.bias, probe.fc.bias)
+    assert [g["lr"] for g in tr.opt.param_groups] == pytest.approx([1e-3, 1e-4])
+    (tmp_path / "full").mkdir()
+    full_cfg = _config(tmp_path / "full", images, mode="full")
+    torch.manual_seed(0)
+    full = F._trainer(full_cfg, data, 2, 0, 1)
+    assert not torch.allclose(full.model.fc.weight, probe.fc.weight)
+
+
+def test_lp_ft_run_records_the_probe_as_epoch_zero(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="lp_ft", epochs=1, freeze_bn=True, ema=0.9)
+    result = F.finetune(cfg)
+    history = list(csv.DictReader(open(cfg.run_path / "finetune" / "history.csv")))
+    assert [int(r["epoch"]) for r in history] == [0, 1]
+    assert result["best_epoch"] in (0, 1) and result["n_train"] + result["n_val"] == 24
+
+
+def test_unknown_mode_is_refused(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="probe")
+    with pytest.raises(MsnetError, match="finetune.mode"):
+        F.finetune(cfg)
+
+
+def test_image_augmentation_keeps_shape_and_is_seeded(images, tmp_path):
+    cfg = _config(tmp_path, images, crop_scale=0.5, rotate=10, downscale=0.5, jpeg_quality=[20, 40], jpeg_prob=1.0)
+    batch = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    a = F.augment_images(batch, cfg, torch.Generator().manual_seed(3))
+    b = F.augment_images(batch, cfg, torch.Generator().manual_seed(3))
+    assert a.shape == batch.shape and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, batch)
+    off = _config(tmp_path, images)
+    assert F.augment_images(batch, off, torch.Generator().manual_seed(3)) is batch
+    bad = _config(tmp_path, images, jpeg_quality=[50], jpeg_prob=1.0)
+    with pytest.raises(MsnetError, match="jpeg_quality"):
+        F.augment_images(batch, bad, torch.Generator().manual_seed(3))
+
+
+def test_cross_validation_scores_every_train_image_once(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="linear_probe", folds=3)
+    result = F.cross_validate(cfg)
+    assert result["k"] == 3 and len(result["folds"]) == 3
+    assert sum(f["n"] for f in result["folds"]) == 24  # train only; val never enters
+    assert 0.0 <= result["accuracy"]["mean"] <= 1.0 and result["accuracy"]["sd"] >= 0.0
+    saved = json.loads((cfg.run_path / "finetune" / "cv" / "cv_metrics.json").read_text())
+    assert saved["accuracy"] == result["accuracy"]
+
+
+def test_shipped_ucsd_config_loads_beside_an_index_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ucsd").mkdir()  # `msnet index ... -o ucsd` makes this folder
+    cfg = load_config("ucsd")
+    assert cfg.data.slice_manifest == "ucsd/slices.csv"
+    assert cfg.resolve(cfg.data.slice_manifest) == tmp_path / "ucsd" / "slices.csv"
+    assert cfg.finetune.mode in F.MODES and cfg.finetune.folds >= 2
