@@ -37,22 +37,6 @@ DEFAULT_STUDY = (Path(__file__).resolve().parents[1].parent / "shared" / "data" 
                  / "COVID-19 subjects" / "P001")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def _copies(study: Path, folder: Path, n: int) -> list[Path]:
     """``n`` copies of a study folder as hard links (symbolic links when the file system has none)."""
     out = []
@@ -71,13 +55,12 @@ def _copies(study: Path, folder: Path, n: int) -> list[Path]:
 
 
 def _folder(pred, studies: list[Path], prefetch: int, device: torch.device, readers: int = 0) -> dict:
+    from msnet.bench import timed
     from msnet.inference.batch import predict_many
 
-    _sync(device)
-    t = time.perf_counter()
-    results, status = predict_many(pred, studies, prefetch=prefetch, readers=readers)
-    _sync(device)
-    wall = time.perf_counter() - t
+    status: list[dict] = []
+    wall = timed(lambda: status.extend(predict_many(pred, studies, prefetch=prefetch, readers=readers)[1]),
+                 device, 1)[0]
     ok = sum(s["status"] == "ok" for s in status)
     return {"prefetch": prefetch, "readers": readers, "patients": len(studies), "ok": ok, "wall_s": round(wall, 3),
             "s_per_patient": round(wall / len(studies), 4), "patients_per_min": round(60 * len(studies) / wall, 1)}
@@ -98,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args(argv)
 
-    from msnet.bench import temp_bundle
-    from msnet.inference.predictor import Predictor
+    from msnet.bench import run_batches, temp_bundle, timed
+    from msnet.inference.predictor import Predictor, gate
     from msnet.io import decode
     from msnet.io.dicom import read_headers
 
@@ -116,28 +99,21 @@ def main(argv: list[str] | None = None) -> dict:
             x = x.pin_memory()
 
         def backbone_only():
-            for i in range(0, len(x), pred.batch_size):
-                pred.encoder.embed(x[i:i + pred.batch_size])
+            run_batches(pred.encoder.embed, x, pred.batch_size)
 
         t = time.perf_counter()
         for _ in range(args.warmup):  # cudnn autotune, allocator, decode workers forked
             backbone_only()
             pred.predict(args.study)
         warmup_s = time.perf_counter() - t
-        bb = _timed(backbone_only, device, args.repeats)
-        hu = _timed(lambda: pred.predict_volume(vol), device, args.repeats)
-        reads = _timed(lambda: pred.read(args.study), device, args.repeats)
+        bb = timed(backbone_only, device, args.repeats)
+        hu = timed(lambda: pred.predict_volume(vol), device, args.repeats)
+        reads = timed(lambda: pred.read(args.study), device, args.repeats)
         files_in_study = sorted(p for p in args.study.rglob("*") if p.is_file())
-        headers = _timed(lambda: read_headers(files_in_study), device, args.repeats)
-        gate = _timed(lambda: pred._gate(vol), device, args.repeats)
-        files, stages = [], []
-        for _ in range(args.repeats):
-            _sync(device)
-            t = time.perf_counter()
-            r = pred.predict(args.study)
-            _sync(device)
-            files.append(time.perf_counter() - t)
-            stages.append(r.timing_s)
+        headers = timed(lambda: read_headers(files_in_study), device, args.repeats)
+        checks = timed(lambda: gate(vol), device, args.repeats)
+        stages: list[dict] = []
+        files = timed(lambda: stages.append(pred.predict(args.study).timing_s), device, args.repeats)
         studies = _copies(args.study, tmp / "folder", args.patients)
         readers = args.readers or max(2, min(8, len(os.sched_getaffinity(0)) // 2))
         folder = [_folder(pred, studies, 0, device), _folder(pred, studies, 1, device),
@@ -153,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "from_hu_s": round(min(hu), 4), "from_hu_median_s": round(statistics.median(hu), 4),
         "read_s": round(min(reads), 4), "read_median_s": round(statistics.median(reads), 4),
         "header_pass_median_s": round(statistics.median(headers), 4),
-        "checks_and_lung_gate_median_s": round(statistics.median(gate), 4),
+        "checks_and_lung_gate_median_s": round(statistics.median(checks), 4),
         "from_files_s": round(min(files), 4), "from_files_median_s": round(statistics.median(files), 4),
         "from_files_per_150_slices_s": round(statistics.median(files) * per150, 4),
         "stages_median_s": {k: round(statistics.median(s[k] for s in stages), 4) for k in stages[0]},

@@ -24,22 +24,6 @@ from pathlib import Path
 import torch
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args(argv)
 
-    from msnet.bench import temp_bundle
+    from msnet.bench import run_batches, temp_bundle, timed
     from msnet.io import read_study
     from msnet.inference.predictor import Predictor
     from msnet.data.synthetic import synth_cohort
@@ -74,17 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
             x = x.pin_memory()
 
         def backbone_only():
-            for i in range(0, len(x), pred.batch_size):
-                pred.encoder.embed(x[i:i + pred.batch_size])
+            run_batches(pred.encoder.embed, x, pred.batch_size)
 
         t = time.perf_counter()
         for _ in range(args.warmup):  # compile / cudnn autotune / allocator
             backbone_only()
             pred.predict_volume(vol)
         warmup_s = time.perf_counter() - t
-        bb = _timed(backbone_only, device, args.repeats)
-        e2e = _timed(lambda: pred.predict_volume(vol), device, args.repeats)
-        files = _timed(lambda: pred.predict(study), device, max(1, args.repeats // 3))
+        bb = timed(backbone_only, device, args.repeats)
+        e2e = timed(lambda: pred.predict_volume(vol), device, args.repeats)
+        files = timed(lambda: pred.predict(study), device, max(1, args.repeats // 3))
         last = pred.predict_volume(vol).to_dict()
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -51,6 +51,37 @@ def _plain_read(study: Path) -> np.ndarray:
     return np.stack([s[1] for s in slices])
 
 
+def run_batches(fn, x, batch_size: int) -> None:
+    """``fn`` over ``x`` in slices of ``batch_size`` (a backbone over a study's preprocessed slices)."""
+    for i in range(0, len(x), batch_size):
+        fn(x[i:i + batch_size])
+
+
+def timed(fn, device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``; on a CUDA ``device`` synchronised before and after."""
+    import torch
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
+    out = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def backbone_floor(backbone, size: int, n_slices: int, threads: int) -> tuple[float, float, float]:
+    """(FLOPs per slice, this machine's fp32 GEMM GFLOP/s, floor seconds for ``n_slices``): the backbone's
+    FLOPs at the GEMM rate measured now."""
+    from msnet.models.backbones import flops_per_image
+
+    flops = flops_per_image(backbone, (3, size, size))
+    gflops = gemm_gflops(threads)
+    return flops, gflops, flops * n_slices / (gflops * 1e9)
+
+
 def _best(fn, repeats: int):
     best, result = float("inf"), None
     for _ in range(max(1, repeats)):
@@ -199,11 +230,9 @@ def _naive(study: Path, bundle: Path, batch: int = 32) -> tuple[float, dict]:
 def _backbone_only(predictor, x) -> float:
     """Seconds for the predictor's backbone over preprocessed slices, in its batch size (no read, no preprocess)."""
     enc = predictor.encoder
-    bs = enc.batch_size
-    enc.embed(x[:bs])  # warm-up outside the timing
+    enc.embed(x[:enc.batch_size])  # warm-up outside the timing
     t = time.perf_counter()
-    for i in range(0, len(x), bs):
-        enc.embed(x[i:i + bs])
+    run_batches(enc.embed, x, enc.batch_size)
     return time.perf_counter() - t
 
 
@@ -264,7 +293,6 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     from msnet.inference.predictor import Predictor
     from msnet.io import read_study
     from msnet.io.decode import quiet_pydicom
-    from msnet.models.backbones import flops_per_image
 
     study = Path(study) if study else default_study()
     if not study.exists():
@@ -275,9 +303,7 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
         bundle = temp_bundle(config, Path(tmp) / "bundle", size=size)
         ref = Predictor(bundle, runtime="torch", **opts)
         vol = read_study(study)  # also starts the decode pool, as in a long-running service
-        flops = flops_per_image(ref.bundle.backbone, (3, ref.spec.size, ref.spec.size))
-        gflops = gemm_gflops(threads)
-        floor_s = flops * vol.n_slices / (gflops * 1e9)
+        flops, gflops, floor_s = backbone_floor(ref.bundle.backbone, ref.spec.size, vol.n_slices, threads)
         _, (naive_s, naive) = _best(lambda: _naive(study, bundle), repeats)
         x = ref.spec.prepare(vol.hu, vol.kind)
         runs: dict[str, dict] = {}
@@ -650,7 +676,6 @@ def bench_eager(config: str = "paper", study: Path | None = None, threads: int =
     from msnet.inference.predictor import Predictor
     from msnet.io import read_study
     from msnet.io.decode import quiet_pydicom
-    from msnet.models.backbones import flops_per_image
 
     study = Path(study) if study else default_study()
     torch.set_num_threads(threads)
@@ -659,8 +684,7 @@ def bench_eager(config: str = "paper", study: Path | None = None, threads: int =
                          batch_size=batch_size)
         vol = read_study(study)
         x = pred.spec.prepare(vol.hu, vol.kind)
-        flops = flops_per_image(pred.bundle.backbone, (3, pred.spec.size, pred.spec.size))
-        floor_s = flops * vol.n_slices / (gemm_gflops(threads) * 1e9)
+        _, _, floor_s = backbone_floor(pred.bundle.backbone, pred.spec.size, vol.n_slices, threads)
         rows = {}
         for name in variants:
             try:
@@ -670,11 +694,7 @@ def bench_eager(config: str = "paper", study: Path | None = None, threads: int =
                     run(xv[:batch_size])  # warm-up (and the compilation, timed apart)
                     setup_s = time.perf_counter() - t
 
-                    def once():
-                        for i in range(0, len(xv), batch_size):
-                            run(xv[i:i + batch_size])
-
-                    s, _ = _best(once, repeats)
+                    s, _ = _best(lambda: run_batches(run, xv, batch_size), repeats)
                 rows[name] = {"s": round(s, 3), "over_floor": round(s / floor_s, 3), "setup_s": round(setup_s, 1)}
             except Exception as exc:  # a variant this machine cannot run
                 rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}

@@ -184,19 +184,15 @@ class Predictor:
             warnings.insert(0, self.metadata["warning"])
         if self.spec.kind == "hu" and vol.kind == "grey":
             warnings.append("grey-level images, not HU: windowing skipped")
-        if checked is not None:
-            new_warnings, lungs = checked
-            slices = model_slices(vol, self.spec, lungs)
-            feats = self.encoder.encode(slices, vol.kind, timing)
-        elif self.device.type == "cuda" and not self.spec.lung_crop:
+        if checked is None and self.device.type == "cuda" and not self.spec.lung_crop:
             # the checks run on the host while the GPU works: their verdict is awaited before any answer
             with ThreadPoolExecutor(1, thread_name_prefix="msnet-gate") as pool:
-                pending = pool.submit(self._gate, vol)
+                pending = pool.submit(gate, vol)
                 slices = vol.hu
                 feats = self.encoder.encode(slices, vol.kind, timing)
                 new_warnings, lungs = pending.result()
         else:
-            new_warnings, lungs = self._gate(vol)
+            new_warnings, lungs = checked if checked is not None else gate(vol)
             slices = model_slices(vol, self.spec, lungs)
             feats = self.encoder.encode(slices, vol.kind, timing)
         warnings += [w for w in new_warnings if w not in warnings]
@@ -229,8 +225,6 @@ class Predictor:
             result.explanation = explain(self, seen, feats, pred, scores, order, Path(explain_dir))
             result.explanation["seconds"] = round(time.perf_counter() - t, 3)
         return result
-
-    _gate = staticmethod(gate)
 
     def _aggregate(self, feats: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Logits (k,) and slice scores (l,) from one aggregator pass."""

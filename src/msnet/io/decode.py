@@ -505,6 +505,12 @@ def shutdown_pool(kill: bool = False, wait_s: float = 0.0) -> None:
         manager.join(wait_s)
 
 
+def _chunks(items: list, n: int) -> list[list]:
+    """``items`` in at most ``n`` contiguous chunks of near-equal size, in order."""
+    n = min(len(items), n)
+    return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+
+
 def map_chunks(fn, items: list, min_items: int = 64) -> list:
     """``fn`` (a module-level function: list -> list) over contiguous chunks of ``items`` in the worker
     processes, results concatenated in order; in this process when there are fewer than ``min_items``
@@ -513,8 +519,7 @@ def map_chunks(fn, items: list, min_items: int = 64) -> list:
     pool that breaks falls back to this process too."""
     if len(items) < min_items or _n_workers() < 4 or IN_WORKER:
         return fn(items)
-    n_chunks = min(len(items), 2 * _n_workers())
-    chunks = [items[i * len(items) // n_chunks:(i + 1) * len(items) // n_chunks] for i in range(n_chunks)]
+    chunks = _chunks(items, 2 * _n_workers())
     try:
         with _signals_held():
             futures = [_pool().submit(fn, c) for c in chunks]
@@ -569,8 +574,7 @@ def _decode_parallel(tasks: list, shape: tuple) -> tuple[list, np.ndarray]:
     os.close(fd)
     try:
         hu = np.memmap(filename, np.float32, mode="w+", shape=shape)
-        n_chunks = min(len(tasks), 4 * _n_workers())
-        chunks = [tasks[i * len(tasks) // n_chunks:(i + 1) * len(tasks) // n_chunks] for i in range(n_chunks)]
+        chunks = _chunks(tasks, 4 * _n_workers())
         with _signals_held():
             futures = [_pool().submit(_decode_chunk_mapped, c, filename, shape) for c in chunks]
         results = [r for f in futures for r in f.result()]
