@@ -180,3 +180,129 @@ def test_shipped_ucsd_config_loads_beside_an_index_folder_of_that_name(tmp_path,
     assert cfg.data.slice_manifest == "ucsd/slices.csv"
     assert cfg.resolve(cfg.data.slice_manifest) == tmp_path / "ucsd" / "slices.csv"
     assert cfg.finetune.mode in F.MODES and cfg.finetune.folds >= 2
+
+
+def _textured(size: int, seed: int = 0) -> Image.Image:
+    """A smooth picture with fine texture on it, at ``size`` px."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    smooth = 120 + 80 * np.sin(3 * xx) * np.cos(2 * yy)
+    return Image.fromarray(np.clip(smooth + rng.normal(0, 40, (size, size)), 0, 255).astype(np.uint8))
+
+
+def test_base_size_gives_every_source_resolution_the_same_detail(tmp_path):
+    sharp = _textured(256)
+    sharp.save(tmp_path / "sharp.png")
+    sharp.resize((64, 64), Image.BILINEAR).save(tmp_path / "small.png")  # the same picture, less detail
+
+    def gap(base: int) -> float:
+        a = F.load_image_slice(tmp_path / "sharp.png", 128, base_size=base).float()
+        b = F.load_image_slice(tmp_path / "small.png", 128, base_size=base).float()
+        return float((a - b).abs().mean())
+
+    assert gap(48) < 0.5 * gap(0)  # without it, sharpness alone tells the two sources apart
+    # the served path (the spec stored with the weights) does the same
+    from msnet.preprocess import PreprocessSpec
+
+    grey = [np.asarray(Image.open(tmp_path / n), dtype=np.float32)[None] for n in ("sharp.png", "small.png")]
+    for base, expect_close in ((0, False), (48, True)):
+        spec = PreprocessSpec(kind="grey", size=128, base_size=base)
+        d = float((spec.unit(grey[0], "grey") - spec.unit(grey[1], "grey")).abs().mean() * 255)
+        assert (d < 0.5 * gap(0)) == expect_close
+    assert PreprocessSpec.from_dict(PreprocessSpec(base_size=48).to_dict()).base_size == 48
+    old = PreprocessSpec().to_dict()
+    del old["base_size"]  # a checkpoint written before base_size existed
+    assert PreprocessSpec.from_dict(old).base_size == 0
+
+
+def _random_slices(n: int = 6, size: int = 32) -> F.SliceSet:
+    g = torch.Generator().manual_seed(0)
+    return F.SliceSet(torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8),
+                      torch.tensor([0, 1] * (n // 2)), [f"g{i}" for i in range(n)], ["PNG"] * n)
+
+
+def test_test_time_augmentation_makes_answers_mirror_invariant(images, tmp_path):
+    torch.manual_seed(0)
+    model = F.build_model(_config(tmp_path, images), 2, pretrained=False)
+    data = _random_slices()
+    mirrored = F.SliceSet(data.images.flip(-1), data.labels, data.groups, data.formats)
+    for tta in (False, True):
+        cfg = _config(tmp_path, images, tta=tta)
+        a = F.predict_slices(model, data, cfg, torch.device("cpu"))
+        b = F.predict_slices(model, mirrored, cfg, torch.device("cpu"))
+        assert np.allclose(a, b, atol=1e-5) == tta
+        assert np.allclose(a.sum(1), 1.0, atol=1e-5)
+
+
+class _SharpnessReader(torch.nn.Module):
+    """A 'classifier' that answers from how sharp an image is (a file shortcut, not a diagnosis)."""
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Module()
+        self.backbone.data_config = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+        self.threshold = threshold
+
+    def forward(self, x):
+        sharp = (x[:, 0, :, 1:] - x[:, 0, :, :-1]).abs().mean(dim=(1, 2))
+        return torch.stack([(sharp - self.threshold) * 50, (self.threshold - sharp) * 50], dim=1)
+
+
+class _BrightnessReader(_SharpnessReader):
+    def forward(self, x):
+        m = x[:, 0].mean(dim=(1, 2))
+        return torch.stack([(m - self.threshold) * 50, (self.threshold - m) * 50], dim=1)
+
+
+def test_shortcut_probes_catch_a_model_that_reads_sharpness(images, tmp_path):
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    rows = []
+    for i in range(6):
+        _textured(128, seed=i).save(folder / f"{i}.png")
+        rows.append({"image_path": str(folder / f"{i}.png"), "label": "COVID-19", "format": "PNG"})
+    cfg = _config(tmp_path, images)
+    cfg.preprocess.size = 128
+    data = F._image_slices(rows, cfg, ["COVID-19", "NON-COVID"], "probe")
+    x = data.images.float() / 255
+    sharp = float((x[:, 0, :, 1:] - x[:, 0, :, :-1]).abs().mean())
+    bright = float(x.mean())
+    flips = {}
+    for name, model in (("sharpness", _SharpnessReader(sharp * 0.8)), ("brightness", _BrightnessReader(bright * 0.5))):
+        probs = F.calibrated_probs(model, data, cfg, torch.device("cpu"), temperature=1.0)
+        assert (probs.argmax(1) == 0).all()  # both call every original image COVID-19
+        flips[name] = F.shortcut_flips(model, rows, probs, cfg, ["COVID-19", "NON-COVID"], torch.device("cpu"))
+    assert flips["sharpness"]["half"]["flip_rate"] == 1.0  # halving the resolution changes its answer
+    assert flips["brightness"]["half"]["flip_rate"] == 0.0 and flips["brightness"]["jpeg"]["flip_rate"] == 0.0
+    assert flips["brightness"]["jpeg"]["n"] == 6 and "flip_rate_png" in flips["brightness"]["jpeg"]
+
+
+def test_fold_ensemble_test_with_reliability_diagram(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="linear_probe", folds=3, tta=True)
+    with pytest.raises(MsnetError, match="fold models"):
+        F.finetune(cfg)
+        cfg.finetune.ensemble = True
+        F.test(cfg, images / "val")
+    F.cross_validate(cfg)
+    cfg.finetune.ensemble = False
+    single = F.test(cfg, images / "val")
+    cfg.finetune.ensemble = True
+    both = F.test(cfg, images / "val")
+    assert single["models"] == 1 and both["models"] == 4 and len(both["single_model_accuracy"]) == 4
+    assert both["tta"] and {"ece", "brier"} <= set(both) and {"jpeg", "half"} <= set(both["shortcut"])
+    assert (cfg.run_path / "finetune" / "test_reliability.png").stat().st_size > 1000
+
+
+def test_temperature_from_the_out_of_fold_predictions(images, tmp_path):
+    cfg = _config(tmp_path, images, mode="linear_probe", folds=3, calibration="cv")
+    with pytest.raises(MsnetError, match="out-of-fold"):
+        F.finetune(cfg)
+    cv = F.cross_validate(cfg)
+    with np.load(cfg.run_path / "finetune" / "cv" / F.OOF_FILE) as f:
+        assert f["logits"].shape == (24, 2) and sorted(f["labels"].tolist()) == [0] * 12 + [1] * 12
+    F.finetune(cfg, overwrite=True)
+    model = F.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
+    assert model.temperature == pytest.approx(cv["oof_temperature"])
+    cfg.finetune.calibration = "nonsense"
+    with pytest.raises(MsnetError, match="calibration"):
+        F.finetune(cfg, overwrite=True)

@@ -105,3 +105,37 @@ def test_misaligned_slice_labels_are_refused(run_and_cohort, tmp_path):
     cfg = load_config(root / "config.yaml")
     with pytest.raises(MsnetError, match=f"patient {first}: {last} slice labels for {last + 1} slices"):
         finetune_test(cfg, cohort)
+
+
+def test_scoring_crops_to_the_lungs_when_the_model_was_trained_so(run_and_cohort):
+    """A model trained on lung-cropped slices (spec.lung_crop) is scored on lung-cropped slices too."""
+    import dataclasses
+
+    import torch
+
+    from msnet.data.cohorts import read_cohort, read_slice_labels
+    from msnet.preprocess import PreprocessSpec
+    from msnet.stages.transfer import score_cohort
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.clone())
+            return torch.zeros(x.shape[0], 2)
+
+    _, cohort_dir = run_and_cohort
+    rows = read_cohort(cohort_dir / "cohort.csv", only_ok=True)[:2]
+    labels = read_slice_labels(cohort_dir / "slice_labels.csv")
+    air = {}
+    for crop in (False, True):
+        spec = dataclasses.replace(PreprocessSpec(size=64), lung_crop=crop)
+        model = Recorder()
+        metrics, _ = score_cohort(model, spec, ["COVID-19", "NORMAL"], rows, labels)
+        x = torch.cat(model.seen)
+        # the darkest input value is air (-1000 HU and below): outside the body unless cropped away
+        air[crop] = float((x <= x.min() + 0.05).float().mean())
+        assert metrics["n"] == sum(len(labels[r["patient_id"]]) for r in rows)
+    assert air[True] < 0.5 * air[False]

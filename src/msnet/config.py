@@ -46,6 +46,9 @@ class PreprocessConfig:
     (the paper), three windows become three channels."""
     lung_crop: bool = False
     """Crop every slice to the lungs' bounding box (classical HU lung mask, one box per volume) before resizing."""
+    base_size: int = 0
+    """> 0: every slice (image or HU) goes through base_size x base_size (antialiased) before `size`, so
+    images of every source resolution carry the same detail (0 = off). Stored with the weights."""
 
 
 @dataclass
@@ -91,6 +94,15 @@ class FinetuneConfig:
     """Batch-norm layers keep their (ImageNet) running statistics while fine-tuning."""
     ema: float = 0.0
     """Exponential moving average of the weights (decay per step; 0 = off); validated and saved."""
+    tta: bool = False
+    """Test-time augmentation: every prediction (selection, calibration, CV, --test) averages the
+    probabilities of the slice and its mirror image."""
+    calibration: str = "select"
+    """Where the slice classifier's temperature is fitted: `select` (the model-selection images) or `cv`
+    (the out-of-fold predictions of `--cv`: every train image, each from a model that never saw its
+    source; needs `--cv`)."""
+    ensemble: bool = False
+    """--test averages the calibrated probabilities of the model and of the `--cv` fold models."""
     infected_only: bool = True
     """Paper: only infected slices of COVID-19/CAP patients carry their class."""
     normal_slices_per_patient: int = 0

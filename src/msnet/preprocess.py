@@ -72,9 +72,17 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-def prepare_unit(slices: np.ndarray | torch.Tensor, kind: str, windows: Sequence[Sequence[float]], size: int) -> torch.Tensor:
-    """HU/grey slices -> (n, c, size, size) in [0, 1], c = number of windows (1 or 3)."""
-    return resize(to_unit(slices, kind, windows), size)
+def prepare_unit(slices: np.ndarray | torch.Tensor, kind: str, windows: Sequence[Sequence[float]], size: int,
+                 base_size: int = 0) -> torch.Tensor:
+    """HU/grey slices -> (n, c, size, size) in [0, 1], c = number of windows (1 or 3).
+
+    ``base_size`` > 0: through base_size x base_size first (antialiased), so that every slice
+    carries the same detail whatever its source resolution.
+    """
+    x = to_unit(slices, kind, windows)
+    if base_size:
+        x = resize(x, base_size)
+    return resize(x, size)
 
 
 def prepare(
@@ -125,48 +133,55 @@ class PreprocessSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     lung_crop: bool = False
     """Crop every slice of a HU volume to the lungs' bounding box (one box per volume) before resizing."""
+    base_size: int = 0
+    """> 0: every slice is resized to base_size x base_size before ``size`` (the same detail for every
+    source resolution: a model cannot tell classes apart by how sharp their images are)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "windows", tuple((float(lv), float(wd)) for lv, wd in self.windows))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "size", int(self.size))
+        object.__setattr__(self, "base_size", int(self.base_size))
         if self.kind not in ("hu", "grey"):
             raise MsnetError(f"preprocessing kind must be 'hu' or 'grey', got {self.kind!r}")
         if self.kind == "hu" and len(self.windows) not in (1, 3):
             raise MsnetError(f"{len(self.windows)} HU windows given", fix="use one window (replicated) or three")
-        if self.size < 8 or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise MsnetError(f"implausible preprocessing: size {self.size}, mean {self.mean}, std {self.std}")
+        if self.size < 8 or not (self.base_size == 0 or 8 <= self.base_size) or len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise MsnetError(f"implausible preprocessing: size {self.size}, base_size {self.base_size}, mean {self.mean}, std {self.std}")
 
     @classmethod
     def from_config(cls, preprocess, data_config: dict, kind: str = "hu") -> "PreprocessSpec":
         """From a config's ``preprocess`` section (windows, size) and a backbone's data_config (mean, std)."""
         return cls(kind=kind, windows=tuple(tuple(w) for w in preprocess.windows), size=preprocess.size,
                    mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
-                   lung_crop=bool(getattr(preprocess, "lung_crop", False)))
+                   lung_crop=bool(getattr(preprocess, "lung_crop", False)),
+                   base_size=int(getattr(preprocess, "base_size", 0)))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "windows": [list(w) for w in self.windows], "size": self.size,
-                "mean": list(self.mean), "std": list(self.std), "lung_crop": self.lung_crop}
+                "mean": list(self.mean), "std": list(self.std), "lung_crop": self.lung_crop,
+                "base_size": self.base_size}
 
     @classmethod
     def from_dict(cls, d: dict, where: str | None = None) -> "PreprocessSpec":
         """Rebuild from :meth:`to_dict` output; a missing or unknown key is a clear error."""
         keys = {"kind", "windows", "size", "mean", "std"}
-        if not isinstance(d, dict) or not keys <= set(d) <= keys | {"lung_crop"}:
+        if not isinstance(d, dict) or not keys <= set(d) <= keys | {"lung_crop", "base_size"}:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise MsnetError(f"preprocessing record has keys {got}, expected {sorted(keys)}", where,
                              "rebuild the checkpoint with this version of msnet")
         return cls(kind=d["kind"], windows=tuple(tuple(w) for w in d["windows"]), size=d["size"],
-                   mean=tuple(d["mean"]), std=tuple(d["std"]), lung_crop=bool(d.get("lung_crop", False)))
+                   mean=tuple(d["mean"]), std=tuple(d["std"]), lung_crop=bool(d.get("lung_crop", False)),
+                   base_size=int(d.get("base_size", 0)))
 
     def unit(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
         """Slices (n, H, W) -> (n, c, size, size) in [0, 1]."""
-        return prepare_unit(slices, kind, self.windows, self.size)
+        return prepare_unit(slices, kind, self.windows, self.size, self.base_size)
 
     def prepare(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
         """Slices (n, H, W) -> normalised backbone input (n, 3, size, size)."""
-        return prepare(slices, kind, self.windows, self.size, self.mean, self.std)
+        return finish(self.unit(slices, kind), self.mean, self.std)
 
 
 # --------------------------------------------------------------------------- lung gate and crop
@@ -307,14 +322,14 @@ def _remove_airways(cand: np.ndarray, x: np.ndarray, body: np.ndarray, pixel_mm2
     lab, n = ndi.label(cand, structure=_PLANE)  # one label per slice component
     if n == 0:
         return cand
-    flat = lab.ravel()
+    idx = np.flatnonzero(lab)  # the candidate voxels only (a fraction of the grid)
+    flat = lab.ravel()[idx]
+    h, w = x.shape[1], x.shape[2]
     area = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    gas = np.bincount(flat, weights=(x < GAS_HU).ravel(), minlength=n + 1)
-    cols = np.broadcast_to(np.arange(x.shape[2], dtype=np.float64), x.shape).ravel()
-    zidx = np.broadcast_to(np.arange(x.shape[0], dtype=np.float64)[:, None, None], x.shape).ravel()
+    gas = np.bincount(flat, weights=x.ravel()[idx] < GAS_HU, minlength=n + 1)
     safe = np.maximum(area, 1.0)
-    col_c = np.bincount(flat, weights=cols, minlength=n + 1) / safe
-    z_c = np.rint(np.bincount(flat, weights=zidx, minlength=n + 1) / safe).astype(int)
+    col_c = np.bincount(flat, weights=(idx % w).astype(np.float64), minlength=n + 1) / safe
+    z_c = np.rint(np.bincount(flat, weights=(idx // (h * w)).astype(np.float64), minlength=n + 1) / safe).astype(int)
     # body midline and width per slice
     b_area = body.sum(axis=(1, 2)).astype(np.float64)
     b_cols = body.sum(axis=1)  # (z, W)

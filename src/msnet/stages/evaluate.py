@@ -23,7 +23,10 @@ import numpy as np
 
 from msnet import __version__
 from msnet.errors import MsnetError
-from msnet.files import atomic_write, atomic_write_text
+from msnet.files import atomic_write_text
+from msnet.plots import figure as _figure
+from msnet.plots import plot_reliability
+from msnet.plots import save_png as _save_png
 from msnet.metrics import _class_index, bootstrap_ci, classification_metrics, pct, roc_curve, table3
 
 logger = logging.getLogger(__name__)
@@ -127,17 +130,6 @@ def _test_arrays(model: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndar
 # --------------------------------------------------------------------------- plots
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    return Figure(figsize=(width, height), dpi=110)
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
 def _plot_confusion(cm: np.ndarray, classes: Sequence[str], title: str, path: Path) -> None:
     fig = _figure(4.2, 3.8)
     ax = fig.add_subplot()
@@ -169,28 +161,6 @@ def _plot_roc(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], metrics:
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
     ax.set_title(title)
-    _save_png(fig, path)
-
-
-def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "reliability") -> None:
-    """Reliability diagram: per confidence bin, the accuracy against the mean top-class probability, one
-    line per model (``curves``: name -> (labels, probabilities)); the diagonal is perfect calibration."""
-    from msnet.metrics import calibration
-
-    fig = _figure(4.6, 4.2)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfectly calibrated")
-    for name, (y, probs) in curves.items():
-        cal = calibration(y, probs, n_bins=10)
-        xs = [b["confidence"] for b in cal["bins"]]
-        ys = [b["accuracy"] for b in cal["bins"]]
-        ax.plot(xs, ys, marker="o", ms=3, lw=1.3, label=f"{name} (ECE {cal['ece']:.3f})")
-    ax.set_xlim(0, 1.02)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("mean predicted probability of the predicted class")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper left")
     _save_png(fig, path)
 
 

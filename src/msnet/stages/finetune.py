@@ -100,7 +100,7 @@ def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: l
         if len(idx) == 0:
             continue
         hu = vol.hu if not cfg.preprocess.lung_crop else P.model_slices(vol, P.PreprocessSpec(lung_crop=True))
-        unit = P.prepare_unit(hu[idx], vol.kind, windows, size)
+        unit = P.prepare_unit(hu[idx], vol.kind, windows, size, cfg.preprocess.base_size)
         images.append(P.quantize(unit))
         labels += [classes.index(label)] * len(idx)
         groups += [pid] * len(idx)
@@ -120,28 +120,58 @@ def image_format(path: str | Path) -> str:
         return "unknown"
 
 
-def load_image_slice(path: str | Path, size: int, reencode_jpeg: int = 0) -> torch.Tensor:
+SHORTCUT_PROBES = ("jpeg", "half")
+"""Changes of an image that carry no diagnosis: ``jpeg`` codes it as JPEG (quality 75) at its own size,
+``half`` halves its resolution. A model that changes its answer under them reads the file, not the lungs."""
+
+
+def jpeg_coded(im, quality: int):
+    """A grey PIL image as it comes back from JPEG coding at ``quality``."""
+    from PIL import Image
+
+    buf = _io.BytesIO()
+    im.save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    return Image.open(buf).convert("L")
+
+
+def _probe(im, probe: str):
+    from PIL import Image
+
+    if probe == "jpeg":
+        return jpeg_coded(im, 75)
+    if probe == "half":
+        return im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.BILINEAR)
+    raise ValueError(f"unknown shortcut probe {probe!r}; expected one of {SHORTCUT_PROBES}")
+
+
+def load_image_slice(path: str | Path, size: int, reencode_jpeg: int = 0, base_size: int = 0,
+                     probe: str = "") -> torch.Tensor:
     """A 2-D image file -> uint8 (1, size, size) grey, opened by content, optionally re-encoded as JPEG.
 
-    Re-encoding every image the same way (after resizing) gives all classes the same
-    compression artefacts, so a model cannot tell classes apart by their file format.
+    ``base_size`` > 0: resized to base_size x base_size first, so every image carries the same detail
+    whatever its source resolution. Re-encoding every image the same way (after resizing) gives all
+    classes the same compression artefacts, so a model cannot tell classes apart by their file format.
+    ``probe`` (one of :data:`SHORTCUT_PROBES`) changes the image at its own size first.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            im = im.convert("L").resize((size, size), Image.BILINEAR)
+            im = im.convert("L")
+            if probe:
+                im = _probe(im, probe)
+            if base_size:
+                im = im.resize((base_size, base_size), Image.BILINEAR)
+            im = im.resize((size, size), Image.BILINEAR)
     except (OSError, UnidentifiedImageError) as exc:
         raise MsnetError(f"cannot read image ({exc})", path=path) from exc
     if reencode_jpeg:
-        buf = _io.BytesIO()
-        im.save(buf, format="JPEG", quality=int(reencode_jpeg))
-        buf.seek(0)
-        im = Image.open(buf).convert("L")
+        im = jpeg_coded(im, reencode_jpeg)
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).unsqueeze(0)
 
 
-def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str) -> SliceSet:
+def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str, probe: str = "") -> SliceSet:
     images, labels, groups, formats = [], [], [], []
     for r in rows:
         if r["label"] not in classes:
@@ -149,7 +179,8 @@ def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str) 
                 f"label {r['label']!r} of {r['image_path']} is not one of the config's classes {classes}",
                 fix="set data.classes in the config",
             )
-        images.append(load_image_slice(r["image_path"], cfg.preprocess.size, cfg.data.reencode_jpeg))
+        images.append(load_image_slice(r["image_path"], cfg.preprocess.size, cfg.data.reencode_jpeg,
+                                       cfg.preprocess.base_size, probe))
         labels.append(classes.index(r["label"]))
         groups.append(str(r.get("group") or r["image_path"]))
         formats.append(r.get("format") or image_format(r["image_path"]))
@@ -273,10 +304,7 @@ def _augment_plane(im, ft, rng: random.Random) -> torch.Tensor:
         small = max(8, int(round(size * rng.uniform(ft.downscale, 1.0))))
         im = im.resize((small, small), Image.BILINEAR).resize((size, size), Image.BILINEAR)
     if ft.jpeg_quality and rng.random() < ft.jpeg_prob:
-        buf = _io.BytesIO()
-        im.save(buf, format="JPEG", quality=rng.randint(int(ft.jpeg_quality[0]), int(ft.jpeg_quality[1])))
-        buf.seek(0)
-        im = Image.open(buf).convert("L")
+        im = jpeg_coded(im, rng.randint(int(ft.jpeg_quality[0]), int(ft.jpeg_quality[1])))
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
 
 
@@ -313,14 +341,43 @@ def build_model(cfg: Config, n_classes: int, pretrained: bool | None = None):
 
 @torch.inference_mode()
 def predict_slices(model: nn.Module, data: SliceSet, cfg: Config, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (n, n_classes) of every slice."""
+    """Class probabilities (n, n_classes) of every slice (with ``finetune.tta``: the mean over the slice
+    and its mirror image)."""
     model.eval()
     mean, std = model.backbone.data_config["mean"], model.backbone.data_config["std"]
     probs = []
     for i in range(0, len(data), batch_size):
         x = P.finish(P.dequantize(data.images[i : i + batch_size]), mean, std).to(device)
-        probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+        p = torch.softmax(model(x).float(), dim=1)
+        if cfg.finetune.tta:
+            p = (p + torch.softmax(model(x.flip(-1)).float(), dim=1)) / 2
+        probs.append(p.cpu())
     return torch.cat(probs).numpy()
+
+
+def calibrated_probs(model: nn.Module, data: SliceSet, cfg: Config, device: torch.device,
+                     temperature: float | None = None) -> np.ndarray:
+    """Probabilities after the model's temperature (or the one given)."""
+    t = float(getattr(model, "temperature", 1.0) if temperature is None else temperature)
+    return _softmax(np.log(np.clip(predict_slices(model, data, cfg, device), 1e-12, None)) / t)
+
+
+def shortcut_flips(model: nn.Module, rows: list[dict], probs: np.ndarray, cfg: Config, classes: list[str],
+                   device: torch.device) -> dict:
+    """How often the answer changes under :data:`SHORTCUT_PROBES` (JPEG coding at the image's own size,
+    half the resolution): the fraction of images whose predicted class flips, over all images and over
+    those coded as PNG (for ``jpeg``). Neither change carries a diagnosis; a model that reads the file's
+    format or sharpness as a class cue flips often."""
+    pred = probs.argmax(1)
+    out = {}
+    for probe in SHORTCUT_PROBES:
+        data = _image_slices(rows, cfg, classes, f"{probe} probe", probe=probe)
+        flipped = calibrated_probs(model, data, cfg, device).argmax(1) != pred
+        out[probe] = {"flip_rate": float(flipped.mean()), "n": int(flipped.size)}
+        png = np.array([f == "PNG" for f in data.formats])
+        if probe == "jpeg" and png.any():
+            out[probe]["flip_rate_png"] = float(flipped[png].mean())
+    return out
 
 
 def slice_metrics(data: SliceSet, probs: np.ndarray, classes: list[str]) -> dict:
@@ -522,15 +579,37 @@ def _fit(cfg: Config, train_set: SliceSet, val_set: SliceSet, out: Path, classes
     return tr
 
 
-def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device) -> tuple[np.ndarray, float]:
-    """Fit the slice classifier's temperature on the validation slices and store it in its checkpoint;
-    returns the calibrated validation probabilities and the temperature."""
+CALIBRATIONS = ("select", "cv")
+OOF_FILE = "oof.npz"
+"""Out-of-fold log-probabilities and labels of `--cv` (finetune/cv/oof.npz), for calibration: cv."""
+
+
+def _cv_calibration(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
+    """(log-probabilities, labels) to fit the temperature on, for finetune.calibration = cv; else None."""
+    how = cfg.finetune.calibration
+    if how not in CALIBRATIONS:
+        raise MsnetError(f"unknown finetune.calibration {how!r}", fix=f"use one of {', '.join(CALIBRATIONS)}")
+    if how == "select":
+        return None
+    path = cfg.run_path / "finetune" / "cv" / OOF_FILE
+    if not path.is_file():
+        raise MsnetError("finetune.calibration=cv needs the out-of-fold predictions of --cv", path=path,
+                         fix="run `msnet finetune CONFIG --cv` (or set finetune.calibration=select)")
+    with np.load(path) as f:
+        return f["logits"], f["labels"]
+
+
+def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device,
+               fit_on: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+    """Fit the slice classifier's temperature on the validation slices (or on ``fit_on``: log-probabilities
+    and labels) and store it in its checkpoint; returns the calibrated validation probabilities and the
+    temperature."""
     from msnet.inference.bundle import checkpoint_info
     from msnet.metrics import fit_temperature
 
     model = load_slice_classifier(path, device)
     logits = np.log(np.clip(predict_slices(model, val_set, cfg, device), 1e-12, None))
-    temperature = fit_temperature(logits, val_set.labels.numpy())
+    temperature = fit_temperature(*(fit_on if fit_on is not None else (logits, val_set.labels.numpy())))
     if D.is_main():
         info = checkpoint_info(path)
         extra = {k: info[k] for k in ("epoch", "val_accuracy") if k in info}
@@ -556,6 +635,7 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
         if test_dir is not None:
             result["test"] = test(cfg, test_dir)
         return result
+    fit_on = _cv_calibration(cfg)  # before training: a missing --cv stops the run at once
     if D.is_main():
         save_run_info(cfg, out, "finetune")
     seed_everything(cfg.finetune.seed)
@@ -565,7 +645,7 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
              len(val_set), classes)
     tr = _fit(cfg, train_set, val_set, out, classes, rank, world, resume=not overwrite)
     D.barrier()
-    probs, temperature = _calibrate(out / "backbone.pt", val_set, cfg, tr.device)
+    probs, temperature = _calibrate(out / "backbone.pt", val_set, cfg, tr.device, fit_on)
     metrics = slice_metrics(val_set, probs, classes)
     metrics.update(best_epoch=tr.best["epoch"], n_train=len(train_set), n_val=len(val_set), temperature=temperature,
                    table1=table1(val_set.labels.numpy(), probs.argmax(1), classes))
@@ -596,7 +676,7 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
             if r.get("subset", "train") == "train"]
     k = ft.folds if ft.folds > 1 else 5
     folds = manifest_folds(rows, k, ft.seed)
-    per_fold = []
+    per_fold, oof_logits, oof_labels = [], [], []
     for i, held in enumerate(folds):
         seed_everything(ft.seed + i)
         rest = [r for j, f in enumerate(folds) if j != i for r in f]
@@ -607,18 +687,35 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
         data = {n: _image_slices(r, cfg, classes, n) for n, r in (("train", fit_rows), ("select", sel_rows),
                                                                   ("test", held))}
         tr = _fit(cfg, data["train"], data["select"], fold_out, classes)
-        probs, temperature = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
+        _, temperature = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
         model = load_slice_classifier(fold_out / "backbone.pt", tr.device)
-        probs = _softmax(np.log(np.clip(predict_slices(model, data["test"], cfg, tr.device), 1e-12, None)) / temperature)
+        raw = predict_slices(model, data["test"], cfg, tr.device)
+        probs = _softmax(np.log(np.clip(raw, 1e-12, None)) / temperature)
         y = data["test"].labels.numpy()
+        oof_logits.append(np.log(np.clip(raw, 1e-12, None)))
+        oof_labels.append(y)
         m = classification_metrics(y, probs.argmax(1), probs, classes)
-        m = {key: m[key] for key in ("accuracy", "f1", "auc") if key in m}
-        m.update(n=len(y), best_epoch=tr.best["epoch"], by_format=_by_format(data["test"], probs, classes))
+        m = {key: m[key] for key in ("accuracy", "f1", "auc", "ece", "brier") if key in m}
+        m.update(n=len(y), best_epoch=tr.best["epoch"], temperature=temperature,
+                 by_format=_by_format(data["test"], probs, classes),
+                 shortcut=shortcut_flips(model, held, probs, cfg, classes, tr.device))
         log.info("fold %d/%d: %s", i + 1, k, {key: m[key] for key in ("accuracy", "f1", "auc") if key in m})
         per_fold.append(m)
     summary = {key: {"mean": float(np.mean([f[key] for f in per_fold])), "sd": float(np.std([f[key] for f in per_fold]))}
-               for key in ("accuracy", "f1", "auc") if all(key in f for f in per_fold)}
-    result = {"folds": per_fold, **summary, "k": k, "mode": ft.mode}
+               for key in ("accuracy", "f1", "auc", "ece", "brier") if all(key in f for f in per_fold)}
+    summary["shortcut"] = {probe: float(np.mean([f["shortcut"][probe]["flip_rate"] for f in per_fold]))
+                           for probe in SHORTCUT_PROBES}
+    from msnet.files import atomic_write
+    from msnet.metrics import fit_temperature
+
+    logits, labels = np.concatenate(oof_logits), np.concatenate(oof_labels)
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would add .npz to the temp name
+            np.savez(fh, logits=logits, labels=labels)
+
+    atomic_write(out / OOF_FILE, save)
+    result = {"folds": per_fold, **summary, "k": k, "mode": ft.mode, "tta": bool(ft.tta),
+              "oof_temperature": fit_temperature(logits, labels)}
     atomic_write_text(done, json.dumps(result, indent=2))
     return result
 
@@ -701,15 +798,42 @@ def test(cfg: Config, test_dir: Path) -> dict:
             write_csv_atomic(out / "test_slice_scores.csv", SLICE_FIELDS, slice_rows)
             atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
             return metrics
+        image_rows = None
         data = _cohort_slices(rows, slice_labels, cfg, classes, "test")
     else:
-        data = _image_slices(image_folder_rows(test_dir), cfg, classes, "test")
-    probs = _softmax(np.log(np.clip(predict_slices(model, data, cfg, device), 1e-12, None)) / model.temperature)
+        image_rows = image_folder_rows(test_dir)
+        data = _image_slices(image_rows, cfg, classes, "test")
+    models = [model] + (_fold_models(out, device) if cfg.finetune.ensemble else [])
+    per_model = [calibrated_probs(m, data, cfg, device) for m in models]
+    probs = np.mean(per_model, axis=0)
     metrics = slice_metrics(data, probs, classes)
     metrics["n"] = len(data)
     metrics["temperature"] = model.temperature
+    metrics["models"] = len(models)
+    metrics["tta"] = bool(cfg.finetune.tta)
+    if len(models) > 1:  # each model alone, for the ensemble's gain
+        metrics["single_model_accuracy"] = [float((p.argmax(1) == data.labels.numpy()).mean()) for p in per_model]
     metrics["test_dir"] = str(test_dir)
     if data.formats:  # the file-format shortcut check: accuracy per encoded format and class
         metrics["by_format"] = _by_format(data, probs, classes)
+    if image_rows is not None:
+        metrics["shortcut"] = shortcut_flips(model, image_rows, per_model[0], cfg, classes, device)
+    _reliability_plot(data.labels.numpy(), probs, out / "test_reliability.png")
     atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _fold_models(out: Path, device) -> list:
+    """The `--cv` fold models (finetune/cv/fold*/backbone.pt), for finetune.ensemble."""
+    paths = sorted((out / "cv").glob("fold*/backbone.pt"))
+    if not paths:
+        raise MsnetError("finetune.ensemble needs the cross-validation fold models", path=out / "cv",
+                         fix="run `msnet finetune CONFIG --cv` first (or set finetune.ensemble=false)")
+    return [load_slice_classifier(p, device) for p in paths]
+
+
+def _reliability_plot(y: np.ndarray, probs: np.ndarray, path: Path) -> None:
+    """The reliability diagram of the test predictions, next to test_metrics.json."""
+    from msnet.plots import plot_reliability
+
+    plot_reliability({"slice classifier": (y, probs)}, path, "slice level, test set (calibrated probabilities)")

@@ -137,6 +137,7 @@ def score_cohort(model: torch.nn.Module, spec, classes: Sequence[str], rows: Seq
     from rich.progress import track
 
     from msnet.io import read_study
+    from msnet.preprocess import model_slices
 
     normal = normal_class(classes, configured_normal)
     k = list(classes).index(normal)
@@ -149,7 +150,7 @@ def score_cohort(model: torch.nn.Module, spec, classes: Sequence[str], rows: Seq
             raise MsnetError(f"patient {pid}: {len(labels)} slice labels for {vol.n_slices} slices",
                              path=r["path"], fix="list every slice of the study once in slice_labels.csv "
                                                  "(canonical order: 0 = most superior)")
-        scores = slice_infection_scores(model, spec, vol.hu, vol.kind, k, device,
+        scores = slice_infection_scores(model, spec, model_slices(vol, spec), vol.kind, k, device,
                                         temperature=getattr(model, "temperature", 1.0))
         patients.append({"patient_id": pid, "label": label, "scores": scores, "slice_labels": labels})
         for i, s in enumerate(scores):
