@@ -348,9 +348,10 @@ def _lung_regions(cand: np.ndarray, x: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(cand)
     if n == 0:
         return cand
-    flat = lab.ravel()
+    idx = np.flatnonzero(lab)  # the candidate voxels only
+    flat = lab.ravel()[idx]
     size = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    gas = np.bincount(flat, weights=(x < GAS_HU).ravel(), minlength=n + 1)
+    gas = np.bincount(flat, weights=x.ravel()[idx] < GAS_HU, minlength=n + 1)
     lungish = gas <= GAS_FRACTION_MAX * size
     lungish[0] = False
     if not lungish.any():
@@ -366,7 +367,7 @@ def _fill_small_holes(mask: np.ndarray, pixel_mm2: float) -> np.ndarray:
     lab, n = ndi.label(holes, structure=_PLANE)
     if n == 0:
         return mask
-    small = np.bincount(lab.ravel(), minlength=n + 1) * pixel_mm2 <= HOLE_MAX_MM2
+    small = np.bincount(lab.ravel()[np.flatnonzero(lab)], minlength=n + 1) * pixel_mm2 <= HOLE_MAX_MM2
     small[0] = False
     return mask | small[lab]
 
