@@ -92,9 +92,10 @@ def prepare(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    base_size: int = 0,
 ) -> torch.Tensor:
-    """HU/grey slices (n, H, W) -> backbone input (n, 3, size, size)."""
-    return normalize(to_three_channels(prepare_unit(slices, kind, windows, size)), mean, std)
+    """HU/grey slices (n, H, W) -> backbone input (n, 3, size, size) (``base_size``: see :func:`prepare_unit`)."""
+    return finish(prepare_unit(slices, kind, windows, size, base_size), mean, std)
 
 
 def finish(unit: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -181,7 +182,7 @@ class PreprocessSpec:
 
     def prepare(self, slices: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
         """Slices (n, H, W) -> normalised backbone input (n, 3, size, size)."""
-        return finish(self.unit(slices, kind), self.mean, self.std)
+        return prepare(slices, kind, self.windows, self.size, self.mean, self.std, self.base_size)
 
 
 # --------------------------------------------------------------------------- lung gate and crop

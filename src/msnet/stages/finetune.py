@@ -355,11 +355,16 @@ def predict_slices(model: nn.Module, data: SliceSet, cfg: Config, device: torch.
     return torch.cat(probs).numpy()
 
 
+def _log(probs: np.ndarray) -> np.ndarray:
+    """Log-probabilities (the logits temperature scaling works on)."""
+    return np.log(np.clip(probs, 1e-12, None))
+
+
 def calibrated_probs(model: nn.Module, data: SliceSet, cfg: Config, device: torch.device,
                      temperature: float | None = None) -> np.ndarray:
     """Probabilities after the model's temperature (or the one given)."""
     t = float(getattr(model, "temperature", 1.0) if temperature is None else temperature)
-    return _softmax(np.log(np.clip(predict_slices(model, data, cfg, device), 1e-12, None)) / t)
+    return _softmax(_log(predict_slices(model, data, cfg, device)) / t)
 
 
 def shortcut_flips(model: nn.Module, rows: list[dict], probs: np.ndarray, cfg: Config, classes: list[str],
@@ -608,7 +613,7 @@ def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device,
     from msnet.metrics import fit_temperature
 
     model = load_slice_classifier(path, device)
-    logits = np.log(np.clip(predict_slices(model, val_set, cfg, device), 1e-12, None))
+    logits = _log(predict_slices(model, val_set, cfg, device))
     temperature = fit_temperature(*(fit_on if fit_on is not None else (logits, val_set.labels.numpy())))
     if D.is_main():
         info = checkpoint_info(path)
@@ -662,7 +667,8 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
     (k = finetune.folds, at least 2): each fold is trained on the others, with model selection on a
     grouped part of them, and scored once. Writes ``finetune/cv/cv_metrics.json`` (per fold, mean, sd)."""
     from msnet.data.cohorts import read_slice_manifest
-    from msnet.metrics import classification_metrics
+    from msnet.files import atomic_path
+    from msnet.metrics import classification_metrics, fit_temperature
 
     if not cfg.data.slice_manifest:
         raise MsnetError("--cv needs a slice manifest (data.slice_manifest)", fix="run `msnet index` on the images")
@@ -689,10 +695,10 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
         tr = _fit(cfg, data["train"], data["select"], fold_out, classes)
         _, temperature = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
         model = load_slice_classifier(fold_out / "backbone.pt", tr.device)
-        raw = predict_slices(model, data["test"], cfg, tr.device)
-        probs = _softmax(np.log(np.clip(raw, 1e-12, None)) / temperature)
+        logits = _log(predict_slices(model, data["test"], cfg, tr.device))
+        probs = _softmax(logits / temperature)
         y = data["test"].labels.numpy()
-        oof_logits.append(np.log(np.clip(raw, 1e-12, None)))
+        oof_logits.append(logits)
         oof_labels.append(y)
         m = classification_metrics(y, probs.argmax(1), probs, classes)
         m = {key: m[key] for key in ("accuracy", "f1", "auc", "ece", "brier") if key in m}
@@ -705,15 +711,9 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
                for key in ("accuracy", "f1", "auc", "ece", "brier") if all(key in f for f in per_fold)}
     summary["shortcut"] = {probe: float(np.mean([f["shortcut"][probe]["flip_rate"] for f in per_fold]))
                            for probe in SHORTCUT_PROBES}
-    from msnet.files import atomic_write
-    from msnet.metrics import fit_temperature
-
     logits, labels = np.concatenate(oof_logits), np.concatenate(oof_labels)
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:  # a file object: np.savez would add .npz to the temp name
-            np.savez(fh, logits=logits, labels=labels)
-
-    atomic_write(out / OOF_FILE, save)
+    with atomic_path(out / OOF_FILE, suffix=".npz") as tmp:
+        np.savez(tmp, logits=logits, labels=labels)
     result = {"folds": per_fold, **summary, "k": k, "mode": ft.mode, "tta": bool(ft.tta),
               "oof_temperature": fit_temperature(logits, labels)}
     atomic_write_text(done, json.dumps(result, indent=2))
