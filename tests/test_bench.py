@@ -18,11 +18,12 @@ def test_bench_predict_smoke(tmp_path) -> None:
     study = synthetic_studies(tmp_path / "s", n=1, size=64, slices=(10, 10), seed=2)[0]
     r = bench_predict("cpu", study=study, threads=2, size=64)
     for key in ("floor_s", "naive_s", "ours_s", "fp32_s", "ours_over_floor", "fp32_over_floor", "naive_over_ours",
-                "end_to_end_over_backbone", "int8_agreement", "runs", "fastest"):
+                "end_to_end_over_backbone", "unstreamed_over_backbone", "int8_agreement", "runs", "fastest"):
         assert key in r, key
     assert r["n_slices"] == 10 and r["backbone"] == "efficientnet_lite0" and r["size"] == 64
     assert set(r["runs"]) == {"torch", "onnx_fp32", "onnx_int8"}
-    for key in ("floor_s", "naive_s", "ours_s", "ours_over_floor", "naive_over_ours", "end_to_end_over_backbone"):
+    for key in ("floor_s", "naive_s", "ours_s", "ours_over_floor", "naive_over_ours", "end_to_end_over_backbone",
+                "unstreamed_over_backbone"):
         assert r[key] > 0, key
     assert r["ours_s"] == min(v["end_to_end_s"] for k, v in r["runs"].items()
                               if k != "onnx_int8" or r["int8_agreement"]["ok"])

@@ -98,21 +98,21 @@ def test_batch_keeps_finished_studies_and_resumes(tiny_bundle, tmp_path) -> None
     rows = _rows(tiny_bundle)[:3]
     predictor = Predictor(tiny_bundle, device="cpu")
     seen: list[str] = []
-    real = predictor.predict_read
+    real = predictor.predict  # one study at a time on the CPU: each read inside predict (streamed)
 
-    def interrupting(vol, read_s, **kw):
+    def interrupting(study, **kw):
         if len(seen) == 2:
             raise KeyboardInterrupt
-        seen.append(vol.source)
-        return real(vol, read_s, **kw)
+        seen.append(str(study))
+        return real(study, **kw)
 
-    predictor.predict_read = interrupting
+    predictor.predict = interrupting
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         predict_many(predictor, [Path(r["path"]) for r in rows], out=out)
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     seen.clear()
-    predictor.predict_read = lambda vol, read_s, **kw: (seen.append(vol.source), real(vol, read_s, **kw))[1]
+    predictor.predict = lambda study, **kw: (seen.append(str(study)), real(study, **kw))[1]
     results, status = predict_many(predictor, [Path(r["path"]) for r in rows], out=out)
     assert seen == [str(Path(rows[2]["path"]))]
     assert [s["status"] for s in status] == ["ok"] * 3 and len(results) == 3

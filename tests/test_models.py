@@ -98,8 +98,8 @@ def test_flops_per_image_counts_conv_and_linear() -> None:
 # ---------------------------------------------------------------- weights
 
 
-def _imagenet_top(bb: backbones.Backbone, image) -> int:
-    state = backbones.efficientnet_lite0_state_dict()
+def _imagenet_top(bb: backbones.Backbone, image, n: int = 0) -> int:
+    state = backbones.efficientnet_lite_state_dict(n)
     cfg = bb.data_config
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     x = F.interpolate(x, size=cfg["input_size"][1:], mode=cfg["interpolation"], antialias=True)
@@ -109,15 +109,17 @@ def _imagenet_top(bb: backbones.Backbone, image) -> int:
     return int(logits.argmax())
 
 
-def test_efficientnet_lite0_offline_imagenet_weights() -> None:
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_efficientnet_lite_offline_imagenet_weights(n) -> None:
     import skimage.data as data
-    bb = backbones.create("efficientnet_lite0", pretrained=True).eval()
+    name = f"efficientnet_lite{n}"
+    bb = backbones.create(name, pretrained=True).eval()
     assert bb.data_config["mean"] == (0.5, 0.5, 0.5) and bb.data_config["std"] == (0.5, 0.5, 0.5)
-    assert 281 <= _imagenet_top(bb, data.chelsea()) <= 285  # tabby / tiger / Persian / Siamese / Egyptian cat
-    assert _imagenet_top(bb, data.coffee()) == 967  # espresso
-    hits = backbones.efficientnet_lite0_state_dict.cache_info().hits
-    again = backbones.create("efficientnet_lite0", pretrained=True)
-    assert backbones.efficientnet_lite0_state_dict.cache_info().hits > hits
+    assert 281 <= _imagenet_top(bb, data.chelsea(), n) <= 285  # tabby / tiger / Persian / Siamese / Egyptian cat
+    assert _imagenet_top(bb, data.coffee(), n) == 967  # espresso
+    hits = backbones.efficientnet_lite_state_dict.cache_info().hits
+    again = backbones.create(name, pretrained=True)
+    assert backbones.efficientnet_lite_state_dict.cache_info().hits > hits
     torch.testing.assert_close(again.model.conv_stem.weight, bb.model.conv_stem.weight)
 
 

@@ -32,7 +32,7 @@ def window(hu: np.ndarray | torch.Tensor, level: float, width: float):
     """Map HU to [0, 1] through a window given by level (centre) and width."""
     lo = level - width / 2.0
     if isinstance(hu, torch.Tensor):
-        return ((hu - lo) / width).clamp_(0.0, 1.0)
+        return hu.sub(lo).div_(width).clamp_(0.0, 1.0)  # one new tensor, the same numbers as (hu - lo) / width
     return np.clip((hu - lo) / width, 0.0, 1.0).astype(np.float32)
 
 
@@ -46,6 +46,8 @@ def to_unit(slices: np.ndarray | torch.Tensor, kind: str, windows: Sequence[Sequ
     x = x.float()
     if kind == "grey":
         return (x / 255.0).clamp_(0.0, 1.0).unsqueeze(1)
+    if len(windows) == 1:
+        return window(x, float(windows[0][0]), float(windows[0][1])).unsqueeze(1)
     return torch.stack([window(x, float(lv), float(wd)) for lv, wd in windows], dim=1)
 
 
@@ -69,7 +71,7 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     """Backbone normalisation, per channel."""
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    return (x - m).div_(s)
 
 
 def prepare_unit(slices: np.ndarray | torch.Tensor, kind: str, windows: Sequence[Sequence[float]], size: int,

@@ -190,7 +190,9 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
             log.info("%d of %d studies already done in %s: skipped", sum(str(s) in done for s in studies),
                      len(studies), out)
     results, status = [], []
-    reads = _reads(studies, set(done), prefetch, readers)
+    # one study at a time: each is read inside predict, streamed (decode overlapped with the backbone)
+    inline = prefetch <= 0 and readers <= 0 and predictor.stream
+    reads = ((s, None, 0.0, None, None) for s in studies) if inline else _reads(studies, set(done), prefetch, readers)
     for study, vol, read_s, error, checked in track(reads, total=len(studies), description="predicting", transient=True,
                                            disable=len(studies) < 2):
         key = str(study)
@@ -200,7 +202,10 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
             try:
                 if error is not None:
                     raise error
-                pred = predictor.predict_read(vol, read_s, explain_dir=explain_dir, checked=checked)
+                if inline:
+                    pred = predictor.predict(study, explain_dir=explain_dir)
+                else:
+                    pred = predictor.predict_read(vol, read_s, explain_dir=explain_dir, checked=checked)
                 del vol
                 r = pred.to_dict()
                 if on_study is not None:

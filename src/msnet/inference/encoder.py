@@ -121,8 +121,12 @@ class SliceEncoder:
         with torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self._autocast):
             return self._run(x).float().cpu()
 
-    def batches(self, slices: np.ndarray, kind: str = "hu", timing: dict | None = None) -> Iterator[torch.Tensor]:
-        """Preprocessed batches, produced by a worker thread one step ahead of the consumer."""
+    def batches(self, slices: np.ndarray, kind: str = "hu", timing: dict | None = None,
+                ready: Callable[[int], None] | None = None) -> Iterator[torch.Tensor]:
+        """Preprocessed batches, produced by a worker thread one step ahead of the consumer.
+
+        ``ready(stop)``: called before slices ``[.., stop)`` are read; it blocks until they exist
+        (slices still being decoded) or raises to end the batches."""
         q: queue.Queue = queue.Queue(maxsize=2)
         err: list[BaseException] = []
         stop = threading.Event()
@@ -132,6 +136,8 @@ class SliceEncoder:
                 for i in range(0, len(slices), self.batch_size):
                     if stop.is_set():
                         return
+                    if ready is not None:
+                        ready(min(i + self.batch_size, len(slices)))
                     t = time.perf_counter()
                     x = self.prepare(slices[i:i + self.batch_size], kind)
                     if timing is not None:
@@ -163,10 +169,12 @@ class SliceEncoder:
 
         return self.encode(model_slices(vol, self.spec, lungs), vol.kind, timing)
 
-    def encode(self, slices: np.ndarray, kind: str = "hu", timing: dict | None = None) -> torch.Tensor:
-        """(l, H, W) slices -> (l, d) float32 features, preprocessing overlapped with the backbone."""
+    def encode(self, slices: np.ndarray, kind: str = "hu", timing: dict | None = None,
+               ready: Callable[[int], None] | None = None) -> torch.Tensor:
+        """(l, H, W) slices -> (l, d) float32 features, preprocessing overlapped with the backbone;
+        ``ready``: see :meth:`batches` (slices decoded while they are encoded)."""
         out = []
-        for x in self.batches(slices, kind, timing):
+        for x in self.batches(slices, kind, timing, ready):
             t = time.perf_counter()
             out.append(self.embed(x))
             if timing is not None:

