@@ -76,8 +76,18 @@ def _kill_all(proc: subprocess.Popen, pids: set[int], shm: str | None = None) ->
 
 
 def test_sigterm_during_inspect_leaves_no_worker_or_shm(tmp_path):
+    _sigterm_mid_decode(["inspect", str(P001)], tmp_path)
+
+
+def test_sigterm_during_streamed_predict_leaves_no_worker_or_shm(tiny_bundle, tmp_path):
+    """`msnet predict` decodes in a reading thread while the backbone works: stopped mid-decode, it
+    still leaves nothing behind and prints no traceback."""
+    _sigterm_mid_decode(["predict", str(tiny_bundle), str(P001), "--device", "cpu"], tmp_path)
+
+
+def _sigterm_mid_decode(args: list[str], tmp_path) -> None:
     log = open(tmp_path / "log.txt", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "msnet", "inspect", str(P001)], env=_env(), stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "msnet", *args], env=_env(), stdout=log,
                             stderr=subprocess.STDOUT)
     shm, workers = None, set()
     try:

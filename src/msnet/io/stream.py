@@ -58,7 +58,9 @@ class StudyStream(Generic[T]):
     def __enter__(self) -> "StudyStream[T]":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            return  # KeyboardInterrupt, SystemExit: the process is stopping; the read is a daemon thread
         self.close()
 
     def close(self) -> None:
