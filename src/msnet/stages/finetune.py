@@ -605,10 +605,10 @@ def _cv_calibration(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device,
-               fit_on: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+               fit_on: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float, nn.Module]:
     """Fit the slice classifier's temperature on the validation slices (or on ``fit_on``: log-probabilities
-    and labels) and store it in its checkpoint; returns the calibrated validation probabilities and the
-    temperature."""
+    and labels) and store it in its checkpoint; returns the calibrated validation probabilities, the
+    temperature and the model (loaded from ``path``, its temperature set)."""
     from msnet.inference.bundle import checkpoint_info
     from msnet.metrics import fit_temperature
 
@@ -619,7 +619,8 @@ def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device,
         info = checkpoint_info(path)
         extra = {k: info[k] for k in ("epoch", "val_accuracy") if k in info}
         save_backbone(model, cfg, list(info["classes"]), path, extra={**extra, "temperature": temperature})
-    return _softmax(logits / temperature), temperature
+    model.temperature = float(temperature)
+    return _softmax(logits / temperature), temperature, model
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -650,7 +651,7 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
              len(val_set), classes)
     tr = _fit(cfg, train_set, val_set, out, classes, rank, world, resume=not overwrite)
     D.barrier()
-    probs, temperature = _calibrate(out / "backbone.pt", val_set, cfg, tr.device, fit_on)
+    probs, temperature, _ = _calibrate(out / "backbone.pt", val_set, cfg, tr.device, fit_on)
     metrics = slice_metrics(val_set, probs, classes)
     metrics.update(best_epoch=tr.best["epoch"], n_train=len(train_set), n_val=len(val_set), temperature=temperature,
                    table1=table1(val_set.labels.numpy(), probs.argmax(1), classes))
@@ -693,8 +694,7 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
         data = {n: _image_slices(r, cfg, classes, n) for n, r in (("train", fit_rows), ("select", sel_rows),
                                                                   ("test", held))}
         tr = _fit(cfg, data["train"], data["select"], fold_out, classes)
-        _, temperature = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
-        model = load_slice_classifier(fold_out / "backbone.pt", tr.device)
+        _, temperature, model = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
         logits = _log(predict_slices(model, data["test"], cfg, tr.device))
         probs = _softmax(logits / temperature)
         y = data["test"].labels.numpy()
