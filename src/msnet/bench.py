@@ -371,7 +371,8 @@ _RSS_CHILD = """
 import json, resource, sys
 from msnet.inference.predictor import Predictor
 bundle, study, runtime, int8 = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-r = Predictor(bundle, device="cpu", runtime=runtime, int8=int8, threads=2).predict(study)
+stream = len(sys.argv) < 6 or sys.argv[5] == "1"
+r = Predictor(bundle, device="cpu", runtime=runtime, int8=int8, threads=2, stream=stream).predict(study)
 from msnet.io.decode import shutdown_pool
 shutdown_pool()
 def hwm():  # VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over
@@ -387,8 +388,9 @@ print(json.dumps({"self_mb": hwm(),
 
 
 def peak_rss(config: str = "paper", n_slices: int = 200, pixels: int = 512, runtime: str = "torch",
-             int8: bool = False) -> dict:
-    """Peak resident memory (MB) of one ``Predictor.predict`` on a synthetic study, in a fresh subprocess.
+             int8: bool = False, stream: bool = True) -> dict:
+    """Peak resident memory (MB) of one ``Predictor.predict`` (streamed decode, or with ``stream=False`` the
+    whole read first) on a synthetic study, in a fresh subprocess.
 
     ``self_mb`` is the predicting process (VmHWM), ``children_mb`` the largest decode worker
     (ru_maxrss, counting pages shared with the parent at fork).
@@ -410,12 +412,12 @@ def peak_rss(config: str = "paper", n_slices: int = 200, pixels: int = 512, runt
         study = next(p for p in (tmp / "data").iterdir() if p.is_dir())
         if runtime == "onnx":
             export_bundle(bundle, int8=int8, calibration=[study], check_studies=[], n_calibration=32)
-        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(bundle), str(study), runtime, "1" if int8 else "0"],
-                             capture_output=True, text=True, check=False)
+        out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(bundle), str(study), runtime, "1" if int8 else "0",
+                              "1" if stream else "0"], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise MsnetError(f"peak-memory run failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result.update({"config": config, "runtime": runtime, "int8": int8, "pixels": pixels})
+    result.update({"config": config, "runtime": runtime, "int8": int8, "pixels": pixels, "stream": stream})
     return result
 
 
