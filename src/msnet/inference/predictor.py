@@ -192,8 +192,8 @@ class Predictor:
 
                 try:
                     feats = self.encoder.encode(progress.hu, "hu", timing, ready=ready)
-                except _StreamEnded:
-                    feats = None
+                except _StreamEnded:  # the read's result says why; the volume read is encoded below
+                    pass
                 except Exception:
                     st.close()  # the read's own error, if any, is the one to report
                     if not st.failed():

@@ -708,8 +708,11 @@ def _decode_parallel(tasks: list, shape: tuple, consumer=None) -> tuple[list, np
         with _signals_held():
             futures = [_pool().submit(_decode_chunk_mapped, c, filename, shape) for c in chunks]
         if progress is not None:
-            def done(f, k: int) -> None:  # a chunk whose worker failed is not decoded: the stream ends
-                progress.chunk_done(k) if not f.cancelled() and f.exception() is None else progress.finish()
+            def done(f, k: int) -> None:
+                if f.cancelled() or f.exception() is not None:
+                    progress.finish()  # a chunk whose worker failed is not decoded: the stream ends
+                else:
+                    progress.chunk_done(k)
 
             for k, f in enumerate(futures):
                 f.add_done_callback(lambda f, k=k: done(f, k))

@@ -285,11 +285,6 @@ def efficientnet_lite_state_dict(n: int = 0) -> "OrderedDict[str, torch.Tensor]"
     return out
 
 
-def efficientnet_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
-    """ImageNet weights of ``tf_efficientnet_lite0`` (:func:`efficientnet_lite_state_dict` ``(0)``)."""
-    return efficientnet_lite_state_dict(0)
-
-
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
