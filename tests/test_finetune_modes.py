@@ -118,6 +118,20 @@ def test_linear_probe_mode_leaves_the_saved_backbone_as_loaded(images, tmp_path)
     assert [int(r["epoch"]) for r in history] == [0]
 
 
+def test_probe_on_stage_statistics_is_saved_and_served_as_trained(images, tmp_path):
+    from msnet.stages.extract import load_encoder
+
+    cfg = _config(tmp_path, images, mode="linear_probe", probe_scale="feature", probe_c=0.01)
+    cfg.backbone.pool_stages = [4, 5]
+    F.finetune(cfg)
+    model = F.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
+    assert model.backbone.pool_stages == (4, 5) and model.fc.in_features == 2 * (80 + 112)
+    data = F.build_slice_sets(cfg)["train"]
+    assert (F.predict_slices(model, data, cfg, torch.device("cpu")).argmax(1) == data.labels.numpy()).mean() >= 0.9
+    encoder = load_encoder(cfg)  # stage 2 encodes with the same cut network
+    assert encoder.backbone.pool_stages == (4, 5) and encoder.num_features == model.fc.in_features
+
+
 def test_lp_ft_starts_the_full_phase_from_the_probe_head(images, tmp_path):
     cfg = _config(tmp_path, images, mode="lp_ft", backbone_lr_scale=0.1)
     data = F.build_slice_sets(cfg)["train"]

@@ -57,6 +57,10 @@ class BackboneConfig:
     pretrained: bool = True
     weights: str = ""
     freeze: int = 0
+    pool_stages: list[int] = field(default_factory=list)
+    """Empty: features are the last feature map's average. Else the mean and standard deviation of
+    every channel of these stages' outputs (stem = 0; efficientnet_lite: blocks.i is stage i + 1),
+    concatenated, and the network ends at the last of them: mid-level texture statistics."""
 
 
 @dataclass
@@ -74,6 +78,10 @@ class FinetuneConfig:
     """Backbone learning rate = lr * backbone_lr_scale."""
     probe_c: float = 0.1
     """Inverse L2 strength of the linear probe (as scikit-learn's C, on standardised features)."""
+    probe_scale: str = "overall"
+    """How the probe standardises features: overall (one standard deviation for all: no feature of tiny
+    variance gets a large weight for fine-tuning to start from) or feature (each its own, as
+    scikit-learn's StandardScaler: for features of unequal scales, such as pool_stages')."""
     weight_decay: float = 0.0
     class_weights: bool = True
     hflip: float = 0.5

@@ -26,9 +26,10 @@ def grad_cam(predictor, unit_slice: torch.Tensor, feats: torch.Tensor, index: in
     x = P.finish(unit_slice[None], spec.mean, spec.std).to(predictor.device)
     backbone = predictor.bundle.backbone
     with torch.enable_grad():
-        fmap = backbone.forward_features(x)
+        maps = backbone.forward_maps(x)
+        fmap = maps[-1]
         fmap.retain_grad()
-        pooled = fmap.mean(dim=(2, 3))
+        pooled = backbone.pool(maps)
         if predictor.head is not None:
             logit = predictor.head.to(predictor.device)(pooled)[0, target]
         else:

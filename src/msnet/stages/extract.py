@@ -64,7 +64,8 @@ def backbone_source(cfg: Config) -> tuple[Path | None, str]:
         return ckpt, file_hash(ckpt)
     b = cfg.backbone
     weights = cfg.resolve(b.weights) if b.weights else None
-    return None, f"{b.name}|pretrained={b.pretrained}|weights={file_hash(weights) if weights else ''}"
+    key = f"{b.name}|pretrained={b.pretrained}|weights={file_hash(weights) if weights else ''}"
+    return None, key + (f"|pool_stages={sorted(set(b.pool_stages))}" if b.pool_stages else "")
 
 
 def feature_set_id(backbone_key: str, spec: dict, dtype: str = "float32", runtime: str = "torch") -> str:
@@ -139,7 +140,8 @@ def load_encoder(cfg: Config, device: torch.device | str = "cpu") -> SliceEncode
         backbone, _, spec, _ = load_backbone(ckpt, device)
     else:
         b = cfg.backbone
-        backbone = create(b.name, pretrained=b.pretrained, weights=cfg.resolve(b.weights) if b.weights else None)
+        backbone = create(b.name, pretrained=b.pretrained, weights=cfg.resolve(b.weights) if b.weights else None,
+                          pool_stages=b.pool_stages)
         spec = spec_for(cfg, backbone)
     return SliceEncoder(spec, backbone, device=device, dtype=cfg.extract.dtype, batch_size=cfg.extract.batch_size)
 

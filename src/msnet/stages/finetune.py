@@ -335,6 +335,7 @@ def build_model(cfg: Config, n_classes: int, pretrained: bool | None = None):
         pretrained=cfg.backbone.pretrained if pretrained is None else pretrained,
         weights=cfg.resolve(cfg.backbone.weights) if cfg.backbone.weights else None,
         freeze=cfg.backbone.freeze or None,
+        pool_stages=cfg.backbone.pool_stages,
     )
     return SliceClassifier(backbone, n_classes)
 
@@ -490,6 +491,7 @@ class _Trainer:
 
 
 MODES = ("full", "linear_probe", "lp_ft")
+PROBE_SCALES = ("overall", "feature")
 
 
 @torch.inference_mode()
@@ -507,11 +509,16 @@ def pooled_features(backbone: nn.Module, data: SliceSet, device: torch.device, b
 def fit_linear_probe(model: nn.Module, data: SliceSet, cfg: Config, device: torch.device) -> None:
     """Fit ``model.fc`` as an L2-regularised logistic regression on the frozen backbone's pooled
     features, centred and scaled by one overall standard deviation (folded into the layer, so that no
-    feature of tiny variance gets a huge weight for fine-tuning to start from). The backbone is not changed."""
+    feature of tiny variance gets a huge weight for fine-tuning to start from), or with
+    ``finetune.probe_scale: feature`` each feature by its own. The backbone is not changed."""
+    scale = cfg.finetune.probe_scale
+    if scale not in PROBE_SCALES:
+        raise MsnetError(f"unknown finetune.probe_scale {scale!r}", fix=f"use one of {', '.join(PROBE_SCALES)}")
     feats = pooled_features(model.backbone, data, device).double()
     y = data.labels
     n_classes = model.fc.out_features
-    mu, sd = feats.mean(0), feats.std().clamp_min(1e-6)
+    mu = feats.mean(0)
+    sd = (feats.std(0) if scale == "feature" else feats.std()).clamp_min(1e-6)
     z = (feats - mu) / sd
     weights = class_weights(y, n_classes).double() if cfg.finetune.class_weights else None
     w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64, requires_grad=True)

@@ -1,0 +1,160 @@
+"""Features from mid-level stage statistics (``backbone.pool_stages``): what the cut network computes,
+that it survives the checkpoint, ONNX and Grad-CAM, and the probe that standardises each feature."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msnet import preprocess as P
+from msnet.errors import MsnetError
+from msnet.inference.bundle import load_backbone, save_backbone
+from msnet.models.backbones import create
+
+
+def _ucsd_images(shared_data: Path, n: int = 4) -> torch.Tensor:
+    """Real UCSD COVID-CT slice images, grey replicated to three channels, Lite0's normalisation."""
+    files = sorted((shared_data / "ucsd-covid-ct" / "train" / "CT_COVID").glob("*.png"))[:n]
+    assert len(files) == n
+    grey = [np.asarray(Image.open(f).convert("L").resize((224, 224), Image.BILINEAR), np.float32) / 255 for f in files]
+    x = torch.from_numpy(np.stack(grey))[:, None].repeat(1, 3, 1, 1)
+    return (x - 0.5) / 0.5
+
+
+def test_features_are_channel_means_and_sds_of_the_stages_of_the_uncut_network(shared_data):
+    x = _ucsd_images(shared_data)
+    full = create("efficientnet_lite0", pretrained=True).eval()
+    seen = {}
+    for k in (3, 4):  # stages 4 and 5 are blocks.3 and blocks.4
+        full.model.blocks[k].register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o))
+    with torch.no_grad():
+        full.model(x)
+        cut = create("efficientnet_lite0", pretrained=True, pool_stages=[5, 4]).eval()
+        feats = cut(x)
+    expected = torch.cat([torch.cat([seen[k].mean((2, 3)), seen[k].std((2, 3), unbiased=False)], 1) for k in (3, 4)], 1)
+    assert cut.num_features == 2 * (80 + 112) == feats.shape[1]
+    torch.testing.assert_close(feats, expected, atol=1e-3, rtol=1e-4)
+    # making the cut network must not have moved the ImageNet batch-norm statistics
+    uncut = full.model.state_dict()
+    assert all(torch.equal(v, uncut[k]) for k, v in cut.model.state_dict().items())
+    assert len(cut.model.state_dict()) < len(uncut)  # blocks.5 onwards are gone
+
+
+def test_bad_pool_stages_are_refused():
+    with pytest.raises(MsnetError, match="pool_stages"):
+        create("efficientnet_lite0", pool_stages=[9])
+    bb = create("resnet18", pool_stages=[2, 3])  # any backbone: stage paths, not Lite0 internals
+    assert bb(torch.zeros(1, 3, 64, 64)).shape == (1, 2 * (128 + 256))  # layer2, layer3
+
+
+def test_checkpoint_onnx_and_freezing_keep_the_cut(shared_data, tmp_path):
+    import onnxruntime as ort
+
+    from msnet.inference.onnx import export_backbone
+
+    x = _ucsd_images(shared_data, 3)
+    bb = create("efficientnet_lite0", pretrained=True, pool_stages=[4, 5], freeze=3).eval()
+    assert sum(p.requires_grad for p in bb.stages[2][0].parameters()) == 0
+    assert all(p.requires_grad for p in bb.stages[5][0].parameters())
+    spec = P.PreprocessSpec(kind="grey", windows=((-600.0, 1500.0),), size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    save_backbone(tmp_path / "backbone.pt", bb, spec, ["COVID-19", "NON-COVID"])
+    back, _, _, meta = load_backbone(tmp_path / "backbone.pt")
+    assert meta["pool_stages"] == [4, 5] and back.num_features == bb.num_features
+    with torch.no_grad():
+        ref = bb(x)
+        torch.testing.assert_close(back(x), ref)
+    path = export_backbone(bb, 224, tmp_path / "backbone.onnx")
+    out = ort.InferenceSession(str(path)).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-3, rtol=1e-3)
+
+
+def test_grad_cam_runs_on_a_cut_backbone(shared_data):
+    from msnet.inference.explain import grad_cam
+
+    bb = create("efficientnet_lite0", pretrained=True, pool_stages=[4, 5]).eval()
+    head = torch.nn.Linear(bb.num_features, 2)
+    spec = P.PreprocessSpec(kind="grey", windows=((-600.0, 1500.0),), size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    predictor = SimpleNamespace(spec=spec, bundle=SimpleNamespace(backbone=bb), head=head, device=torch.device("cpu"))
+    unit = (_ucsd_images(shared_data, 1)[0] * 0.5 + 0.5)
+    cam = grad_cam(predictor, unit, torch.zeros(1, bb.num_features), 0, 0)
+    assert cam.shape == (224, 224) and np.isfinite(cam).all() and cam.max() <= 1.0
+
+
+def test_feature_scaled_probe_ignores_the_units_of_a_feature():
+    """The per-feature probe gives the same decisions when one feature's unit changes by 10^4;
+    the overall-scaled probe does not (that feature swamps the shared standard deviation)."""
+    from msnet.config import Config
+    from msnet.stages import finetune as F
+
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    y = torch.arange(n) % 2
+    informative = y[:, None].double() * 1.5 + torch.randn(n, 3, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, 5, generator=g, dtype=torch.float64)
+
+    class Fixed(torch.nn.Module):  # a "backbone" that returns given features
+        def __init__(self, feats):
+            super().__init__()
+            self.feats, self.data_config = feats.float(), {"mean": (0.0,) * 3, "std": (1.0,) * 3}
+
+        def forward(self, x):  # the image of slice i holds i / 255
+            return self.feats[(x[:, 0, 0, 0] * 255).round().long()]
+
+    class Slices(SimpleNamespace):
+        def __init__(self, images, labels):
+            super().__init__(images=images, labels=labels)
+
+        def __len__(self):
+            return len(self.labels)
+
+    def decisions(feats, scale):
+        cfg = Config()
+        cfg.finetune.probe_scale, cfg.finetune.probe_c, cfg.finetune.class_weights = scale, 1.0, False
+        model = SimpleNamespace(backbone=Fixed(feats), fc=torch.nn.Linear(feats.shape[1], 2))
+        data = Slices(torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 2, 2), y)
+        F.fit_linear_probe(model, data, cfg, torch.device("cpu"))
+        with torch.no_grad():
+            return model.fc(feats.float()).argmax(1)
+
+    base = torch.cat([informative, noise], 1)
+    scaled = base.clone()
+    scaled[:, 3] *= 1e4  # a noise feature in other units
+    assert torch.equal(decisions(base, "feature"), decisions(scaled, "feature"))
+    assert (decisions(base, "feature") == y).float().mean() > 0.75
+    assert (decisions(scaled, "overall") == y).float().mean() < (decisions(base, "feature") == y).float().mean()
+    with pytest.raises(MsnetError, match="probe_scale"):
+        decisions(base, "per-feature")
+
+
+def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
+    """The shipped `ucsd` config end to end on a sample of the real images: the model it saves is the
+    frozen Lite0 cut after blocks 3-4 with a probe on their statistics, and it reads held-out images."""
+    import json
+    import shutil
+
+    from msnet.config import load_config
+    from msnet.data.cohorts import index_dataset
+    from msnet.stages.finetune import finetune, load_slice_classifier
+
+    src = shared_data / "ucsd-covid-ct"
+    root = tmp_path / "data"
+    for split, n in (("train", 90), ("val", 29)):
+        for cls in ("CT_COVID", "CT_NonCOVID"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((src / split / cls).iterdir())[::2][:n]:
+                shutil.copy(f, root / split / cls / f.name)
+    shutil.copytree(src / "meta", root / "meta")
+    monkeypatch.chdir(tmp_path)
+    index_dataset(root, tmp_path / "ucsd")
+    cfg = load_config("ucsd")
+    result = finetune(cfg, test_dir=root / "val")
+    model = load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
+    assert model.backbone.pool_stages == (4, 5) and model.fc.in_features == 384
+    assert result["best_epoch"] == 0  # a probe: nothing fine-tuned
+    test = json.loads((cfg.run_path / "finetune" / "test_metrics.json").read_text())
+    assert test["n"] == 58 and test["accuracy"] >= 0.58 and test["auc"] >= 0.65  # chance: 0.5
