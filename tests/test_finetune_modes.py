@@ -132,6 +132,32 @@ def test_probe_on_stage_statistics_is_saved_and_served_as_trained(images, tmp_pa
     assert encoder.backbone.pool_stages == (4, 5) and encoder.num_features == model.fc.in_features
 
 
+def test_probe_refit_uses_the_selection_images_too_and_keeps_the_temperature(images, tmp_path):
+    from msnet.inference.bundle import checkpoint_info
+
+    runs = {}
+    for refit in (False, True):
+        (tmp_path / str(refit)).mkdir()
+        cfg = _config(tmp_path / str(refit), images, mode="linear_probe", probe_refit=refit)
+        runs[refit] = (cfg, F.finetune(cfg))
+    (cfg0, m0), (cfg1, m1) = runs[False], runs[True]
+    a = F.load_slice_classifier(cfg0.run_path / "finetune" / "backbone.pt")
+    b = F.load_slice_classifier(cfg1.run_path / "finetune" / "backbone.pt")
+    assert m1["probe_refit_on"] == m1["n_train"] + m1["n_val"] == checkpoint_info(cfg1.run_path / "finetune" / "backbone.pt")["refit_on"]
+    assert a.temperature == b.temperature == m0["temperature"] == m1["temperature"]
+    assert not torch.allclose(a.fc.weight, b.fc.weight)  # fitted on more images
+    every = F.build_slice_sets(cfg1)
+    data = F.SliceSet(torch.cat([every["train"].images, every["val"].images]), torch.cat([every["train"].labels, every["val"].labels]))
+    torch.manual_seed(0)
+    ref = F.build_model(cfg1, 2)
+    F.fit_linear_probe(ref, data, cfg1, torch.device("cpu"))
+    torch.testing.assert_close(b.fc.weight, ref.fc.weight)
+    (tmp_path / "full").mkdir()
+    full = _config(tmp_path / "full", images, mode="full", epochs=1, probe_refit=True)
+    with pytest.raises(MsnetError, match="probe_refit"):
+        F.finetune(full)
+
+
 def test_lp_ft_starts_the_full_phase_from_the_probe_head(images, tmp_path):
     cfg = _config(tmp_path, images, mode="lp_ft", backbone_lr_scale=0.1)
     data = F.build_slice_sets(cfg)["train"]

@@ -78,6 +78,10 @@ class FinetuneConfig:
     """Backbone learning rate = lr * backbone_lr_scale."""
     probe_c: float = 0.1
     """Inverse L2 strength of the linear probe (as scikit-learn's C, on standardised features)."""
+    probe_refit: bool = False
+    """linear_probe only: once its temperature is fitted on the selection images, fit the probe again on
+    the training and selection images together (a probe selects nothing, so no image need be held back
+    from it); the temperature is kept."""
     probe_scale: str = "overall"
     """How the probe standardises features: overall (one standard deviation for all: no feature of tiny
     variance gets a large weight for fine-tuning to start from) or feature (each its own, as

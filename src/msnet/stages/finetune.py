@@ -544,6 +544,9 @@ def _trainer(cfg: Config, train_set: SliceSet, n_classes: int, rank: int, world:
     ft = cfg.finetune
     if ft.mode not in MODES:
         raise MsnetError(f"finetune.mode={ft.mode!r} is not one of {', '.join(MODES)}", fix="set finetune.mode")
+    if ft.probe_refit and ft.mode != "linear_probe":
+        raise MsnetError(f"finetune.probe_refit applies to mode linear_probe, not {ft.mode}",
+                         fix="set finetune.probe_refit=false, or finetune.mode=linear_probe")
     device = pick_device(cfg.device)
     model = build_model(cfg, n_classes).to(device)
     if ft.mode in ("linear_probe", "lp_ft"):
@@ -630,6 +633,23 @@ def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device,
     return _softmax(logits / temperature), temperature, model
 
 
+def _refit_probe(path: Path, sets: list[SliceSet], cfg: Config, device: torch.device, temperature: float) -> nn.Module:
+    """finetune.probe_refit: the linear probe of ``path`` fitted again on all of ``sets`` (the training and
+    the selection images), its temperature kept; saved in place and returned."""
+    from msnet.inference.bundle import checkpoint_info
+
+    model = load_slice_classifier(path, device)
+    both = SliceSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]))
+    fit_linear_probe(model, both, cfg, device)
+    if D.is_main():
+        info = checkpoint_info(path)
+        extra = {k: info[k] for k in ("epoch", "val_accuracy") if k in info}
+        save_backbone(model, cfg, list(info["classes"]), path,
+                      extra={**extra, "temperature": temperature, "refit_on": len(both)})
+    model.temperature = float(temperature)
+    return model.eval()
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -659,9 +679,12 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
     tr = _fit(cfg, train_set, val_set, out, classes, rank, world, resume=not overwrite)
     D.barrier()
     probs, temperature, _ = _calibrate(out / "backbone.pt", val_set, cfg, tr.device, fit_on)
-    metrics = slice_metrics(val_set, probs, classes)
+    metrics = slice_metrics(val_set, probs, classes)  # of the model before any refit: its selection images are unseen
     metrics.update(best_epoch=tr.best["epoch"], n_train=len(train_set), n_val=len(val_set), temperature=temperature,
                    table1=table1(val_set.labels.numpy(), probs.argmax(1), classes))
+    if cfg.finetune.probe_refit:
+        _refit_probe(out / "backbone.pt", [train_set, val_set], cfg, tr.device, temperature)
+        metrics["probe_refit_on"] = len(train_set) + len(val_set)
     if D.is_main():
         atomic_write_text(done_file, json.dumps(metrics, indent=2))
         (out / "state.pt").unlink(missing_ok=True)
@@ -702,6 +725,8 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
                                                                   ("test", held))}
         tr = _fit(cfg, data["train"], data["select"], fold_out, classes)
         _, temperature, model = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
+        if ft.probe_refit:
+            model = _refit_probe(fold_out / "backbone.pt", [data["train"], data["select"]], cfg, tr.device, temperature)
         logits = _log(predict_slices(model, data["test"], cfg, tr.device))
         probs = _softmax(logits / temperature)
         y = data["test"].labels.numpy()
