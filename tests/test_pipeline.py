@@ -287,3 +287,31 @@ def test_extract_on_onnx_int8_records_agreement_or_refuses(finetuned):
     shutil.copytree(finetuned / "run" / "finetune", finetuned / "run_strict" / "finetune")
     with pytest.raises(MsnetError, match="int8 features disagree"):
         extract(strict, strict=True)
+
+
+def test_mid_level_statistics_through_the_patient_pipeline(cohort, tmp_path):
+    """backbone.pool_stages without fine-tuning: extraction, MS-Net, the bundle and predict all use the
+    cut network's 384 features, in their own feature set."""
+    from msnet.data.cohorts import read_cohort
+    from msnet.inference.predictor import Predictor
+    from msnet.stages.extract import extract, feature_dir
+    from msnet.stages.run import build_bundle
+    from msnet.stages.train import train
+
+    folder = tmp_path / "pooled"
+    folder.mkdir()
+    shutil.copytree(cohort / "data", folder / "data")
+    cfg = load_config(write_config(folder, finetune={"enabled": False}, backbone={"pool_stages": [4, 5]},
+                                   train={"aggregators": ["msnet"], "epochs": 2}))
+    plain = load_config(write_config(tmp_path, finetune={"enabled": False}))
+    assert feature_dir(cfg) != feature_dir(plain)
+    assert extract(cfg).n_ok == 12
+    rows = read_cohort(folder / "data" / "cohort.csv")
+    assert np.load(feature_dir(cfg) / f"{rows[0]['patient_id']}.npy").shape[1] == 2 * (80 + 112)
+    train(cfg)
+    bundle = build_bundle(cfg)
+    card = json.loads((bundle / "metadata.json").read_text())
+    assert card["backbone"]["n_features"] == 384 and "stages [4, 5]" in card["backbone"]["features"]
+    result = Predictor(bundle).predict(rows[0]["path"])
+    assert result.prediction in ("COVID-19", "CAP", "NORMAL")
+    assert abs(sum(result.probabilities.values()) - 1.0) < 1e-4
