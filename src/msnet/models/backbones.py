@@ -148,8 +148,9 @@ class Backbone(nn.Module):
         cut.eval()  # the probe below must not move batch-norm statistics
         with torch.no_grad():
             c, h, w = self.data_config["input_size"]
-            probe = torch.zeros(1, c, min(h, 64), min(w, 64), dtype=next(cut.parameters()).dtype)
-            self.num_features = 2 * sum(m.shape[1] for m in self.forward_maps(probe.to(next(cut.parameters()).device)))
+            weight = next(cut.parameters())
+            probe = torch.zeros(1, c, min(h, 64), min(w, 64), dtype=weight.dtype, device=weight.device)
+            self.num_features = 2 * sum(m.shape[1] for m in self.forward_maps(probe))
         self.frozen_stages = 0
         if frozen:
             self.freeze(min(frozen, len(self.stages)))

@@ -614,39 +614,38 @@ def _cv_calibration(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
         return f["logits"], f["labels"]
 
 
+def _resave(model: nn.Module, path: Path, cfg: Config, **extra) -> None:
+    """Write ``model`` back over its stage-1 checkpoint, keeping the checkpoint's epoch and selection
+    accuracy and adding ``extra`` (main process only)."""
+    from msnet.inference.bundle import checkpoint_info
+
+    if D.is_main():
+        info = checkpoint_info(path)
+        kept = {k: info[k] for k in ("epoch", "val_accuracy") if k in info}
+        save_backbone(model, cfg, list(info["classes"]), path, extra={**kept, **extra})
+
+
 def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device,
                fit_on: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float, nn.Module]:
     """Fit the slice classifier's temperature on the validation slices (or on ``fit_on``: log-probabilities
     and labels) and store it in its checkpoint; returns the calibrated validation probabilities, the
     temperature and the model (loaded from ``path``, its temperature set)."""
-    from msnet.inference.bundle import checkpoint_info
     from msnet.metrics import fit_temperature
 
     model = load_slice_classifier(path, device)
     logits = _log(predict_slices(model, val_set, cfg, device))
     temperature = fit_temperature(*(fit_on if fit_on is not None else (logits, val_set.labels.numpy())))
-    if D.is_main():
-        info = checkpoint_info(path)
-        extra = {k: info[k] for k in ("epoch", "val_accuracy") if k in info}
-        save_backbone(model, cfg, list(info["classes"]), path, extra={**extra, "temperature": temperature})
+    _resave(model, path, cfg, temperature=temperature)
     model.temperature = float(temperature)
     return _softmax(logits / temperature), temperature, model
 
 
-def _refit_probe(path: Path, sets: list[SliceSet], cfg: Config, device: torch.device, temperature: float) -> nn.Module:
-    """finetune.probe_refit: the linear probe of ``path`` fitted again on all of ``sets`` (the training and
-    the selection images), its temperature kept; saved in place and returned."""
-    from msnet.inference.bundle import checkpoint_info
-
-    model = load_slice_classifier(path, device)
+def _refit_probe(model: nn.Module, path: Path, sets: list[SliceSet], cfg: Config, device: torch.device) -> nn.Module:
+    """finetune.probe_refit: the calibrated linear probe ``model`` (saved at ``path``) fitted again on all
+    of ``sets`` (the training and the selection images), its temperature kept; saved in place and returned."""
     both = SliceSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]))
     fit_linear_probe(model, both, cfg, device)
-    if D.is_main():
-        info = checkpoint_info(path)
-        extra = {k: info[k] for k in ("epoch", "val_accuracy") if k in info}
-        save_backbone(model, cfg, list(info["classes"]), path,
-                      extra={**extra, "temperature": temperature, "refit_on": len(both)})
-    model.temperature = float(temperature)
+    _resave(model, path, cfg, temperature=model.temperature, refit_on=len(both))
     return model.eval()
 
 
@@ -678,12 +677,12 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
              len(val_set), classes)
     tr = _fit(cfg, train_set, val_set, out, classes, rank, world, resume=not overwrite)
     D.barrier()
-    probs, temperature, _ = _calibrate(out / "backbone.pt", val_set, cfg, tr.device, fit_on)
+    probs, temperature, model = _calibrate(out / "backbone.pt", val_set, cfg, tr.device, fit_on)
     metrics = slice_metrics(val_set, probs, classes)  # of the model before any refit: its selection images are unseen
     metrics.update(best_epoch=tr.best["epoch"], n_train=len(train_set), n_val=len(val_set), temperature=temperature,
                    table1=table1(val_set.labels.numpy(), probs.argmax(1), classes))
     if cfg.finetune.probe_refit:
-        _refit_probe(out / "backbone.pt", [train_set, val_set], cfg, tr.device, temperature)
+        _refit_probe(model, out / "backbone.pt", [train_set, val_set], cfg, tr.device)
         metrics["probe_refit_on"] = len(train_set) + len(val_set)
     if D.is_main():
         atomic_write_text(done_file, json.dumps(metrics, indent=2))
@@ -726,7 +725,7 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
         tr = _fit(cfg, data["train"], data["select"], fold_out, classes)
         _, temperature, model = _calibrate(fold_out / "backbone.pt", data["select"], cfg, tr.device)
         if ft.probe_refit:
-            model = _refit_probe(fold_out / "backbone.pt", [data["train"], data["select"]], cfg, tr.device, temperature)
+            model = _refit_probe(model, fold_out / "backbone.pt", [data["train"], data["select"]], cfg, tr.device)
         logits = _log(predict_slices(model, data["test"], cfg, tr.device))
         probs = _softmax(logits / temperature)
         y = data["test"].labels.numpy()
