@@ -158,3 +158,28 @@ def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
     assert result["best_epoch"] == 0  # a probe: nothing fine-tuned
     test = json.loads((cfg.run_path / "finetune" / "test_metrics.json").read_text())
     assert test["n"] == 58 and test["accuracy"] >= 0.58 and test["auc"] >= 0.65  # chance: 0.5
+
+
+@pytest.mark.parametrize("pool_stages", [[4, 5], []])
+def test_slice_classifier_answers_alike_in_either_memory_layout(shared_data, pool_stages):
+    """Stage 1 runs the slice classifier channels last (faster convolutions on a CPU): on real images,
+    its probe and its answers match the contiguous layout's."""
+    from msnet.config import load_config
+    from msnet.stages import finetune as F
+
+    cfg = load_config("ucsd", [f"backbone.pool_stages={pool_stages}", "finetune.tta=false"])
+    x = _ucsd_images(shared_data, 8)
+    data = F.SliceSet(((x[:, :1] * 0.5 + 0.5) * 255).round().to(torch.uint8), torch.tensor([0, 1] * 4))
+    torch.manual_seed(0)
+    ref = F.build_model(cfg, 2).eval()  # as built: contiguous weights, fed contiguous batches below
+    F.fit_linear_probe(ref, data, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        expected = torch.softmax(ref(P.finish(P.dequantize(data.images), (0.5,) * 3, (0.5,) * 3)), 1).numpy()
+    torch.manual_seed(0)
+    fast = F.build_model(cfg, 2).to(memory_format=torch.channels_last)
+    F.fit_linear_probe(fast, data, cfg, torch.device("cpu"))
+    assert fast.backbone.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast.fc.weight, ref.fc.weight, atol=1e-4, rtol=1e-3)
+    got = F.predict_slices(fast, data, cfg, torch.device("cpu"))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (got.argmax(1) == expected.argmax(1)).all()

@@ -119,7 +119,7 @@ def slice_infection_scores(model: torch.nn.Module, spec, hu: np.ndarray, kind: s
     model.eval()
     out = []
     for i in range(0, hu.shape[0], batch_size):
-        x = spec.prepare(hu[i:i + batch_size], kind).to(device)
+        x = spec.prepare(hu[i:i + batch_size], kind).to(device).contiguous(memory_format=torch.channels_last)
         p = torch.softmax(model(x).float() / float(temperature), dim=1)
         out.append(1.0 - p[:, normal_index].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
