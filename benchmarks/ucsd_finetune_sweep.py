@@ -102,8 +102,7 @@ def make_model(freeze=2):
     return net.to(dev).to(memory_format=torch.channels_last)
 
 
-def norm(x):  # uint8 (n,1,S,S) -> normalised 3-channel float
-    x = x.float() / 255.0
+def norm(x):  # [0, 1] float (n,1,S,S) -> normalised 3-channel float, channels last
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
 
 
@@ -186,9 +185,8 @@ def train(idx, r, seed):
                 f = step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
                 for gp, b0 in zip(opt.param_groups, base):
                     gp["lr"] = b0 * f
-            x = augment(X[b].float() / 255.0, r, g)
+            x = norm(augment(X[b].float() / 255.0, r, g))
             y = Y[b]
-            x = ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 if r.get("mixup", 0) > 0:
                     lam = float(np.random.default_rng(seed * 100000 + step).beta(r["mixup"], r["mixup"]))
@@ -210,7 +208,7 @@ def predict(net, X):
     net.eval()
     out = []
     for i in range(0, len(X), 128):
-        x = norm(X[i:i + 128])
+        x = norm(X[i:i + 128].float() / 255.0)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             p = torch.softmax(net(x).float(), 1) + torch.softmax(net(x.flip(-1)).float(), 1)
         out.append((p / 2).cpu())

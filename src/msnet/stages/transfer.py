@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from msnet.device import channels_last
 from msnet.errors import MsnetError
 from msnet.metrics import auc_score
 
@@ -119,7 +120,7 @@ def slice_infection_scores(model: torch.nn.Module, spec, hu: np.ndarray, kind: s
     model.eval()
     out = []
     for i in range(0, hu.shape[0], batch_size):
-        x = spec.prepare(hu[i:i + batch_size], kind).to(device).contiguous(memory_format=torch.channels_last)
+        x = channels_last(spec.prepare(hu[i:i + batch_size], kind), device)
         p = torch.softmax(model(x).float() / float(temperature), dim=1)
         out.append(1.0 - p[:, normal_index].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
