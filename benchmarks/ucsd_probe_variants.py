@@ -1,0 +1,252 @@
+"""UCSD COVID-CT: the shipped probe's features pooled inside a rough 2-D lung mask, and read by an
+RBF-kernel SVM instead of a logistic regression; cross-validated two ways.
+
+An experiment, not part of msnet. The features are those of ``configs/ucsd.yaml`` (frozen ImageNet
+Lite0, 224 px, every image re-encoded as JPEG q75, channel mean and standard deviation of blocks 3
+and 4), computed by msnet's own loader and backbone:
+- ``whole``: over the whole image, as shipped;
+- ``lungs``: over a 2-D lung mask of the grey image (Otsu threshold, the two largest dark regions that
+  are not the air around the body, holes filled, convex hull of each; the whole image where the mask
+  covers under a tenth of it). The DICOM slices get the same mask of their lung-window image;
+- ``both``: the two concatenated.
+
+Each feature set is read by a logistic regression (C 0.1, class weights, each feature standardised:
+the shipped probe without its temperature and refit) and by an RBF SVM (C 3, class weights, the
+same standardisation). Mirror test-time augmentation throughout; the decision threshold is 0.
+
+Cross-validation on ``train``, 5 folds, with msnet's own grouped folds (``manifest_folds``), over
+three fold assignments (seeds 0-2):
+- ``patient``: the manifest's source groups (a COVID image's patient), as ``msnet finetune --cv``;
+- ``paper``: a COVID image's group is the paper its file name names (``2020.02.25.20021568-p..``):
+  a paper's figure style (size, coding, window) never lies on both sides of a fold.
+
+Then each model trained on all of ``train`` scores the official ``val`` and, with ``--ctmd``, the
+slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs).
+
+    msnet index ../shared/data/ucsd-covid-ct -o ucsd
+    msnet index ../shared/data/covid-ct-md -o ctmd
+    OMP_NUM_THREADS=2 python benchmarks/ucsd_probe_variants.py ucsd/slices.csv --ctmd ctmd
+
+About 3 min on 2 cores; needs scikit-learn and scikit-image (the dev extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def lung_mask_2d(unit: np.ndarray) -> np.ndarray:
+    """A rough lung mask of one grey CT image in [0, 1] (lung window): bool, possibly empty."""
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import convex_hull_image
+
+    h, w = unit.shape
+    g = ndi.gaussian_filter(unit.astype(np.float32), max(1.0, 0.005 * max(h, w)))
+    dark = ndi.binary_opening(g < threshold_otsu(g), iterations=2)
+    lab, n = ndi.label(dark)
+    out = np.zeros_like(dark)
+    if n == 0:
+        return out
+    sizes = ndi.sum(dark, lab, range(1, n + 1))
+    edges = [lab[0], lab[-1], lab[:, 0], lab[:, -1]]
+    kept = 0
+    for i in np.argsort(sizes)[::-1][:4]:
+        k = i + 1
+        if sizes[i] < 0.02 * h * w or kept == 2:
+            break
+        touch = [float(np.mean(e == k)) for e in edges]
+        if sum(t > 0 for t in touch) >= 3 or sum(touch) > 1.2 or sizes[i] > 0.6 * h * w:
+            continue  # the air around the body, or one region that is most of the image
+        out |= convex_hull_image(ndi.binary_fill_holes(lab == k))
+        kept += 1
+    return out
+
+
+def pooled(maps: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Channel mean and sd of every map, over the image or weighted by ``mask`` (B, 1, H, W)."""
+    parts = []
+    for m in maps:
+        if mask is None:
+            w = torch.ones_like(m[:, :1])
+        else:
+            w = F.adaptive_avg_pool2d(mask, m.shape[-2:])
+            small = w.mean(dim=(2, 3), keepdim=True) < 0.1
+            w = torch.where(small, torch.ones_like(w), w)
+        s = w.sum(dim=(2, 3))
+        mean = (m * w).sum(dim=(2, 3)) / s
+        var = (w * (m - mean[:, :, None, None]).square()).sum(dim=(2, 3)) / s
+        parts += [mean, torch.sqrt(var + 1e-6)]
+    return torch.cat(parts, dim=1)
+
+
+class Features:
+    """Whole-image and lung-masked features of grey [0, 1] images, plain and mirrored."""
+
+    def __init__(self) -> None:
+        from msnet.config import load_config
+        from msnet.device import channels_last
+        from msnet.models.backbones import create
+
+        self.cfg = cfg = load_config("ucsd")
+        self.backbone = create(cfg.backbone.name, pretrained=True, pool_stages=cfg.backbone.pool_stages).eval()
+        self.mean, self.std = self.backbone.data_config["mean"], self.backbone.data_config["std"]
+        self.to_device = channels_last
+        self.size = cfg.preprocess.size
+        self.reencode = cfg.data.reencode_jpeg
+
+    @torch.inference_mode()
+    def __call__(self, unit: torch.Tensor) -> dict[str, np.ndarray]:
+        masks = torch.from_numpy(np.stack([lung_mask_2d(u[0].numpy()) for u in unit])[:, None].astype(np.float32))
+        out: dict[str, list] = {}
+        for flip in (False, True):
+            u, mk = (unit.flip(-1), masks.flip(-1)) if flip else (unit, masks)
+            x = u.expand(-1, 3, -1, -1)
+            x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+            maps = self.backbone.forward_maps(self.to_device(x, "cpu"))
+            tag = "_mirror" if flip else ""
+            out["whole" + tag] = pooled(maps, None).numpy()
+            out["lungs" + tag] = pooled(maps, mk).numpy()
+        out["mask_fraction"] = masks.mean(dim=(1, 2, 3)).numpy()
+        return out
+
+
+def _stack(parts: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def ucsd_features(rows: list[dict], feats: Features, batch: int = 32) -> dict[str, np.ndarray]:
+    from msnet.stages.finetune import load_image_slice
+
+    parts = []
+    for i in range(0, len(rows), batch):
+        imgs = [load_image_slice(r["image_path"], feats.size, feats.reencode) for r in rows[i:i + batch]]
+        parts.append(feats(torch.stack(imgs).float() / 255.0))
+    return _stack(parts)
+
+
+def cohort_features(folder: Path, feats: Features, spec, batch: int = 32) -> tuple[list[dict], dict[str, np.ndarray]]:
+    from msnet.data.cohorts import read_cohort, read_slice_labels
+    from msnet.io import read_study
+    from msnet.preprocess import model_slices
+
+    labels = read_slice_labels(folder / "slice_labels.csv") if (folder / "slice_labels.csv").is_file() else {}
+    patients, parts = [], []
+    for r in read_cohort(folder / "cohort.csv", only_ok=True):
+        vol = read_study(r["path"], study_id=r["patient_id"])
+        hu = model_slices(vol, spec)
+        for i in range(0, hu.shape[0], batch):
+            parts.append(feats(spec.unit(hu[i:i + batch], vol.kind)[:, :1].float()))
+        patients.append({"label": r["label"], "n": hu.shape[0], "slice_labels": labels.get(r["patient_id"])})
+    return patients, _stack(parts)
+
+
+def feature_sets(d: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    both = (np.concatenate([d["whole"], d["lungs"]], 1), np.concatenate([d["whole_mirror"], d["lungs_mirror"]], 1))
+    return {"whole": (d["whole"], d["whole_mirror"]), "lungs": (d["lungs"], d["lungs_mirror"]), "both": both}
+
+
+def classifiers():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    return {
+        "logistic regression": lambda: make_pipeline(
+            StandardScaler(), LogisticRegression(C=0.1, max_iter=5000, class_weight="balanced")),
+        "RBF SVM": lambda: make_pipeline(StandardScaler(), SVC(C=3.0, class_weight="balanced")),
+    }
+
+
+def paper_group(row: dict) -> str:
+    """A COVID image's paper (the file name's prefix before ``-p<page>``, ``%`` or ``_``); other
+    images keep their manifest group."""
+    if row["label"] != "COVID-19":
+        return row["group"]
+    return "paper:" + re.split(r"-p\d|%|_", Path(row["image_path"]).name)[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("manifest", type=Path, help="slices.csv of `msnet index ../shared/data/ucsd-covid-ct`")
+    ap.add_argument("--ctmd", type=Path, help="a cohort folder with slice labels (`msnet index` of COVID-CT-MD)")
+    ap.add_argument("--seeds", type=int, default=3, help="fold assignments per grouping")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from msnet.data.cohorts import read_slice_manifest
+    from msnet.stages.finetune import manifest_folds, spec_for
+    from msnet.stages.transfer import infection_metrics
+
+    rows = read_slice_manifest(args.manifest, only_ok=True)
+    train = [r for r in rows if r["subset"] == "train"]
+    val = [r for r in rows if r["subset"] == "val"]
+    feats = Features()
+    d = ucsd_features(train + val, feats)
+    y = np.array([r["label"] == "COVID-19" for r in train + val], int)
+    tr, va = np.arange(len(train)), np.arange(len(train), len(rows))
+    jpeg = np.array([r["format"] != "PNG" for r in val])
+    print(f"2-D lung mask: median {np.median(d['mask_fraction'][tr]):.2f} of a UCSD image "
+          f"(under a tenth, whole image used: {np.mean(d['mask_fraction'] < 0.1):.3f} of images)")
+    index = {r["image_path"]: i for i, r in enumerate(train)}
+    groupings = {"patient": train, "paper": [dict(r, group=paper_group(r)) for r in train]}
+    folds = {g: [[[index[r["image_path"]] for r in f] for f in manifest_folds(rs, 5, seed)]
+                 for seed in range(args.seeds)] for g, rs in groupings.items()}
+    cohort = None
+    if args.ctmd:
+        cohort = cohort_features(args.ctmd, feats, spec_for(feats.cfg, feats.backbone))
+    header = ["features", "classifier", "CV patient-grouped acc / AUC", "CV paper-grouped acc / AUC",
+              "val acc / F1 / AUC", "val PNG / JPEG"]
+    if cohort:
+        header.append("transfer: vs normal / within patients")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for fname, (X, Xm) in feature_sets(d).items():
+        for cname, make in classifiers().items():
+            def fit(idx):
+                return make().fit(X[idx], y[idx])
+
+            def score(m, A, Am):
+                return (m.decision_function(A) + m.decision_function(Am)) / 2
+
+            cv = {}
+            for g, assignments in folds.items():
+                acc, auc = [], []
+                for fs in assignments:
+                    for k, held in enumerate(fs):
+                        rest = np.array([i for j, f in enumerate(fs) if j != k for i in f])
+                        held = np.array(held)
+                        s = score(fit(rest), X[held], Xm[held])
+                        acc.append(np.mean((s > 0) == y[held]))
+                        auc.append(roc_auc_score(y[held], s))
+                cv[g] = f"{np.mean(acc):.3f} / {np.mean(auc):.3f}"
+            m = fit(tr)
+            s = score(m, X[va], Xm[va])
+            pred = (s > 0).astype(int)
+            hit = pred == y[va]
+            cells = [fname, cname, cv["patient"], cv["paper"],
+                     f"{hit.mean():.3f} / {f1_score(y[va], pred):.3f} / {roc_auc_score(y[va], s):.3f}",
+                     f"{hit[~jpeg].mean():.3f} / {hit[jpeg].mean():.3f}"]
+            if cohort:
+                patients, c = cohort
+                cs = feature_sets(c)[fname]
+                scores = score(m, *cs)
+                at, parts = 0, []
+                for p in patients:
+                    parts.append(dict(p, scores=scores[at:at + p["n"]]))
+                    at += p["n"]
+                t = infection_metrics(parts)
+                cells.append(f"{t['infection_auc_vs_normal']:.3f} / {t['infection_auc_within_patients']:.3f}")
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
