@@ -3,15 +3,17 @@
 An experiment, not part of msnet: it trains EfficientNet-Lite0 (ImageNet weights, stem and first
 block frozen, dropout 0.2 + linear head) with its own loop on a GPU (runs on a CPU too, slowly), to
 ask whether recipes too slow to search on a 2-core CPU (30-60 epochs, cosine schedule, random zoom
-crops, rotation, shrinking, blur, mixup, layer-wise learning-rate decay) beat the linear probe of
-``configs/ucsd.yaml``. The images are exactly those ``msnet finetune ucsd`` trains on (224 px, every
-image re-encoded as JPEG q75, grey), and so are the 5 source-grouped folds of ``train``.
+crops, rotation, shrinking, blur, mixup, layer-wise learning-rate decay, stochastic weight
+averaging) beat the linear probe of ``configs/ucsd.yaml``. The images are exactly those
+``msnet finetune ucsd`` trains on (224 px, every image re-encoded as JPEG q75, grey), and so are
+the 5 source-grouped folds of ``train``.
 
-Per recipe: 5-fold grouped CV on ``train`` (each fold model trained on the other four, its final
-weights, no selection), a model trained on all of ``train`` scored on the official ``val``, the 5
-fold models averaged on ``val``, mirror test-time augmentation everywhere, and how often the
-answer flips at half resolution. ``blend`` then averages each recipe's probabilities with the
-shipped probe's calibrated ones (its ``--cv`` out-of-fold predictions and its ``val`` predictions);
+Per recipe: 5-fold grouped CV on ``train`` (each fold model trained on the other four: its final
+weights or, with SWA, their average over the last epochs; no selection), a model trained on all of
+``train`` scored on the official ``val``, the 5 fold models averaged on ``val``, mirror test-time
+augmentation everywhere, and how often the answer flips at half resolution. ``blend`` then averages
+each recipe's probabilities with the shipped probe's calibrated ones (its ``--cv`` out-of-fold
+predictions and its ``val`` predictions);
 it takes ``msnet finetune --cv`` run folders too (e.g. the FT rows of README's table).
 
     msnet index ../shared/data/ucsd-covid-ct -o ucsd
@@ -173,6 +175,7 @@ def train(idx, r, seed):
     steps = E * math.ceil(len(idx) / bs)
     step = 0
     ls = r.get("smooth", 0.0)
+    swa = None
     for ep in range(E):
         net.train()
         for mod in net.frozen:
@@ -200,7 +203,39 @@ def train(idx, r, seed):
             loss.backward()
             opt.step()
             step += 1
+        if r.get("swa_from") is not None and ep + 1 >= r["swa_from"]:
+            swa = _average(swa, net, ep + 1 - r["swa_from"])
+    if r.get("swa_from") is not None:
+        net.load_state_dict(swa)
+        _refresh_bn(net, X)
     return net
+
+
+def _average(avg, net, k):
+    """Running mean of the weights after ``k + 1`` snapshots (SWA; Izmailov et al. 2018)."""
+    now = {n: t.detach().clone() for n, t in net.state_dict().items()}
+    if avg is None or k == 0:
+        return now
+    return {n: (avg[n] * k + t) / (k + 1) if t.is_floating_point() else t for n, t in now.items()}
+
+
+@torch.no_grad()
+def _refresh_bn(net, X, bs=64):
+    """Batch-norm statistics of the trainable stages recomputed for the averaged weights, on the
+    unaugmented training images (the frozen stages keep theirs)."""
+    frozen = {id(m) for mod in net.frozen for m in mod.modules()}
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d) and id(m) not in frozen]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative mean over all batches
+    net.train()
+    for mod in net.frozen:
+        mod.eval()
+    for i in range(0, len(X), bs):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            net(norm(X[i:i + bs].float() / 255.0))
+    for m in bns:
+        m.momentum = 0.1
 
 
 @torch.inference_mode()
@@ -262,6 +297,8 @@ RECIPES = {
     "heavy60_mix": dict(epochs=60, lr=3e-4, sched="cos", mixup=0.4, smooth=0.1, **HEAVY),
     "heavy30_f4": dict(epochs=30, lr=3e-4, sched="cos", freeze=4, **HEAVY),
     "heavy30_wd": dict(epochs=30, lr=1e-3, sched="cos", wd=0.05, **HEAVY),
+    "ft10": dict(epochs=10, lr=3e-4),
+    "ft10_swa": dict(epochs=10, lr=3e-4, swa_from=3),  # weights averaged after epochs 3-10
 }
 
 
@@ -354,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         rec = dict(RECIPES[n])
         if args.smoke:
             rec["epochs"] = 1
+            if "swa_from" in rec:
+                rec["swa_from"] = 1
         results.append(run(n, rec))
         (OUT / "sweep.json").write_text(json.dumps(results, indent=1))
     print("total", round(time.time() - t0, 1), "s")

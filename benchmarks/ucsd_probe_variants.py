@@ -70,16 +70,14 @@ def lung_mask_2d(unit: np.ndarray) -> np.ndarray:
     return out
 
 
-def pooled(maps: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-    """Channel mean and sd of every map, over the image or weighted by ``mask`` (B, 1, H, W)."""
+def masked_pool(maps: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Channel mean and sd of every map weighted by ``mask`` (B, 1, H, W), as ``Backbone.pool``
+    takes them over the whole map; over the whole map where the mask covers under a tenth of it."""
     parts = []
     for m in maps:
-        if mask is None:
-            w = torch.ones_like(m[:, :1])
-        else:
-            w = F.adaptive_avg_pool2d(mask, m.shape[-2:])
-            small = w.mean(dim=(2, 3), keepdim=True) < 0.1
-            w = torch.where(small, torch.ones_like(w), w)
+        w = F.adaptive_avg_pool2d(mask, m.shape[-2:])
+        small = w.mean(dim=(2, 3), keepdim=True) < 0.1
+        w = torch.where(small, torch.ones_like(w), w)
         s = w.sum(dim=(2, 3))
         mean = (m * w).sum(dim=(2, 3)) / s
         var = (w * (m - mean[:, :, None, None]).square()).sum(dim=(2, 3)) / s
@@ -112,8 +110,8 @@ class Features:
             x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
             maps = self.backbone.forward_maps(self.to_device(x, "cpu"))
             tag = "_mirror" if flip else ""
-            out["whole" + tag] = pooled(maps, None).numpy()
-            out["lungs" + tag] = pooled(maps, mk).numpy()
+            out["whole" + tag] = self.backbone.pool(maps).numpy()
+            out["lungs" + tag] = masked_pool(maps, mk).numpy()
         out["mask_fraction"] = masks.mean(dim=(1, 2, 3)).numpy()
         return out
 
