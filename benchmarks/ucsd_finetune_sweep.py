@@ -55,7 +55,7 @@ def pack(path: Path, manifest: Path) -> None:
     from msnet.models.backbones import create
     from msnet.stages.finetune import _image_slices, manifest_folds
 
-    cfg = load_config("ucsd")
+    cfg = load_config("ucsd", ["preprocess.lung_crop=false"])  # the images the sweep in README was run on
     rows = read_slice_manifest(manifest)
     train = [r for r in rows if r["subset"] == "train"]
     val = [r for r in rows if r["subset"] == "val"]

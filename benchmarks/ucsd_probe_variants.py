@@ -5,9 +5,9 @@ An experiment, not part of msnet. The features are those of ``configs/ucsd.yaml`
 Lite0, 224 px, every image re-encoded as JPEG q75, channel mean and standard deviation of blocks 3
 and 4), computed by msnet's own loader and backbone:
 - ``whole``: over the whole image, as shipped;
-- ``lungs``: over a 2-D lung mask of the grey image (Otsu threshold, the two largest dark regions that
-  are not the air around the body, holes filled, convex hull of each; the whole image where the mask
-  covers under a tenth of it). The DICOM slices get the same mask of their lung-window image;
+- ``lungs``: inside the image's 2-D lung mask (``msnet.preprocess.grey_lung_mask``; the whole image
+  where the mask covers under a tenth of it). The DICOM slices get the same mask of their
+  lung-window image;
 - ``both``: the two concatenated.
 
 Each feature set is read by a logistic regression (C 0.1, class weights, each feature standardised:
@@ -21,18 +21,21 @@ three fold assignments (seeds 0-2):
   a paper's figure style (size, coding, window) never lies on both sides of a fold.
 
 Then each model trained on all of ``train`` scores the official ``val`` and, with ``--ctmd``, the
-slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs).
+slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs). ``--crop`` first
+crops every image to the lungs (``preprocess.lung_crop``: the UCSD images by their 2-D lung masks,
+the DICOM slices by the HU lung mask).
 
     msnet index ../shared/data/ucsd-covid-ct -o ucsd
     msnet index ../shared/data/covid-ct-md -o ctmd
     OMP_NUM_THREADS=2 python benchmarks/ucsd_probe_variants.py ucsd/slices.csv --ctmd ctmd
 
-About 3 min on 2 cores; needs scikit-learn and scikit-image (the dev extras).
+About 1 min on 2 cores; needs scikit-learn (the dev extras).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -40,34 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def lung_mask_2d(unit: np.ndarray) -> np.ndarray:
-    """A rough lung mask of one grey CT image in [0, 1] (lung window): bool, possibly empty."""
-    from scipy import ndimage as ndi
-    from skimage.filters import threshold_otsu
-    from skimage.morphology import convex_hull_image
-
-    h, w = unit.shape
-    g = ndi.gaussian_filter(unit.astype(np.float32), max(1.0, 0.005 * max(h, w)))
-    dark = ndi.binary_opening(g < threshold_otsu(g), iterations=2)
-    lab, n = ndi.label(dark)
-    out = np.zeros_like(dark)
-    if n == 0:
-        return out
-    sizes = ndi.sum(dark, lab, range(1, n + 1))
-    edges = [lab[0], lab[-1], lab[:, 0], lab[:, -1]]
-    kept = 0
-    for i in np.argsort(sizes)[::-1][:4]:
-        k = i + 1
-        if sizes[i] < 0.02 * h * w or kept == 2:
-            break
-        touch = [float(np.mean(e == k)) for e in edges]
-        if sum(t > 0 for t in touch) >= 3 or sum(touch) > 1.2 or sizes[i] > 0.6 * h * w:
-            continue  # the air around the body, or one region that is most of the image
-        out |= convex_hull_image(ndi.binary_fill_holes(lab == k))
-        kept += 1
-    return out
 
 
 def masked_pool(maps: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +77,9 @@ class Features:
 
     @torch.inference_mode()
     def __call__(self, unit: torch.Tensor) -> dict[str, np.ndarray]:
-        masks = torch.from_numpy(np.stack([lung_mask_2d(u[0].numpy()) for u in unit])[:, None].astype(np.float32))
+        from msnet.preprocess import grey_lung_mask
+
+        masks = torch.from_numpy(np.stack([grey_lung_mask(u[0].numpy()) for u in unit])[:, None].astype(np.float32))
         out: dict[str, list] = {}
         for flip in (False, True):
             u, mk = (unit.flip(-1), masks.flip(-1)) if flip else (unit, masks)
@@ -120,12 +97,12 @@ def _stack(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def ucsd_features(rows: list[dict], feats: Features, batch: int = 32) -> dict[str, np.ndarray]:
+def ucsd_features(rows: list[dict], feats: Features, crop: bool, batch: int = 32) -> dict[str, np.ndarray]:
     from msnet.stages.finetune import load_image_slice
 
     parts = []
     for i in range(0, len(rows), batch):
-        imgs = [load_image_slice(r["image_path"], feats.size, feats.reencode) for r in rows[i:i + batch]]
+        imgs = [load_image_slice(r["image_path"], feats.size, feats.reencode, lung_crop=crop) for r in rows[i:i + batch]]
         parts.append(feats(torch.stack(imgs).float() / 255.0))
     return _stack(parts)
 
@@ -177,6 +154,8 @@ def main() -> None:
     ap.add_argument("manifest", type=Path, help="slices.csv of `msnet index ../shared/data/ucsd-covid-ct`")
     ap.add_argument("--ctmd", type=Path, help="a cohort folder with slice labels (`msnet index` of COVID-CT-MD)")
     ap.add_argument("--seeds", type=int, default=3, help="fold assignments per grouping")
+    ap.add_argument("--crop", action="store_true", help="crop every UCSD image to its 2-D lung mask's box, "
+                    "and the DICOM slices to the lungs (preprocess.lung_crop), before the features")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     from sklearn.metrics import f1_score, roc_auc_score
@@ -189,7 +168,7 @@ def main() -> None:
     train = [r for r in rows if r["subset"] == "train"]
     val = [r for r in rows if r["subset"] == "val"]
     feats = Features()
-    d = ucsd_features(train + val, feats)
+    d = ucsd_features(train + val, feats, args.crop)
     y = np.array([r["label"] == "COVID-19" for r in train + val], int)
     tr, va = np.arange(len(train)), np.arange(len(train), len(rows))
     jpeg = np.array([r["format"] != "PNG" for r in val])
@@ -201,7 +180,8 @@ def main() -> None:
                  for seed in range(args.seeds)] for g, rs in groupings.items()}
     cohort = None
     if args.ctmd:
-        cohort = cohort_features(args.ctmd, feats, spec_for(feats.cfg, feats.backbone))
+        spec = dataclasses.replace(spec_for(feats.cfg, feats.backbone), lung_crop=args.crop)
+        cohort = cohort_features(args.ctmd, feats, spec)
     header = ["features", "classifier", "CV patient-grouped acc / AUC", "CV paper-grouped acc / AUC",
               "val acc / F1 / AUC", "val PNG / JPEG"]
     if cohort:

@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage as ndi
-from conftest import CAP002, COVID_CT_MD, DICOM_ZOO, NORMAL001, P001
+from conftest import CAP002, COVID_CT_MD, DICOM_ZOO, NORMAL001, P001, UCSD
 
 from msnet import preprocess as P
 from msnet.errors import MsnetError
@@ -109,6 +110,80 @@ def test_partial_scan_passes_with_a_warning(scans):
     assert stats.cut_top and stats.cut_bottom
     assert len(stats.warnings) == 1 and "only part of the lungs" in stats.warnings[0]
     assert stats.volume_ml < P.check_lungs(vol).volume_ml
+
+
+# --------------------------------------------------------------------------- grey images (no HU)
+
+
+def _box_iou(a, b) -> float:
+    r0, r1 = max(a[0], b[0]), min(a[1], b[1])
+    c0, c1 = max(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, r1 - r0) * max(0, c1 - c0)
+    area = lambda x: (x[1] - x[0]) * (x[3] - x[2])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+def test_grey_lung_mask_of_a_lung_window_picture_finds_the_hu_lungs(scans, name):
+    """The 2-D mask of a real slice drawn as an 8-bit lung-window picture (what a figure of a paper is)
+    against the HU lung segmentation of the same slice: the same region, and the same crop box."""
+    vol = scans[name]
+    stats = P.lung_stats(vol.hu, vol.spacing_mm)
+    for k in (0.35, 0.5, 0.7):  # upper, middle, lower lung
+        z = int(stats.first_slice + k * (stats.last_slice - stats.first_slice))
+        hu = vol.hu[z]
+        picture = np.round(P.window(hu, *P.LUNG) * 255.0) / 255.0
+        mask = P.grey_lung_mask(picture)
+        body = ndi.binary_fill_holes(hu > -500)
+        lungs = body & (hu < -400)
+        lungs = ndi.binary_opening(lungs, iterations=3)
+        inter = (mask & lungs).sum()
+        assert inter >= 0.9 * lungs.sum(), (name, k)  # the lungs are inside the mask
+        assert mask.sum() <= 1.6 * lungs.sum(), (name, k)  # and the mask is not the whole body
+        box = P.lung_box(mask, mask.shape, margin=0.0, square=False)
+        assert _box_iou(box, P.lung_box(lungs, lungs.shape, margin=0.0, square=False)) > 0.85, (name, k)
+
+
+def test_grey_lung_mask_of_real_ucsd_pictures(shared_data):
+    """Figures of papers (already cut to the body): the mask covers the dark lung fields, not the body
+    wall, and the crop keeps them."""
+    from PIL import Image
+
+    from msnet.stages.finetune import load_image_slice
+
+    files = sorted((UCSD / "train" / "CT_COVID").iterdir())[::24] + sorted((UCSD / "train" / "CT_NonCOVID").iterdir())[::24]
+    plausible = 0
+    for f in files:
+        grey = np.asarray(Image.open(f).convert("L"))
+        mask = P.grey_lung_mask(grey / 255.0)
+        plausible += 0.2 <= mask.mean() <= 0.8 and grey[mask].mean() < grey[~mask].mean() - 20
+        crop = P.grey_lung_crop(grey[None])[0]
+        r0, r1, c0, c1 = P.lung_box(mask, mask.shape, margin=0.0, square=False)
+        assert crop.shape[0] >= r1 - r0 and crop.shape[1] >= c1 - c0  # the whole mask is kept
+        assert crop.shape[0] <= grey.shape[0] and crop.shape[1] <= grey.shape[1]
+        one = load_image_slice(f, 64, lung_crop=True)
+        assert one.shape == (1, 64, 64) and one.dtype == torch.uint8
+    assert plausible >= 0.9 * len(files)
+
+
+@pytest.mark.parametrize("picture", [np.full((96, 96), 128, np.uint8),
+                                     np.where(np.hypot(*np.mgrid[-48:48, -48:48]) < 40, 200, 10).astype(np.uint8),
+                                     np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))],
+                         ids=["flat", "body-without-lungs", "ramp"])
+def test_grey_pictures_without_lungs_stay_uncropped(picture):
+    assert not P.grey_lung_mask(picture / 255.0)[20:76, 20:76].all()
+    assert P.grey_lung_crop(picture[None]).shape == (1, 96, 96)
+
+
+def test_model_slices_crops_grey_volumes_when_asked():
+    grey = np.full((2, 80, 80), 200, np.uint8)
+    grey[:, 20:60, 10:35] = 20
+    grey[:, 20:60, 45:70] = 20  # two dark lungs in a bright body on a bright background
+    vol = CTVolume(grey.astype(np.float32), (1.0, 1.0, 1.0), np.zeros(2), "png", "x", kind="grey")
+    assert P.model_slices(vol, P.PreprocessSpec(kind="grey")).shape == (2, 80, 80)
+    r0, r1, c0, c1 = 20, 60, 10, 70
+    got = P.model_slices(vol, P.PreprocessSpec(kind="grey", lung_crop=True)).shape
+    assert got[0] == 2 and abs(got[1] - (r1 - r0)) <= 6 and abs(got[2] - (c1 - c0)) <= 6
 
 
 # --------------------------------------------------------------------------- no lungs: refused

@@ -135,7 +135,8 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     lung_crop: bool = False
-    """Crop every slice of a HU volume to the lungs' bounding box (one box per volume) before resizing."""
+    """Crop every slice to the lungs' bounding box (one box per volume) before resizing: by the HU lung
+    mask, or for grey images by their 2-D masks (:func:`grey_lung_crop`)."""
     base_size: int = 0
     """> 0: every slice is resized to base_size x base_size before ``size`` (the same detail for every
     source resolution: a model cannot tell classes apart by how sharp their images are)."""
@@ -515,9 +516,70 @@ def lung_crop(hu: np.ndarray, stats_or_mask: LungStats | np.ndarray, margin: flo
     return out
 
 
+GREY_LUNG_MIN_FRACTION = 0.1
+"""A grey image's lung mask covering less of it than this is not trusted: the image stays uncropped."""
+
+
+def grey_lung_mask(unit: np.ndarray) -> np.ndarray:
+    """A rough lung mask of one grey CT image without HU (a lung-window slice as an 8-bit picture, such as a
+    figure of a paper), values in [0, 1]; False everywhere when nothing is found.
+
+    The smoothed image is split at its Otsu threshold; of the dark regions, the two largest that are not
+    the air around the body (a region that reaches three edges or runs along more than the length of one)
+    and not most of the image are kept, each with its holes filled and made convex (lesions at the lung's
+    edge stay inside). It errs towards too much: where the lungs merge through the mediastinum the hull
+    covers the heart too.
+
+    >>> img = np.ones((64, 64), np.float32); img[10:54, 8:28] = 0.1; img[10:54, 36:56] = 0.1
+    >>> m = grey_lung_mask(img); bool(m[30, 15]), bool(m[30, 45]), bool(m[30, 32])
+    (True, True, False)
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import convex_hull_image
+
+    h, w = unit.shape
+    g = ndi.gaussian_filter(np.asarray(unit, dtype=np.float32), max(1.0, 0.005 * max(h, w)))
+    out = np.zeros((h, w), dtype=bool)
+    if float(g.max() - g.min()) < 1e-3:
+        return out
+    t = threshold_otsu(g)
+    bright, n_bright = ndi.label(g >= t)
+    if n_bright == 0:
+        return out
+    body = convex_hull_image(bright == 1 + int(np.argmax(ndi.sum(g >= t, bright, range(1, n_bright + 1)))))
+    dark = ndi.binary_opening(g < t, iterations=2)
+    lab, n = ndi.label(dark)
+    sizes = ndi.sum(dark, lab, range(1, n + 1)) if n else np.zeros(0)
+    inside = ndi.sum(body, lab, range(1, n + 1)) / np.maximum(sizes, 1) if n else np.zeros(0)
+    kept = 0
+    for i in np.argsort(sizes)[::-1][:4]:
+        if sizes[i] < 0.02 * h * w or kept == 2:
+            break
+        if inside[i] < 0.5 or sizes[i] > 0.6 * h * w:
+            continue  # the air around the body (outside its hull), or one region that is most of the image
+        out |= convex_hull_image(ndi.binary_fill_holes(lab == i + 1))
+        kept += 1
+    return out
+
+
+def grey_lung_crop(grey: np.ndarray, margin: float = 0.05) -> np.ndarray:
+    """Grey slices (l, H, W), 0..255, cropped to the box of their 2-D lung masks (:func:`grey_lung_mask`,
+    one box per volume, widened by ``margin``, kept inside the image); unchanged where the masks cover
+    less than :data:`GREY_LUNG_MIN_FRACTION` of a slice."""
+    masks = np.stack([grey_lung_mask(np.asarray(sl, dtype=np.float32) / 255.0) for sl in grey])
+    if masks.any(axis=0).mean() < GREY_LUNG_MIN_FRACTION:
+        return grey
+    r0, r1, c0, c1 = lung_box(masks, grey.shape, margin=margin, square=False)
+    return grey[..., r0:r1, c0:c1]
+
+
 def model_slices(vol, spec: PreprocessSpec, lungs: "LungStats | None" = None) -> np.ndarray:
-    """The slices a model sees of a volume: its HU, cropped to the lungs when ``spec.lung_crop``
-    (``lungs``: stats already computed for this volume). Training, extraction and serving all use it."""
-    if not spec.lung_crop or vol.kind != "hu":
+    """The slices a model sees of a volume: its HU (or grey levels), cropped to the lungs when
+    ``spec.lung_crop`` (``lungs``: stats already computed for this HU volume; grey images are cropped by
+    their 2-D masks). Training, extraction and serving all use it."""
+    if not spec.lung_crop:
         return vol.hu
+    if vol.kind != "hu":
+        return grey_lung_crop(np.asarray(vol.hu))
     return lung_crop(vol.hu, lungs if lungs is not None else lung_stats(vol.hu, vol.spacing_mm, vol.z_mm))

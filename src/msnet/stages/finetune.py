@@ -146,13 +146,14 @@ def _probe(im, probe: str):
 
 
 def load_image_slice(path: str | Path, size: int, reencode_jpeg: int = 0, base_size: int = 0,
-                     probe: str = "") -> torch.Tensor:
+                     probe: str = "", lung_crop: bool = False) -> torch.Tensor:
     """A 2-D image file -> uint8 (1, size, size) grey, opened by content, optionally re-encoded as JPEG.
 
     ``base_size`` > 0: resized to base_size x base_size first, so every image carries the same detail
     whatever its source resolution. Re-encoding every image the same way (after resizing) gives all
     classes the same compression artefacts, so a model cannot tell classes apart by their file format.
-    ``probe`` (one of :data:`SHORTCUT_PROBES`) changes the image at its own size first.
+    ``probe`` (one of :data:`SHORTCUT_PROBES`) changes the image at its own size first; ``lung_crop``
+    then crops it to its 2-D lung mask's box (:func:`msnet.preprocess.grey_lung_crop`).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -161,6 +162,8 @@ def load_image_slice(path: str | Path, size: int, reencode_jpeg: int = 0, base_s
             im = im.convert("L")
             if probe:
                 im = _probe(im, probe)
+            if lung_crop:
+                im = Image.fromarray(P.grey_lung_crop(np.asarray(im)[None])[0])
             if base_size:
                 im = im.resize((base_size, base_size), Image.BILINEAR)
             im = im.resize((size, size), Image.BILINEAR)
@@ -180,7 +183,7 @@ def _image_slices(rows: list[dict], cfg: Config, classes: list[str], desc: str, 
                 fix="set data.classes in the config",
             )
         images.append(load_image_slice(r["image_path"], cfg.preprocess.size, cfg.data.reencode_jpeg,
-                                       cfg.preprocess.base_size, probe))
+                                       cfg.preprocess.base_size, probe, cfg.preprocess.lung_crop))
         labels.append(classes.index(r["label"]))
         groups.append(str(r.get("group") or r["image_path"]))
         formats.append(r.get("format") or image_format(r["image_path"]))
