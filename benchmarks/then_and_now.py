@@ -60,18 +60,21 @@ print(json.dumps({"s_per_epoch": (time.perf_counter() - t) / epochs}))
 FINETUNE = r"""
 import json, sys, tempfile, time, torch
 from pathlib import Path
-from msnet.config import load_config
+from msnet.config import BackboneConfig, load_config
 from msnet.stages import finetune as F
 threads, folder = int(sys.argv[1]), sys.argv[3]
+# the recipe both versions know: no lung crop, no pooling inside the lungs (newer than the "then" code)
+plain = ["preprocess.lung_crop=false"] + (["backbone.pool_lungs=false"]
+                                         if "pool_lungs" in BackboneConfig.__dataclass_fields__ else [])
 torch.set_num_threads(threads)
 rows = F.image_folder_rows(Path(folder))
 rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:256].tolist()]
-cfg = load_config("ucsd", ["finetune.mode=full", "backbone.pool_stages=[]", "finetune.probe_refit=false",
-                           "finetune.epochs=1", "finetune.early_stopping=0"])
+cfg = load_config("ucsd", plain + ["finetune.mode=full", "backbone.pool_stages=[]", "finetune.probe_refit=false",
+                                   "finetune.epochs=1", "finetune.early_stopping=0"])
 classes = list(cfg.data.classes)
 train, val = F._image_slices(rows[:96], cfg, classes, "train"), F._image_slices(rows[96:128], cfg, classes, "val")
 probe_set = F._image_slices(rows[128:], cfg, classes, "probe")
-probe = F.build_model(load_config("ucsd"), 2).backbone
+probe = F.build_model(load_config("ucsd", plain), 2).backbone
 F.pooled_features(probe, F.SliceSet(probe_set.images[:16], probe_set.labels[:16]), torch.device("cpu"))  # warm-up
 torch.manual_seed(0)
 with tempfile.TemporaryDirectory() as out:

@@ -5,8 +5,8 @@ An experiment, not part of msnet. The features are those of ``configs/ucsd.yaml`
 Lite0, 224 px, every image re-encoded as JPEG q75, channel mean and standard deviation of blocks 3
 and 4), computed by msnet's own loader and backbone:
 - ``whole``: over the whole image, as shipped;
-- ``lungs``: inside the image's 2-D lung mask (``msnet.preprocess.grey_lung_mask``; the whole image
-  where the mask covers under a tenth of it). The DICOM slices get the same mask of their
+- ``lungs``: inside the image's 2-D lung mask (``backbone.pool_lungs``: ``msnet.preprocess.grey_lung_mask``;
+  the whole image where the mask covers under a tenth of it). The DICOM slices get the same mask of their
   lung-window image;
 - ``both``: the two concatenated.
 
@@ -42,26 +42,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-
-def masked_pool(maps: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Channel mean and sd of every map weighted by ``mask`` (B, 1, H, W), as ``Backbone.pool``
-    takes them over the whole map; over the whole map where the mask covers under a tenth of it."""
-    parts = []
-    for m in maps:
-        w = F.adaptive_avg_pool2d(mask, m.shape[-2:])
-        small = w.mean(dim=(2, 3), keepdim=True) < 0.1
-        w = torch.where(small, torch.ones_like(w), w)
-        s = w.sum(dim=(2, 3))
-        mean = (m * w).sum(dim=(2, 3)) / s
-        var = (w * (m - mean[:, :, None, None]).square()).sum(dim=(2, 3)) / s
-        parts += [mean, torch.sqrt(var + 1e-6)]
-    return torch.cat(parts, dim=1)
 
 
 class Features:
-    """Whole-image and lung-masked features of grey [0, 1] images, plain and mirrored."""
+    """Whole-image and lung features of grey [0, 1] images, plain and mirrored: msnet's backbone with
+    ``pool_stages`` and ``pool_lungs`` (the whole image's statistics, then those inside the lungs)."""
 
     def __init__(self) -> None:
         from msnet.config import load_config
@@ -69,7 +54,8 @@ class Features:
         from msnet.models.backbones import create
 
         self.cfg = cfg = load_config("ucsd")
-        self.backbone = create(cfg.backbone.name, pretrained=True, pool_stages=cfg.backbone.pool_stages).eval()
+        self.backbone = create(cfg.backbone.name, pretrained=True, pool_stages=cfg.backbone.pool_stages,
+                               pool_lungs=True).eval()
         self.mean, self.std = self.backbone.data_config["mean"], self.backbone.data_config["std"]
         self.to_device = channels_last
         self.size = cfg.preprocess.size
@@ -77,19 +63,16 @@ class Features:
 
     @torch.inference_mode()
     def __call__(self, unit: torch.Tensor) -> dict[str, np.ndarray]:
-        from msnet.preprocess import grey_lung_mask
-
-        masks = torch.from_numpy(np.stack([grey_lung_mask(u[0].numpy()) for u in unit])[:, None].astype(np.float32))
-        out: dict[str, list] = {}
+        out: dict[str, np.ndarray] = {}
+        half = self.backbone.num_features // 2
         for flip in (False, True):
-            u, mk = (unit.flip(-1), masks.flip(-1)) if flip else (unit, masks)
-            x = u.expand(-1, 3, -1, -1)
+            x = (unit.flip(-1) if flip else unit).expand(-1, 3, -1, -1)
             x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
-            maps = self.backbone.forward_maps(self.to_device(x, "cpu"))
+            feats = self.backbone(self.to_device(x, "cpu")).numpy()
             tag = "_mirror" if flip else ""
-            out["whole" + tag] = self.backbone.pool(maps).numpy()
-            out["lungs" + tag] = masked_pool(maps, mk).numpy()
-        out["mask_fraction"] = masks.mean(dim=(1, 2, 3)).numpy()
+            out["whole" + tag], out["lungs" + tag] = feats[:, :half], feats[:, half:]
+            if not flip:
+                out["mask_fraction"] = self.backbone.lung_weights(x).mean(dim=(1, 2, 3)).numpy()
         return out
 
 
@@ -172,8 +155,9 @@ def main() -> None:
     y = np.array([r["label"] == "COVID-19" for r in train + val], int)
     tr, va = np.arange(len(train)), np.arange(len(train), len(rows))
     jpeg = np.array([r["format"] != "PNG" for r in val])
-    print(f"2-D lung mask: median {np.median(d['mask_fraction'][tr]):.2f} of a UCSD image "
-          f"(under a tenth, whole image used: {np.mean(d['mask_fraction'] < 0.1):.3f} of images)")
+    whole = d["mask_fraction"] == 1.0  # lung_weights' answer where it found under a tenth of an image
+    print(f"2-D lung mask: median {np.median(d['mask_fraction'][tr][~whole[tr]]):.2f} of a UCSD image "
+          f"(under a tenth, whole image used: {np.mean(whole):.3f} of images)")
     index = {r["image_path"]: i for i, r in enumerate(train)}
     groupings = {"patient": train, "paper": [dict(r, group=paper_group(r)) for r in train]}
     folds = {g: [[[index[r["image_path"]] for r in f] for f in manifest_folds(rs, 5, seed)]

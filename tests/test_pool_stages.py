@@ -133,7 +133,8 @@ def test_feature_scaled_probe_ignores_the_units_of_a_feature():
 
 def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
     """The shipped `ucsd` config end to end on a sample of the real images: the model it saves is the
-    frozen Lite0 cut after blocks 3-4 with a probe on their statistics, and it reads held-out images."""
+    frozen Lite0 cut after blocks 3-4 with a probe on their statistics over the image and inside its
+    lungs, and it reads held-out images."""
     import json
     import shutil
 
@@ -154,20 +155,22 @@ def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
     cfg = load_config("ucsd")
     result = finetune(cfg, test_dir=root / "val")
     model = load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
-    assert model.backbone.pool_stages == (4, 5) and model.fc.in_features == 384
+    assert model.backbone.pool_stages == (4, 5) and model.backbone.pool_lungs and model.fc.in_features == 768
+    assert model.spec.lung_crop
     assert result["best_epoch"] == 0  # a probe: nothing fine-tuned
     test = json.loads((cfg.run_path / "finetune" / "test_metrics.json").read_text())
     assert test["n"] == 58 and test["accuracy"] >= 0.58 and test["auc"] >= 0.65  # chance: 0.5
 
 
-@pytest.mark.parametrize("pool_stages", [[4, 5], []])
-def test_slice_classifier_answers_alike_in_either_memory_layout(shared_data, pool_stages):
+@pytest.mark.parametrize("pool_stages,lungs", [([4, 5], True), ([], False)])
+def test_slice_classifier_answers_alike_in_either_memory_layout(shared_data, pool_stages, lungs):
     """Stage 1 runs the slice classifier channels last (faster convolutions on a CPU): on real images,
     its probe and its answers match the contiguous layout's."""
     from msnet.config import load_config
     from msnet.stages import finetune as F
 
-    cfg = load_config("ucsd", [f"backbone.pool_stages={pool_stages}", "finetune.tta=false"])
+    cfg = load_config("ucsd", [f"backbone.pool_stages={pool_stages}", f"backbone.pool_lungs={str(lungs).lower()}",
+                               "finetune.tta=false"])
     x = _ucsd_images(shared_data, 8)
     data = F.SliceSet(((x[:, :1] * 0.5 + 0.5) * 255).round().to(torch.uint8), torch.tensor([0, 1] * 4))
     torch.manual_seed(0)
@@ -183,3 +186,47 @@ def test_slice_classifier_answers_alike_in_either_memory_layout(shared_data, poo
     got = F.predict_slices(fast, data, cfg, torch.device("cpu"))
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+# --------------------------------------------------------------------------- inside the lungs too
+
+
+def test_lung_pooling_adds_statistics_that_ignore_what_lies_outside_the_lungs(shared_data, tmp_path):
+    """``pool_lungs``: the whole-image statistics, then the same inside each image's 2-D lung mask.
+    A label painted on the body wall outside the lungs moves the first half and hardly the second."""
+    x = _ucsd_images(shared_data, 4)
+    plain = create("efficientnet_lite0", pretrained=True, pool_stages=[4, 5]).eval()
+    both = create("efficientnet_lite0", pretrained=True, pool_stages=[4, 5], pool_lungs=True).eval()
+    d = plain.num_features
+    assert both.num_features == 2 * d == 768
+    weights = both.lung_weights(x)
+    unit = (x[:, 0] * 0.5 + 0.5).numpy()
+    for w, u in zip(weights[:, 0].numpy(), unit):  # the masks lie on the dark lung fields
+        assert 0.2 < w.mean() < 0.8 and u[w > 0].mean() < u[w == 0].mean() - 0.1
+    with torch.no_grad():
+        f = both(x)
+        torch.testing.assert_close(f[:, :d], plain(x))
+        assert not torch.allclose(f[:, d:], f[:, :d], atol=1e-2)
+        marked = x.clone()
+        for i, w in enumerate(weights[:, 0]):  # a white 24 x 24 label where the mask is not, far from it
+            rows, cols = np.nonzero(torch.nn.functional.max_pool2d(w[None, None], 65, 1, 32)[0, 0].numpy() == 0)
+            r, c = int(rows[len(rows) // 2]), int(cols[len(cols) // 2])
+            marked[i, :, max(0, r - 12):r + 12, max(0, c - 12):c + 12] = 1.0
+        g = both(marked)
+    torch.testing.assert_close(both.lung_weights(marked), weights)
+    outside = (g[:, :d] - f[:, :d]).norm(dim=1) / f[:, :d].norm(dim=1)
+    inside = (g[:, d:] - f[:, d:]).norm(dim=1) / f[:, d:].norm(dim=1)
+    assert (outside > 0.005).all() and (inside < 0.5 * outside).all()
+    # the checkpoint keeps it; ONNX refuses it rather than serve masks frozen at export time
+    spec = P.PreprocessSpec(kind="grey", size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    save_backbone(tmp_path / "b.pt", both, spec)
+    again, _, _, _ = load_backbone(tmp_path / "b.pt")
+    assert again.pool_lungs and again.num_features == 768
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), f)
+    from msnet.inference.onnx import export_backbone
+
+    with pytest.raises(MsnetError, match="inside the lungs"):
+        export_backbone(both, 224, tmp_path / "b.onnx")
+    with pytest.raises(MsnetError, match="pool_stages"):
+        create("efficientnet_lite0", pool_lungs=True)

@@ -61,6 +61,9 @@ class BackboneConfig:
     """Empty: features are the last feature map's average. Else the mean and standard deviation of
     every channel of these stages' outputs (stem = 0; efficientnet_lite: blocks.i is stage i + 1),
     concatenated, and the network ends at the last of them: mid-level texture statistics."""
+    pool_lungs: bool = False
+    """With pool_stages: the same statistics inside each image's 2-D lung mask too
+    (``msnet.preprocess.grey_lung_mask`` of the image the network sees), after the whole image's."""
 
 
 @dataclass

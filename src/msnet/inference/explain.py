@@ -29,7 +29,7 @@ def grad_cam(predictor, unit_slice: torch.Tensor, feats: torch.Tensor, index: in
         maps = backbone.forward_maps(x)
         fmap = maps[-1]
         fmap.retain_grad()
-        pooled = backbone.pool(maps)
+        pooled = backbone.pool(maps, x)
         if predictor.head is not None:
             logit = predictor.head.to(predictor.device)(pooled)[0, target]
         else:

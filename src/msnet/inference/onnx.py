@@ -95,6 +95,9 @@ def export_backbone(backbone, size: int, path: str | Path) -> Path:
 
     from msnet.models.backbones import export_onnx
 
+    if getattr(backbone, "pool_lungs", False):
+        raise MsnetError("a backbone that pools inside the lungs (backbone.pool_lungs) cannot run as ONNX: "
+                         "its lung masks are made outside the network", fix="serve it with the torch runtime")
     module = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
     return export_onnx(module, (torch.randn(2, 3, size, size),), path, ["images"], ["features"],
                        {"images": {0: "batch"}, "features": {0: "batch"}})

@@ -29,7 +29,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from msnet.errors import MsnetError
@@ -123,11 +125,14 @@ class Backbone(nn.Module):
         ]
         self.frozen_stages = 0
         self.pool_stages: tuple[int, ...] = ()
+        self.pool_lungs = False
 
-    def pool_at(self, stages: Sequence[int]) -> None:
+    def pool_at(self, stages: Sequence[int], lungs: bool = False) -> None:
         """Pool the outputs of ``stages`` (mean and standard deviation of every channel) instead of
         the last feature map; the network is cut after the last of them (torch.fx, so the cut model
-        still traces and exports to ONNX). Call on freshly made weights, before training."""
+        still traces and exports to ONNX). ``lungs``: the same statistics inside the image's lungs
+        too (:meth:`lung_weights`), concatenated after them. Call on freshly made weights, before
+        training."""
         from timm.models import create_feature_extractor
 
         picked = tuple(sorted({int(k) for k in stages}))
@@ -150,7 +155,8 @@ class Backbone(nn.Module):
             c, h, w = self.data_config["input_size"]
             weight = next(cut.parameters())
             probe = torch.zeros(1, c, min(h, 64), min(w, 64), dtype=weight.dtype, device=weight.device)
-            self.num_features = 2 * sum(m.shape[1] for m in self.forward_maps(probe))
+            self.num_features = 2 * sum(m.shape[1] for m in self.forward_maps(probe)) * (2 if lungs else 1)
+        self.pool_lungs = bool(lungs)
         self.frozen_stages = 0
         if frozen:
             self.freeze(min(frozen, len(self.stages)))
@@ -163,17 +169,45 @@ class Backbone(nn.Module):
         out = self.model(x)
         return [out[str(i)] for i in range(len(out))]
 
-    def pool(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """Features (B, num_features) of :meth:`forward_maps`' maps: the spatial mean, or with
-        ``pool_stages`` the mean and standard deviation of every map's channels, concatenated."""
+    def pool(self, maps: list[torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (B, num_features) of :meth:`forward_maps`' maps of the input ``x``: the spatial
+        mean, or with ``pool_stages`` the mean and standard deviation of every map's channels,
+        concatenated; with ``pool_lungs`` those inside the lungs of ``x`` after them."""
         if not self.pool_stages:
             return maps[0].mean(dim=(2, 3))
+        weights = [None]
+        if self.pool_lungs:
+            if x is None:
+                raise MsnetError("this backbone pools inside the lungs and needs its input images")
+            weights.append(self.lung_weights(x))
         parts = []
-        for m in maps:
-            mean = m.mean(dim=(2, 3), keepdim=True)
-            var = (m - mean).square().mean(dim=(2, 3))
-            parts += [mean.flatten(1), torch.sqrt(var + 1e-6)]
+        for w in weights:
+            for m in maps:
+                if w is None:
+                    mean = m.mean(dim=(2, 3), keepdim=True)
+                    var = (m - mean).square().mean(dim=(2, 3))
+                else:
+                    wm = F.adaptive_avg_pool2d(w, m.shape[-2:]).to(m.dtype)
+                    total = wm.sum(dim=(2, 3))
+                    mean = ((m * wm).sum(dim=(2, 3)) / total)[:, :, None, None]
+                    var = (wm * (m - mean).square()).sum(dim=(2, 3)) / total
+                parts += [mean.flatten(1), torch.sqrt(var + 1e-6)]
         return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def lung_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) weights of the lungs in the input images ``x`` (normalised, as the network
+        takes them): each image's first channel, back in [0, 1], through the 2-D lung mask of
+        :func:`msnet.preprocess.grey_lung_mask`; all ones where it finds less than
+        ``GREY_LUNG_MIN_FRACTION`` of the image (the whole image is pooled twice)."""
+        from msnet.preprocess import GREY_LUNG_MIN_FRACTION, grey_lung_mask
+
+        mean, std = float(self.data_config["mean"][0]), float(self.data_config["std"][0])
+        unit = (x[:, 0].float() * std + mean).clamp(0.0, 1.0).cpu().numpy()
+        masks = np.stack([grey_lung_mask(u) for u in unit]).astype(np.float32)
+        small = masks.mean(axis=(1, 2)) < GREY_LUNG_MIN_FRACTION
+        masks[small] = 1.0
+        return torch.from_numpy(masks[:, None]).to(x.device)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled feature map (B, C, h, w): the last one, or with ``pool_stages`` the deepest pooled one."""
@@ -181,7 +215,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, num_features): see :meth:`pool`."""
-        return self.pool(self.forward_maps(x))
+        return self.pool(self.forward_maps(x), x)
 
     def freeze(self, k: int) -> None:
         """Freeze the first ``k`` stages (stem counts as one); 0 unfreezes all."""
@@ -231,13 +265,15 @@ class SliceClassifier(nn.Module):
 
 
 def create(name: str, pretrained: bool = False, weights: str | Path | None = None,
-           freeze: int | None = None, in_chans: int = 3, pool_stages: Sequence[int] = ()) -> Backbone:
+           freeze: int | None = None, in_chans: int = 3, pool_stages: Sequence[int] = (),
+           pool_lungs: bool = False) -> Backbone:
     """Make a backbone by name; see :func:`known_backbones`.
 
     ``pretrained``: ImageNet weights (offline for the names in ``OFFLINE_WEIGHTS``,
     downloaded otherwise). ``weights``: a local checkpoint (wins over
     ``pretrained``). ``freeze``: number of leading stages to freeze. ``pool_stages``:
-    features from these stages' channel means and standard deviations (:meth:`Backbone.pool_at`).
+    features from these stages' channel means and standard deviations (:meth:`Backbone.pool_at`);
+    ``pool_lungs``: and the same inside each image's lungs.
 
     >>> create("densenet121").num_features
     1024
@@ -278,8 +314,11 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
 
             state["conv_stem.weight"] = adapt_input_conv(in_chans, state["conv_stem.weight"])
         model.load_state_dict(state)
+    if pool_lungs and not pool_stages:
+        raise MsnetError("pool_lungs pools the maps of pool_stages inside the lungs, and no pool_stages are set",
+                         fix="set backbone.pool_stages, or backbone.pool_lungs=false")
     if pool_stages:
-        backbone.pool_at(pool_stages)
+        backbone.pool_at(pool_stages, lungs=pool_lungs)
     if freeze:
         backbone.freeze(int(freeze))
     logger.debug("backbone %s: %d features, pretrained=%s, weights=%s, freeze=%s",
