@@ -524,11 +524,11 @@ def grey_lung_mask(unit: np.ndarray) -> np.ndarray:
     """A rough lung mask of one grey CT image without HU (a lung-window slice as an 8-bit picture, such as a
     figure of a paper), values in [0, 1]; False everywhere when nothing is found.
 
-    The smoothed image is split at its Otsu threshold; of the dark regions, the two largest that are not
-    the air around the body (a region that reaches three edges or runs along more than the length of one)
-    and not most of the image are kept, each with its holes filled and made convex (lesions at the lung's
-    edge stay inside). It errs towards too much: where the lungs merge through the mediastinum the hull
-    covers the heart too.
+    The smoothed image is split at its Otsu threshold. The body is the convex hull of the largest bright
+    region; of the dark regions, the two largest that lie at least half inside it (not the air around
+    the body or under the table) and are not most of the image are kept, each with its holes filled and
+    made convex (lesions at the lung's edge stay inside). It errs towards too much: where the lungs
+    merge through the mediastinum the hull covers the heart too.
 
     >>> img = np.ones((64, 64), np.float32); img[10:54, 8:28] = 0.1; img[10:54, 36:56] = 0.1
     >>> m = grey_lung_mask(img); bool(m[30, 15]), bool(m[30, 45]), bool(m[30, 32])
