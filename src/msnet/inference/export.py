@@ -28,7 +28,7 @@ from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
 from msnet.inference.encoder import SliceEncoder
 from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD, ort_session,
-                                  quantize_backbone)
+                                  check_exportable, quantize_backbone)
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,10 @@ def export_bundle(bundle: Path, out: Path | None = None, int8: bool = False,
     bundle = Path(bundle)
     sources = _calibration_sources(bundle, calibration) if int8 else []
     out = Path(out) if out else bundle / "onnx"
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ref = Predictor(bundle, device="cpu", runtime="torch")
+    check_exportable(ref.bundle.backbone)  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     _export_models(ref, out)
     onnx = ref.with_encoder(onnx_encoder(ref, out / BACKBONE_ONNX))
     with tempfile.TemporaryDirectory(prefix="msnet-export-") as tmp:

@@ -86,6 +86,13 @@ def find_onnx(bundle: str | Path, onnx_dir: str | Path | None = None, int8: bool
     raise MsnetError(f"no {name} found (looked in {looked})", bundle, fix)
 
 
+def check_exportable(backbone) -> None:
+    """Refuse a backbone whose features ONNX cannot compute (one that pools inside the lungs)."""
+    if getattr(backbone, "pool_lungs", False):
+        raise MsnetError("a backbone that pools inside the lungs (backbone.pool_lungs) cannot run as ONNX: "
+                         "its lung masks are made outside the network", fix="serve it with the torch runtime")
+
+
 def export_backbone(backbone, size: int, path: str | Path) -> Path:
     """A backbone as ONNX: images (n, 3, size, size) -> features (n, d), dynamic n; a copy in fp32 is
     exported, the module itself is left as it was."""
@@ -95,9 +102,7 @@ def export_backbone(backbone, size: int, path: str | Path) -> Path:
 
     from msnet.models.backbones import export_onnx
 
-    if getattr(backbone, "pool_lungs", False):
-        raise MsnetError("a backbone that pools inside the lungs (backbone.pool_lungs) cannot run as ONNX: "
-                         "its lung masks are made outside the network", fix="serve it with the torch runtime")
+    check_exportable(backbone)
     module = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
     return export_onnx(module, (torch.randn(2, 3, size, size),), path, ["images"], ["features"],
                        {"images": {0: "batch"}, "features": {0: "batch"}})
