@@ -63,11 +63,12 @@ class Features:
 
     @torch.inference_mode()
     def __call__(self, unit: torch.Tensor) -> dict[str, np.ndarray]:
+        from msnet.preprocess import finish
+
         out: dict[str, np.ndarray] = {}
         half = self.backbone.num_features // 2
         for flip in (False, True):
-            x = (unit.flip(-1) if flip else unit).expand(-1, 3, -1, -1)
-            x = (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+            x = finish(unit.flip(-1) if flip else unit, self.mean, self.std)
             feats = self.backbone(self.to_device(x, "cpu")).numpy()
             tag = "_mirror" if flip else ""
             out["whole" + tag], out["lungs" + tag] = feats[:, :half], feats[:, half:]
