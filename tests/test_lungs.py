@@ -166,6 +166,31 @@ def test_grey_lung_mask_of_real_ucsd_pictures(shared_data):
     assert plausible >= 0.9 * len(files)
 
 
+def test_grey_lung_masks_are_remembered_and_mirrored(shared_data, monkeypatch):
+    """A picture seen again, or its mirror image, gets the mask made the first time (mirrored), without a
+    second segmentation; that mask is the one a segmentation of the mirror image gives."""
+    from PIL import Image
+
+    files = sorted((UCSD / "train" / "CT_COVID").iterdir())[5::40] + sorted((UCSD / "val" / "CT_NonCOVID").iterdir())[5::40]
+    pictures = [np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0 for f in files]
+    made = []
+    segment = P._grey_lung_mask
+    monkeypatch.setattr(P, "_grey_lung_mask", lambda u: made.append(u.shape) or segment(u))
+    monkeypatch.setattr(P, "_MASKS", type(P._MASKS)())
+    monkeypatch.setattr(P, "_masks_held", 0)
+    first = [P.grey_lung_mask(u) for u in pictures]
+    assert len(made) == len(pictures)
+    again = [P.grey_lung_mask(u) for u in pictures]
+    mirrored = [P.grey_lung_mask(np.ascontiguousarray(u[:, ::-1])) for u in pictures]
+    assert len(made) == len(pictures)  # nothing segmented twice
+    for u, a, b, m in zip(pictures, first, again, mirrored):
+        assert a.any() and np.array_equal(a, b)
+        assert np.array_equal(m, a[:, ::-1]) and np.array_equal(m, segment(np.ascontiguousarray(u[:, ::-1])))
+    monkeypatch.setattr(P, "_MASKS_BYTES", 1)
+    P.grey_lung_mask(pictures[0] * 0.5)  # a new picture, over the memory allowed: the older masks are forgotten
+    assert len(P._MASKS) == 1 and len(made) == len(pictures) + 1
+
+
 @pytest.mark.parametrize("picture", [np.full((96, 96), 128, np.uint8),
                                      np.where(np.hypot(*np.mgrid[-48:48, -48:48]) < 40, 200, 10).astype(np.uint8),
                                      np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))],

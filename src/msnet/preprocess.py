@@ -12,6 +12,9 @@ classical HU segmentation on a coarse grid; see :func:`lung_stats`.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -520,9 +523,28 @@ GREY_LUNG_MIN_FRACTION = 0.1
 """A grey image's lung mask covering less of it than this is not trusted: the image stays uncropped."""
 
 
+_MASKS: "OrderedDict[bytes, tuple[tuple[int, int], np.ndarray]]" = OrderedDict()
+_MASKS_LOCK = threading.Lock()
+_MASKS_BYTES = 32 * 2**20
+"""How much memory the masks :func:`grey_lung_mask` remembers may take (a bit a pixel: 6 KB at 224 px)."""
+_masks_held = 0
+
+
+def _image_key(unit: np.ndarray) -> bytes:
+    a = np.ascontiguousarray(unit, dtype=np.float32)
+    h = hashlib.blake2b(np.array(a.shape, dtype=np.int64).tobytes(), digest_size=16)
+    h.update(a.tobytes())
+    return h.digest()
+
+
 def grey_lung_mask(unit: np.ndarray) -> np.ndarray:
     """A rough lung mask of one grey CT image without HU (a lung-window slice as an 8-bit picture, such as a
     figure of a paper), values in [0, 1]; False everywhere when nothing is found.
+
+    The last masks made (:data:`_MASKS_BYTES` of them) are remembered by the images' bytes, and the mask
+    of a mirrored image is taken to be the mirrored mask (the segmentation treats left and right alike):
+    an image seen again (a cross-validation fold, a refit, the mirror pass of test-time augmentation)
+    costs a hash, not a segmentation (about 20 ms at 224 px).
 
     The smoothed image is split at its Otsu threshold. The body is the convex hull of the largest bright
     region; of the dark regions, the two largest that lie at least half inside it (not the air around
@@ -534,6 +556,28 @@ def grey_lung_mask(unit: np.ndarray) -> np.ndarray:
     >>> m = grey_lung_mask(img); bool(m[30, 15]), bool(m[30, 45]), bool(m[30, 32])
     (True, True, False)
     """
+    unit = np.asarray(unit, dtype=np.float32)
+    key, mirror_key = _image_key(unit), _image_key(unit[:, ::-1])
+    with _MASKS_LOCK:
+        for k, flip in ((key, False), (mirror_key, True)):
+            if k in _MASKS:
+                _MASKS.move_to_end(k)
+                shape, bits = _MASKS[k]
+                out = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+                return np.ascontiguousarray(out[:, ::-1]) if flip else out
+    global _masks_held
+    out = _grey_lung_mask(unit)
+    with _MASKS_LOCK:
+        if key not in _MASKS:
+            _MASKS[key] = (out.shape, np.packbits(out))
+            _masks_held += _MASKS[key][1].nbytes
+        while _masks_held > _MASKS_BYTES and len(_MASKS) > 1:
+            _masks_held -= _MASKS.popitem(last=False)[1][1].nbytes
+    return out
+
+
+def _grey_lung_mask(unit: np.ndarray) -> np.ndarray:
+    """:func:`grey_lung_mask`, made anew."""
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
     from skimage.morphology import convex_hull_image
