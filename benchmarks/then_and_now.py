@@ -63,9 +63,10 @@ from pathlib import Path
 from msnet.config import BackboneConfig, load_config
 from msnet.stages import finetune as F
 threads, folder = int(sys.argv[1]), sys.argv[3]
-# the recipe both versions know: no lung crop, no pooling inside the lungs (newer than the "then" code)
-plain = ["preprocess.lung_crop=false"] + (["backbone.pool_lungs=false"]
-                                         if "pool_lungs" in BackboneConfig.__dataclass_fields__ else [])
+# the recipe both versions know: no lung crop, no pooling inside the lungs, no covariance (newer than the
+# "then" code)
+plain = ["preprocess.lung_crop=false"] + [f"backbone.{flag}=false" for flag in ("pool_lungs", "pool_covariance")
+                                          if flag in BackboneConfig.__dataclass_fields__]
 torch.set_num_threads(threads)
 rows = F.image_folder_rows(Path(folder))
 rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:256].tolist()]

@@ -23,7 +23,9 @@ three fold assignments (seeds 0-2):
 Then each model trained on all of ``train`` scores the official ``val`` and, with ``--ctmd``, the
 slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs). ``--crop`` first
 crops every image to the lungs (``preprocess.lung_crop``: the UCSD images by their 2-D lung masks,
-the DICOM slices by the HU lung mask).
+the DICOM slices by the HU lung mask). ``--covariance`` takes each map's channel covariance instead of
+its standard deviation (``backbone.pool_covariance``); ``--backbone NAME@SIZE`` (repeatable) other
+frozen networks and input sizes, their features side by side.
 
     msnet index ../shared/data/ucsd-covid-ct -o ucsd
     msnet index ../shared/data/covid-ct-md -o ctmd
@@ -46,16 +48,17 @@ import torch
 
 class Features:
     """Whole-image and lung features of grey [0, 1] images, plain and mirrored: msnet's backbone with
-    ``pool_stages`` and ``pool_lungs`` (the whole image's statistics, then those inside the lungs)."""
+    ``pool_stages`` and ``pool_lungs`` (the whole image's statistics, then those inside the lungs), and
+    ``pool_covariance`` if asked; ``name`` and ``size`` default to the ``ucsd`` config's."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "", size: int = 0, covariance: bool = False) -> None:
         from msnet.config import load_config
         from msnet.device import channels_last
         from msnet.models.backbones import create
 
-        self.cfg = cfg = load_config("ucsd")
+        self.cfg = cfg = load_config("ucsd", [f"backbone.name={name}"] * bool(name) + [f"preprocess.size={size}"] * bool(size))
         self.backbone = create(cfg.backbone.name, pretrained=True, pool_stages=cfg.backbone.pool_stages,
-                               pool_lungs=True).eval()
+                               pool_lungs=True, pool_covariance=covariance).eval()
         self.mean, self.std = self.backbone.data_config["mean"], self.backbone.data_config["std"]
         self.to_device = channels_last
         self.size = cfg.preprocess.size
@@ -79,6 +82,11 @@ class Features:
 
 def _stack(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _side_by_side(sets: list[dict]) -> dict[str, np.ndarray]:
+    """The features of several backbones of the same images, concatenated (each image's lung mask is the same)."""
+    return {k: sets[0][k] if k == "mask_fraction" else np.concatenate([d[k] for d in sets], 1) for k in sets[0]}
 
 
 def ucsd_features(rows: list[dict], feats: Features, crop: bool, batch: int = 32) -> dict[str, np.ndarray]:
@@ -140,6 +148,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="fold assignments per grouping")
     ap.add_argument("--crop", action="store_true", help="crop every UCSD image to its 2-D lung mask's box, "
                     "and the DICOM slices to the lungs (preprocess.lung_crop), before the features")
+    ap.add_argument("--backbone", action="append", default=[], metavar="NAME[@SIZE]",
+                    help="the frozen network (and its input size); repeated: the features of each, side by side "
+                    "(default: the ucsd config's, efficientnet_lite0@224)")
+    ap.add_argument("--covariance", action="store_true", help="each map's channel covariance instead of its "
+                    "standard deviation (backbone.pool_covariance)")
+    ap.add_argument("--features", action="append", choices=("whole", "lungs", "both"),
+                    help="only these feature sets (default: all three)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     from sklearn.metrics import f1_score, roc_auc_score
@@ -151,8 +166,9 @@ def main() -> None:
     rows = read_slice_manifest(args.manifest, only_ok=True)
     train = [r for r in rows if r["subset"] == "train"]
     val = [r for r in rows if r["subset"] == "val"]
-    feats = Features()
-    d = ucsd_features(train + val, feats, args.crop)
+    members = [Features(name, int(size or 0), args.covariance)
+               for name, _, size in (b.partition("@") for b in args.backbone)] or [Features(covariance=args.covariance)]
+    d = _side_by_side([ucsd_features(train + val, f, args.crop) for f in members])
     y = np.array([r["label"] == "COVID-19" for r in train + val], int)
     tr, va = np.arange(len(train)), np.arange(len(train), len(rows))
     jpeg = np.array([r["format"] != "PNG" for r in val])
@@ -165,14 +181,19 @@ def main() -> None:
                  for seed in range(args.seeds)] for g, rs in groupings.items()}
     cohort = None
     if args.ctmd:
-        spec = dataclasses.replace(spec_for(feats.cfg, feats.backbone), lung_crop=args.crop)
-        cohort = cohort_features(args.ctmd, feats, spec)
+        sets = []
+        for f in members:
+            patients, c = cohort_features(args.ctmd, f, dataclasses.replace(spec_for(f.cfg, f.backbone), lung_crop=args.crop))
+            sets.append(c)
+        cohort = patients, _side_by_side(sets)
     header = ["features", "classifier", "CV patient-grouped acc / AUC", "CV paper-grouped acc / AUC",
               "val acc / F1 / AUC", "val PNG / JPEG"]
     if cohort:
         header.append("transfer: vs normal / within patients")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for fname, (X, Xm) in feature_sets(d).items():
+        if args.features and fname not in args.features:
+            continue
         for cname, make in classifiers().items():
             def fit(idx):
                 return make().fit(X[idx], y[idx])

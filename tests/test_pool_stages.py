@@ -133,8 +133,8 @@ def test_feature_scaled_probe_ignores_the_units_of_a_feature():
 
 def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
     """The shipped `ucsd` config end to end on a sample of the real images: the model it saves is the
-    frozen Lite0 cut after blocks 3-4 with a probe on their statistics over the image and inside its
-    lungs, and it reads held-out images."""
+    frozen Lite0 cut after blocks 3-4 with a probe on their first- and second-order statistics over the
+    image and inside its lungs, and it reads held-out images."""
     import json
     import shutil
 
@@ -155,7 +155,8 @@ def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
     cfg = load_config("ucsd")
     result = finetune(cfg, test_dir=root / "val")
     model = load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
-    assert model.backbone.pool_stages == (4, 5) and model.backbone.pool_lungs and model.fc.in_features == 768
+    assert model.backbone.pool_stages == (4, 5) and model.backbone.pool_lungs and model.backbone.pool_covariance
+    assert model.fc.in_features == 2 * (80 + 80 * 81 // 2 + 112 + 112 * 113 // 2) == 19520
     assert model.spec.lung_crop
     assert result["best_epoch"] == 0  # a probe: nothing fine-tuned
     test = json.loads((cfg.run_path / "finetune" / "test_metrics.json").read_text())
@@ -170,7 +171,7 @@ def test_slice_classifier_answers_alike_in_either_memory_layout(shared_data, poo
     from msnet.stages import finetune as F
 
     cfg = load_config("ucsd", [f"backbone.pool_stages={pool_stages}", f"backbone.pool_lungs={str(lungs).lower()}",
-                               "finetune.tta=false"])
+                               f"backbone.pool_covariance={str(lungs).lower()}", "finetune.tta=false"])
     x = _ucsd_images(shared_data, 8)
     data = F.SliceSet(((x[:, :1] * 0.5 + 0.5) * 255).round().to(torch.uint8), torch.tensor([0, 1] * 4))
     torch.manual_seed(0)
@@ -230,3 +231,44 @@ def test_lung_pooling_adds_statistics_that_ignore_what_lies_outside_the_lungs(sh
         export_backbone(both, 224, tmp_path / "b.onnx")
     with pytest.raises(MsnetError, match="pool_stages"):
         create("efficientnet_lite0", pool_lungs=True)
+
+
+def test_covariance_pooling_is_the_weighted_channel_covariance_of_each_map(shared_data, tmp_path):
+    """``pool_covariance``: each map's channel means, then its channel covariance (entries on and above
+    the diagonal, signed square roots) over the whole image and inside the lungs, checked against
+    numpy's weighted covariance; its diagonal is the standard deviation the plain backbone gives."""
+    x = _ucsd_images(shared_data, 3)
+    plain = create("efficientnet_lite0", pretrained=True, pool_stages=[4, 5], pool_lungs=True).eval()
+    cov = create("efficientnet_lite0", pretrained=True, pool_stages=[4, 5], pool_lungs=True,
+                 pool_covariance=True).eval()
+    with torch.no_grad():
+        maps = [m.double().numpy() for m in cov.forward_maps(x)]
+        f, g = cov(x).double().numpy(), plain(x).double().numpy()
+        lungs = cov.lung_weights(x)
+    assert f.shape == (3, cov.num_features)
+    at, at_plain = 0, 0
+    for weights in (None, lungs):
+        for m in maps:
+            c = m.shape[1]
+            rows, cols = np.triu_indices(c)
+            for i in range(len(x)):
+                flat = m[i].reshape(c, -1)
+                w = None if weights is None else torch.nn.functional.adaptive_avg_pool2d(
+                    weights[i:i + 1], m.shape[-2:]).double().numpy().ravel()
+                mean = np.average(flat, axis=1, weights=w)
+                expected = np.cov(flat, aweights=w, bias=True)[rows, cols]
+                np.testing.assert_allclose(f[i, at:at + c], mean, rtol=1e-4, atol=1e-5)
+                got = f[i, at + c:at + c + len(rows)]
+                np.testing.assert_allclose(np.sign(got) * got**2, expected, rtol=1e-3, atol=1e-5)
+                np.testing.assert_allclose(got[rows == cols], g[i, at_plain + c:at_plain + 2 * c], rtol=1e-3, atol=1e-4)
+            at += c + len(rows)
+            at_plain += 2 * c
+    assert at == cov.num_features
+    spec = P.PreprocessSpec(kind="grey", size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    save_backbone(tmp_path / "b.pt", cov, spec)
+    again, _, _, meta = load_backbone(tmp_path / "b.pt")
+    assert again.pool_covariance and meta["pool_covariance"]
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x).double().numpy(), f, rtol=1e-5, atol=1e-5)
+    with pytest.raises(MsnetError, match="pool_stages"):
+        create("efficientnet_lite0", pool_covariance=True)

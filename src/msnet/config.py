@@ -64,6 +64,14 @@ class BackboneConfig:
     pool_lungs: bool = False
     """With pool_stages: the same statistics inside each image's 2-D lung mask too
     (``msnet.preprocess.grey_lung_mask`` of the image the network sees), after the whole image's."""
+    pool_covariance: bool = False
+    """With pool_stages: every map's channel covariance (signed square roots of the entries on and
+    above its diagonal) instead of the standard deviation alone: second-order texture statistics."""
+
+    def pooling(self) -> dict:
+        """The pooling keywords of ``msnet.models.backbones.create``."""
+        return {"pool_stages": list(self.pool_stages), "pool_lungs": self.pool_lungs,
+                "pool_covariance": self.pool_covariance}
 
 
 @dataclass

@@ -71,8 +71,7 @@ def save_backbone(path: str | Path, backbone: nn.Module, spec: PreprocessSpec, c
     """Write a backbone checkpoint (``head``: the fine-tuned slice classifier's last layer)."""
     atomic_torch_save({
         "schema": SCHEMA_VERSION, "kind": "backbone", "backbone": backbone.name,
-        "pool_stages": list(getattr(backbone, "pool_stages", ())),
-        "pool_lungs": bool(getattr(backbone, "pool_lungs", False)),
+        **backbone.pooling,
         "state_dict": backbone.state_dict(), "head": None if head is None else head.state_dict(),
         "classes": list(classes or []), "preprocess": spec.to_dict(), "msnet_version": __version__,
         **(extra or {}),
@@ -85,7 +84,8 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple
 
     ckpt = load_checkpoint(path, "backbone checkpoint")
     backbone = create(ckpt["backbone"], pretrained=False, pool_stages=ckpt.get("pool_stages") or (),
-                      pool_lungs=bool(ckpt.get("pool_lungs", False)))
+                      pool_lungs=bool(ckpt.get("pool_lungs", False)),
+                      pool_covariance=bool(ckpt.get("pool_covariance", False)))
     backbone.load_state_dict(ckpt["state_dict"])
     head = None
     if ckpt.get("head") is not None:

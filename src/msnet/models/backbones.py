@@ -8,6 +8,8 @@ Every backbone made by :func:`create` is a :class:`Backbone`:
   the standard deviation over the image of every channel of those stages' outputs (indices into
   ``stages``, stem = 0), concatenated; the network ends at the last of them. Mid-level texture
   statistics: on UCSD COVID-CT they transfer better than the last layer's (README, "Real data").
+  ``pool_lungs``: the same statistics inside each image's lungs too; ``pool_covariance``: every
+  map's channel covariance (second-order statistics) instead of the standard deviation alone.
 - ``num_features``, ``name``, ``data_config`` (input_size, mean, std,
   interpolation, crop_pct, crop_mode: what ``timm.data.resolve_model_data_config``
   gives), ``stages`` (the groups that ``freeze=k`` freezes, stem first).
@@ -126,13 +128,21 @@ class Backbone(nn.Module):
         self.frozen_stages = 0
         self.pool_stages: tuple[int, ...] = ()
         self.pool_lungs = False
+        self.pool_covariance = False
 
-    def pool_at(self, stages: Sequence[int], lungs: bool = False) -> None:
+    @property
+    def pooling(self) -> dict:
+        """How the features are pooled, as :func:`create` takes it (and checkpoints store it)."""
+        return {"pool_stages": list(self.pool_stages), "pool_lungs": self.pool_lungs,
+                "pool_covariance": self.pool_covariance}
+
+    def pool_at(self, stages: Sequence[int], lungs: bool = False, covariance: bool = False) -> None:
         """Pool the outputs of ``stages`` (mean and standard deviation of every channel) instead of
         the last feature map; the network is cut after the last of them (torch.fx, so the cut model
         still traces and exports to ONNX). ``lungs``: the same statistics inside the image's lungs
-        too (:meth:`lung_weights`), concatenated after them. Call on freshly made weights, before
-        training."""
+        too (:meth:`lung_weights`), concatenated after them. ``covariance``: each map's channel
+        covariance instead of the standard deviation (see :meth:`pool`). Call on freshly made
+        weights, before training."""
         from timm.models import create_feature_extractor
 
         picked = tuple(sorted({int(k) for k in stages}))
@@ -150,13 +160,13 @@ class Backbone(nn.Module):
         self.stages = [[cut.get_submodule(p) for p in group] for group in kept]
         self.stage_paths = kept
         self.pool_stages = picked
+        self.pool_lungs, self.pool_covariance = bool(lungs), bool(covariance)
         cut.eval()  # the probe below must not move batch-norm statistics
         with torch.no_grad():
             c, h, w = self.data_config["input_size"]
             weight = next(cut.parameters())
             probe = torch.zeros(1, c, min(h, 64), min(w, 64), dtype=weight.dtype, device=weight.device)
-            self.num_features = 2 * sum(m.shape[1] for m in self.forward_maps(probe)) * (2 if lungs else 1)
-        self.pool_lungs = bool(lungs)
+            self.num_features = int(self(probe).shape[1])
         self.frozen_stages = 0
         if frozen:
             self.freeze(min(frozen, len(self.stages)))
@@ -172,7 +182,12 @@ class Backbone(nn.Module):
     def pool(self, maps: list[torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
         """Features (B, num_features) of :meth:`forward_maps`' maps of the input ``x``: the spatial
         mean, or with ``pool_stages`` the mean and standard deviation of every map's channels,
-        concatenated; with ``pool_lungs`` those inside the lungs of ``x`` after them."""
+        concatenated; with ``pool_lungs`` those inside the lungs of ``x`` after them.
+
+        With ``pool_covariance`` each map's C means are followed by the C (C + 1) / 2 entries of its
+        channel covariance on and above the diagonal, each through a signed square root (so the
+        diagonal is the standard deviation): the second-order statistics of bilinear pooling
+        (Lin et al. 2015), which describe a texture by which filters respond together."""
         if not self.pool_stages:
             return maps[0].mean(dim=(2, 3))
         weights = [None]
@@ -184,14 +199,19 @@ class Backbone(nn.Module):
         for w in weights:
             for m in maps:
                 if w is None:
+                    wm = total = None
                     mean = m.mean(dim=(2, 3), keepdim=True)
-                    var = (m - mean).square().mean(dim=(2, 3))
                 else:
                     wm = F.adaptive_avg_pool2d(w, m.shape[-2:]).to(m.dtype)
                     total = wm.sum(dim=(2, 3))
                     mean = ((m * wm).sum(dim=(2, 3)) / total)[:, :, None, None]
-                    var = (wm * (m - mean).square()).sum(dim=(2, 3)) / total
-                parts += [mean.flatten(1), torch.sqrt(var + 1e-6)]
+                centred = m - mean
+                if self.pool_covariance:
+                    spread = _signed_sqrt_covariance(centred, wm)
+                else:
+                    sq = centred.square()
+                    spread = torch.sqrt((sq.mean(dim=(2, 3)) if wm is None else (wm * sq).sum(dim=(2, 3)) / total) + 1e-6)
+                parts += [mean.flatten(1), spread]
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
@@ -236,6 +256,19 @@ class Backbone(nn.Module):
         return self
 
 
+def _signed_sqrt_covariance(centred: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """(B, C (C + 1) / 2): the entries on and above the diagonal of the channel covariance of centred
+    maps (B, C, h, w), under spatial ``weights`` (B, 1, h, w; None: uniform), each as sign * sqrt(|.|)."""
+    flat = centred.flatten(2)
+    if weights is None:
+        weighted = flat / flat.shape[2]
+    else:
+        weighted = flat * (weights / weights.sum(dim=(2, 3), keepdim=True)).flatten(2)
+    rows, cols = torch.triu_indices(flat.shape[1], flat.shape[1], device=flat.device)
+    cov = torch.bmm(weighted, flat.transpose(1, 2))[:, rows, cols]
+    return torch.sign(cov) * torch.sqrt(cov.abs() + 1e-6)
+
+
 class SliceClassifier(nn.Module):
     """Backbone + dropout + linear over pooled features, for slice fine-tuning.
 
@@ -266,14 +299,15 @@ class SliceClassifier(nn.Module):
 
 def create(name: str, pretrained: bool = False, weights: str | Path | None = None,
            freeze: int | None = None, in_chans: int = 3, pool_stages: Sequence[int] = (),
-           pool_lungs: bool = False) -> Backbone:
+           pool_lungs: bool = False, pool_covariance: bool = False) -> Backbone:
     """Make a backbone by name; see :func:`known_backbones`.
 
     ``pretrained``: ImageNet weights (offline for the names in ``OFFLINE_WEIGHTS``,
     downloaded otherwise). ``weights``: a local checkpoint (wins over
     ``pretrained``). ``freeze``: number of leading stages to freeze. ``pool_stages``:
     features from these stages' channel means and standard deviations (:meth:`Backbone.pool_at`);
-    ``pool_lungs``: and the same inside each image's lungs.
+    ``pool_lungs``: and the same inside each image's lungs; ``pool_covariance``: every map's channel
+    covariance instead of its standard deviation (:meth:`Backbone.pool`).
 
     >>> create("densenet121").num_features
     1024
@@ -314,11 +348,12 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
 
             state["conv_stem.weight"] = adapt_input_conv(in_chans, state["conv_stem.weight"])
         model.load_state_dict(state)
-    if pool_lungs and not pool_stages:
-        raise MsnetError("pool_lungs pools the maps of pool_stages inside the lungs, and no pool_stages are set",
-                         fix="set backbone.pool_stages, or backbone.pool_lungs=false")
+    for flag, on in (("pool_lungs", pool_lungs), ("pool_covariance", pool_covariance)):
+        if on and not pool_stages:
+            raise MsnetError(f"{flag} pools the maps of pool_stages, and no pool_stages are set",
+                             fix=f"set backbone.pool_stages, or backbone.{flag}=false")
     if pool_stages:
-        backbone.pool_at(pool_stages, lungs=pool_lungs)
+        backbone.pool_at(pool_stages, lungs=pool_lungs, covariance=pool_covariance)
     if freeze:
         backbone.freeze(int(freeze))
     logger.debug("backbone %s: %d features, pretrained=%s, weights=%s, freeze=%s",

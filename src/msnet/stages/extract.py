@@ -66,7 +66,7 @@ def backbone_source(cfg: Config) -> tuple[Path | None, str]:
     weights = cfg.resolve(b.weights) if b.weights else None
     key = f"{b.name}|pretrained={b.pretrained}|weights={file_hash(weights) if weights else ''}"
     return None, key + (f"|pool_stages={sorted(set(b.pool_stages))}" if b.pool_stages else "") + (
-        "|pool_lungs" if b.pool_lungs else "")
+        "|pool_lungs" if b.pool_lungs else "") + ("|pool_covariance" if b.pool_covariance else "")
 
 
 def feature_set_id(backbone_key: str, spec: dict, dtype: str = "float32", runtime: str = "torch") -> str:
@@ -142,7 +142,7 @@ def load_encoder(cfg: Config, device: torch.device | str = "cpu") -> SliceEncode
     else:
         b = cfg.backbone
         backbone = create(b.name, pretrained=b.pretrained, weights=cfg.resolve(b.weights) if b.weights else None,
-                          pool_stages=b.pool_stages, pool_lungs=b.pool_lungs)
+                          **b.pooling())
         spec = spec_for(cfg, backbone)
     return SliceEncoder(spec, backbone, device=device, dtype=cfg.extract.dtype, batch_size=cfg.extract.batch_size)
 

@@ -346,8 +346,7 @@ def build_model(cfg: Config, n_classes: int, pretrained: bool | None = None):
         pretrained=cfg.backbone.pretrained if pretrained is None else pretrained,
         weights=cfg.resolve(cfg.backbone.weights) if cfg.backbone.weights else None,
         freeze=cfg.backbone.freeze or None,
-        pool_stages=cfg.backbone.pool_stages,
-        pool_lungs=cfg.backbone.pool_lungs,
+        **cfg.backbone.pooling(),
     )
     return SliceClassifier(backbone, n_classes)
 

@@ -87,7 +87,8 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
         spec=B.PreprocessSpec.from_dict(binfo["preprocess"]), classes=list(ainfo["classes"]),
         name=f"msnet-{cfg.backbone.name}-{aggregator}",
         backbone={"name": cfg.backbone.name, "fine_tuned": cfg.finetune.enabled, "n_features": ainfo["in_features"],
-                  "features": (f"channel mean and sd of stages {list(binfo['pool_stages'])}"
+                  "features": (f"channel mean and {'covariance' if binfo.get('pool_covariance') else 'sd'} of stages "
+                               f"{list(binfo['pool_stages'])}"
                                + (", over the image and inside its lungs" if binfo.get("pool_lungs") else "")
                                if binfo.get("pool_stages") else "average-pooled last feature map")},
         aggregator={"name": aggregator, "config": ainfo["config"], "fold": ainfo.get("fold", 0),
