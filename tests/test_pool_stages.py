@@ -272,3 +272,14 @@ def test_covariance_pooling_is_the_weighted_channel_covariance_of_each_map(share
         torch.testing.assert_close(again.eval()(x).double().numpy(), f, rtol=1e-5, atol=1e-5)
     with pytest.raises(MsnetError, match="pool_stages"):
         create("efficientnet_lite0", pool_covariance=True)
+    # without the lungs it runs as ONNX too
+    import onnxruntime as ort
+
+    from msnet.inference.onnx import export_backbone
+
+    whole = create("efficientnet_lite0", pretrained=True, pool_stages=[4, 5], pool_covariance=True).eval()
+    export_backbone(whole, 224, tmp_path / "cov.onnx")
+    session = ort.InferenceSession(str(tmp_path / "cov.onnx"))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, whole(x).numpy(), atol=1e-2, rtol=1e-3)

@@ -264,8 +264,9 @@ def _signed_sqrt_covariance(centred: torch.Tensor, weights: torch.Tensor | None)
         weighted = flat / flat.shape[2]
     else:
         weighted = flat * (weights / weights.sum(dim=(2, 3), keepdim=True)).flatten(2)
-    rows, cols = torch.triu_indices(flat.shape[1], flat.shape[1], device=flat.device)
-    cov = torch.bmm(weighted, flat.transpose(1, 2))[:, rows, cols]
+    c = int(flat.shape[1])
+    rows, cols = np.triu_indices(c)  # numpy, not torch.triu_indices: a constant for the ONNX exporter
+    cov = torch.bmm(weighted, flat.transpose(1, 2)).flatten(1)[:, torch.as_tensor(rows * c + cols, device=flat.device)]
     return torch.sign(cov) * torch.sqrt(cov.abs() + 1e-6)
 
 
