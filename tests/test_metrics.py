@@ -253,3 +253,36 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model() -> None:
     before = calibration(y[2000:], softmax(logits[2000:]))["ece"]
     after = calibration(y[2000:], softmax(logits[2000:] / t))["ece"]
     assert after < 0.3 * before and after < 0.04
+
+
+def test_ece_if_calibrated_is_the_ece_that_chance_gives_a_calibrated_model() -> None:
+    """Answers right with exactly their stated probability (drawn here) show an ECE near
+    ``ece_if_calibrated`` and above its 95th percentile in about 1 case of 20; an overconfident model's
+    ECE lies far above it; the chance ECE shrinks as the cases grow (about as 1 / sqrt(n))."""
+    from msnet.metrics import calibration
+
+    rng = np.random.default_rng(7)
+
+    def case(n: int, overconfident: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        conf = rng.uniform(0.5, 1.0, n)
+        right = rng.random(n) < (0.6 * conf if overconfident else conf)
+        y = rng.integers(0, 2, n)
+        top = np.where(right, y, 1 - y)
+        probs = np.zeros((n, 2))
+        probs[np.arange(n), top] = conf
+        probs[np.arange(n), 1 - top] = 1 - conf
+        return y, probs
+
+    honest = [calibration(*case(118)) for _ in range(60)]
+    above = np.mean([c["ece"] > c["ece_if_calibrated_p95"] for c in honest])
+    assert above <= 0.15
+    ratio = np.mean([c["ece"] for c in honest]) / np.mean([c["ece_if_calibrated"] for c in honest])
+    assert 0.8 < ratio < 1.25
+    assert all(0.02 < c["ece_if_calibrated"] < c["ece_if_calibrated_p95"] < 0.2 for c in honest)
+    bad = calibration(*case(118, overconfident=True))
+    assert bad["ece"] > 2 * bad["ece_if_calibrated_p95"]
+    assert calibration(*case(118))["ece_if_calibrated"] > 4 * calibration(*case(118 * 40))["ece_if_calibrated"]
+    y, probs = case(118)
+    assert calibration(y, probs) == calibration(y, probs)  # seeded
+    assert calibration(y, probs, draws=1000)["ece_if_calibrated"] == pytest.approx(
+        calibration(y, probs)["ece_if_calibrated"], rel=0.1)

@@ -437,9 +437,13 @@ def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, An
     parts += [f"## Per test subset ({primary}, Table 3 form)", pm["table3"]]
     parts += ["## Calibration",
               "Probabilities are temperature-scaled on each model's validation patients (`msnet train`). "
-              "ECE: expected calibration error over 15 confidence bins; Brier: multi-class Brier score.",
-              "| model | ECE | Brier |\n|---|---|---|\n" + "\n".join(
-                  f"| {n} | {m.get('ece', 0.0):.3f} | {m.get('brier', 0.0):.3f} |" for n, m in result["by_aggregator"].items()),
+              "ECE: expected calibration error over 15 confidence bins; Brier: multi-class Brier score; "
+              "ECE if calibrated: the mean (and 95th percentile) ECE of a perfectly calibrated model with the "
+              "same confidences on as many patients, the ECE that chance alone gives.",
+              "| model | ECE | ECE if calibrated (p95) | Brier |\n|---|---|---|---|\n" + "\n".join(
+                  f"| {n} | {m.get('ece', 0.0):.3f} | {m.get('ece_if_calibrated', 0.0):.3f} "
+                  f"({m.get('ece_if_calibrated_p95', 0.0):.3f}) | {m.get('brier', 0.0):.3f} |"
+                  for n, m in result["by_aggregator"].items()),
               "![reliability diagram](reliability.png)"]
     if partial is not None:
         from msnet.stages.partial import partial_section
