@@ -25,7 +25,9 @@ slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs
 crops every image to the lungs (``preprocess.lung_crop``: the UCSD images by their 2-D lung masks,
 the DICOM slices by the HU lung mask). ``--covariance`` takes each map's channel covariance instead of
 its standard deviation (``backbone.pool_covariance``); ``--backbone NAME@SIZE`` (repeatable) other
-frozen networks and input sizes, their features side by side.
+frozen networks and input sizes, their features side by side. ``--calibration`` then compares, in a
+nested CV, the logistic regression's temperature fitted on a selection fifth and on out-of-fold
+predictions (``finetune.calibration``), by the ECE on the held-out folds.
 
     msnet index ../shared/data/ucsd-covid-ct -o ucsd
     msnet index ../shared/data/covid-ct-md -o ctmd
@@ -141,6 +143,50 @@ def paper_group(row: dict) -> str:
     return "paper:" + re.split(r"-p\d|%|_", Path(row["image_path"]).name)[0]
 
 
+def temperatures_compared(X: np.ndarray, Xm: np.ndarray, y: np.ndarray, rows: list[dict], seeds: int) -> dict:
+    """Nested CV of where the logistic regression's temperature is fitted, as ``msnet finetune`` does it
+    (``finetune.calibration``): each outer fold's model is fitted on the other folds; its temperature
+    on a grouped selection fifth of them (``select``; the regression fitted on the other four fifths)
+    or on the out-of-fold predictions of an inner 5-fold CV of them (``cv``); the model is then refitted
+    on all of them and its ECE taken on the held-out fold (``none``: no temperature)."""
+    from msnet.metrics import calibration, fit_temperature
+    from msnet.stages.finetune import manifest_folds
+
+    make = classifiers()["logistic regression"]
+    pos = {r["image_path"]: i for i, r in enumerate(rows)}
+
+    def ids(rs):
+        return np.array([pos[r["image_path"]] for r in rs])
+
+    def logits(m, idx):
+        d = (m.decision_function(X[idx]) + m.decision_function(Xm[idx])) / 2
+        return np.stack([np.zeros_like(d), d], 1)
+
+    ece = {"select": [], "cv": [], "none": []}
+    temps = {"select": [], "cv": []}
+    for seed in range(seeds):
+        outer = manifest_folds(rows, 5, seed)
+        for i, held in enumerate(outer):
+            rest = [r for j, f in enumerate(outer) if j != i for r in f]
+            inner = manifest_folds(rest, 5, seed + 1 + i)
+            fit_on = ids([r for f in inner[1:] for r in f])
+            t = {"select": fit_temperature(logits(make().fit(X[fit_on], y[fit_on]), ids(inner[0])), y[ids(inner[0])])}
+            oof = [(logits(make().fit(X[ids([r for k, g in enumerate(inner) if k != j for r in g])],
+                                      y[ids([r for k, g in enumerate(inner) if k != j for r in g])]), ids(f)), y[ids(f)])
+                   for j, f in enumerate(inner)]
+            t["cv"] = fit_temperature(np.concatenate([o[0] for o in oof]), np.concatenate([o[1] for o in oof]))
+            final = make().fit(X[ids(rest)], y[ids(rest)])
+            z = logits(final, ids(held))
+            for name, temp in (*t.items(), ("none", 1.0)):
+                p = np.exp(z / temp - (z / temp).max(1, keepdims=True))
+                ece[name].append(calibration(y[ids(held)], p / p.sum(1, keepdims=True))["ece"])
+            for name in temps:
+                temps[name].append(t[name])
+    return {"ece": {k: (np.mean(v), np.std(v)) for k, v in ece.items()},
+            "temperature": {k: (np.mean(v), np.std(v)) for k, v in temps.items()},
+            "cv_lower": float(np.mean(np.array(ece["cv"]) < np.array(ece["select"])))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("manifest", type=Path, help="slices.csv of `msnet index ../shared/data/ucsd-covid-ct`")
@@ -155,6 +201,8 @@ def main() -> None:
                     "standard deviation (backbone.pool_covariance)")
     ap.add_argument("--features", action="append", choices=("whole", "lungs", "both"),
                     help="only these feature sets (default: all three)")
+    ap.add_argument("--calibration", action="store_true", help="then compare, in nested CV, the logistic "
+                    "regression's temperature fitted on a selection fifth and on out-of-fold predictions")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     from sklearn.metrics import f1_score, roc_auc_score
@@ -230,6 +278,19 @@ def main() -> None:
                 t = infection_metrics(parts)
                 cells.append(f"{t['infection_auc_vs_normal']:.3f} / {t['infection_auc_within_patients']:.3f}")
             print("| " + " | ".join(cells) + " |", flush=True)
+    if args.calibration:
+        print("\n| features | CV grouped by | held-out ECE: selection-fifth temperature | out-of-fold temperature | "
+              "no temperature | temperature: selection fifth / out-of-fold (mean ± sd) | folds where out-of-fold is lower |"
+              "\n|---|---|---|---|---|---|---|")
+        for fname, (X, Xm) in feature_sets(d).items():
+            if args.features and fname not in args.features:
+                continue
+            for g, rs in groupings.items():
+                r = temperatures_compared(X[tr], Xm[tr], y[tr], rs, args.seeds)
+                e, t = r["ece"], r["temperature"]
+                print(f"| {fname} | {g} | {e['select'][0]:.3f} ± {e['select'][1]:.3f} | {e['cv'][0]:.3f} ± {e['cv'][1]:.3f} "
+                      f"| {e['none'][0]:.3f} ± {e['none'][1]:.3f} | {t['select'][0]:.2f} ± {t['select'][1]:.2f} / "
+                      f"{t['cv'][0]:.2f} ± {t['cv'][1]:.2f} | {r['cv_lower']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -337,14 +337,13 @@ def test_fold_ensemble_test_with_reliability_diagram(images, tmp_path):
 
 def test_temperature_from_the_out_of_fold_predictions(images, tmp_path):
     cfg = _config(tmp_path, images, mode="linear_probe", folds=3, calibration="cv")
-    with pytest.raises(MsnetError, match="out-of-fold"):
-        F.finetune(cfg)
-    cv = F.cross_validate(cfg)
+    F.finetune(cfg)  # no --cv yet: it is run first, for its out-of-fold predictions
+    cv = json.loads((cfg.run_path / "finetune" / "cv" / "cv_metrics.json").read_text())
     with np.load(cfg.run_path / "finetune" / "cv" / F.OOF_FILE) as f:
         assert f["logits"].shape == (24, 2) and sorted(f["labels"].tolist()) == [0] * 12 + [1] * 12
-    F.finetune(cfg, overwrite=True)
     model = F.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
     assert model.temperature == pytest.approx(cv["oof_temperature"])
+    assert cv["oof_temperature"] != pytest.approx(F.cross_validate(cfg)["folds"][0]["temperature"])
     cfg.finetune.calibration = "nonsense"
     with pytest.raises(MsnetError, match="calibration"):
         F.finetune(cfg, overwrite=True)

@@ -123,7 +123,7 @@ class FinetuneConfig:
     calibration: str = "select"
     """Where the slice classifier's temperature is fitted: `select` (the model-selection images) or `cv`
     (the out-of-fold predictions of `--cv`: every train image, each from a model that never saw its
-    source; needs `--cv`)."""
+    source; `--cv` is run first where they are missing)."""
     ensemble: bool = False
     """--test averages the calibrated probabilities of the model and of the `--cv` fold models."""
     infected_only: bool = True

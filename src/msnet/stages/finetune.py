@@ -615,8 +615,8 @@ def _cv_calibration(cfg: Config) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     path = cfg.run_path / "finetune" / "cv" / OOF_FILE
     if not path.is_file():
-        raise MsnetError("finetune.calibration=cv needs the out-of-fold predictions of --cv", path=path,
-                         fix="run `msnet finetune CONFIG --cv` (or set finetune.calibration=select)")
+        log.info("finetune.calibration=cv: cross-validating first, for the out-of-fold predictions (%s)", path)
+        cross_validate(cfg)
     with np.load(path) as f:
         return f["logits"], f["labels"]
 
@@ -674,7 +674,7 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
         if test_dir is not None:
             result["test"] = test(cfg, test_dir)
         return result
-    fit_on = _cv_calibration(cfg)  # before training: a missing --cv stops the run at once
+    fit_on = _cv_calibration(cfg)  # before training (runs --cv where calibration=cv finds no out-of-fold predictions)
     if D.is_main():
         save_run_info(cfg, out, "finetune")
     seed_everything(cfg.finetune.seed)
