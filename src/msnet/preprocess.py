@@ -557,14 +557,12 @@ def grey_lung_mask(unit: np.ndarray) -> np.ndarray:
     (True, True, False)
     """
     unit = np.asarray(unit, dtype=np.float32)
-    key, mirror_key = _image_key(unit), _image_key(unit[:, ::-1])
-    with _MASKS_LOCK:
-        for k, flip in ((key, False), (mirror_key, True)):
-            if k in _MASKS:
-                _MASKS.move_to_end(k)
-                shape, bits = _MASKS[k]
-                out = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
-                return np.ascontiguousarray(out[:, ::-1]) if flip else out
+    key = _image_key(unit)
+    known = _remembered_mask(key)
+    if known is None:  # the mirror image's key is hashed only when the image's own is not known
+        known = _remembered_mask(_image_key(unit[:, ::-1]), mirrored=True)
+    if known is not None:
+        return known
     global _masks_held
     out = _grey_lung_mask(unit)
     with _MASKS_LOCK:
@@ -574,6 +572,17 @@ def grey_lung_mask(unit: np.ndarray) -> np.ndarray:
         while _masks_held > _MASKS_BYTES and len(_MASKS) > 1:
             _masks_held -= _MASKS.popitem(last=False)[1][1].nbytes
     return out
+
+
+def _remembered_mask(key: bytes, mirrored: bool = False) -> np.ndarray | None:
+    """The mask remembered under ``key`` (mirrored left to right if asked), or None."""
+    with _MASKS_LOCK:
+        if key not in _MASKS:
+            return None
+        _MASKS.move_to_end(key)
+        shape, bits = _MASKS[key]
+    out = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+    return np.ascontiguousarray(out[:, ::-1]) if mirrored else out
 
 
 def _grey_lung_mask(unit: np.ndarray) -> np.ndarray:
