@@ -65,8 +65,8 @@ def backbone_source(cfg: Config) -> tuple[Path | None, str]:
     b = cfg.backbone
     weights = cfg.resolve(b.weights) if b.weights else None
     key = f"{b.name}|pretrained={b.pretrained}|weights={file_hash(weights) if weights else ''}"
-    return None, key + (f"|pool_stages={sorted(set(b.pool_stages))}" if b.pool_stages else "") + (
-        "|pool_lungs" if b.pool_lungs else "") + ("|pool_covariance" if b.pool_covariance else "")
+    flags = "".join(f"|{k}" for k, on in b.pooling().items() if k != "pool_stages" and on)  # |pool_lungs ...
+    return None, key + (f"|pool_stages={sorted(set(b.pool_stages))}" if b.pool_stages else "") + flags
 
 
 def feature_set_id(backbone_key: str, spec: dict, dtype: str = "float32", runtime: str = "torch") -> str:
