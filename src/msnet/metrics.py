@@ -140,6 +140,18 @@ def confusion_matrix(y_true: Any, y_pred: Any, n_classes: int) -> np.ndarray:
     return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def _binary(y_true_binary: Any, scores: Any, what: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(labels as bool, scores as float64, positives, negatives), checked for a ROC / AUC."""
+    y = np.asarray(y_true_binary).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"{what} needs at least one positive and one negative sample")
+    return y, s, n_pos, n_neg
+
+
 def roc_curve(y_true_binary: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ROC points ``(fpr, tpr, thresholds)``; thresholds descend from +inf over the distinct scores.
 
@@ -147,13 +159,7 @@ def roc_curve(y_true_binary: Any, scores: Any) -> tuple[np.ndarray, np.ndarray, 
     >>> fpr.tolist(), tpr.tolist()
     ([0.0, 0.0, 1.0], [0.0, 1.0, 1.0])
     """
-    y = np.asarray(y_true_binary).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.shape != s.shape or y.ndim != 1:
-        raise ValueError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC needs at least one positive and one negative sample")
+    y, s, n_pos, n_neg = _binary(y_true_binary, scores, "ROC")
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
     last = np.r_[np.flatnonzero(s[1:] != s[:-1]), s.size - 1]  # last index of each distinct score
@@ -171,13 +177,7 @@ def auc_score(y_true_binary: Any, scores: Any) -> float:
     >>> auc_score([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     0.75
     """
-    y = np.asarray(y_true_binary).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.shape != s.shape or y.ndim != 1:
-        raise ValueError(f"labels {y.shape} and scores {s.shape} must be equal-length vectors")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs at least one positive and one negative sample")
+    y, s, n_pos, n_neg = _binary(y_true_binary, scores, "AUC")
     _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
     midrank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mid-rank of each distinct score
     ranks = midrank[inverse]

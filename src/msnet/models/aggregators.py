@@ -131,7 +131,16 @@ def _mlp_contributions(pooled: torch.Tensor, hidden: nn.Linear, out: nn.Linear) 
     return grad_in * pooled
 
 
-class MSNet(nn.Module):
+class Aggregator(nn.Module):
+    """A patient-level model over slice features x (B, l, d) with a mask (B, l) of the real slices:
+    ``forward_features`` pools them to one vector per patient, ``forward_head`` turns that into
+    logits, ``slice_scores`` (B, l) says how much each slice counted."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, mask))
+
+
+class MSNet(Aggregator):
     """Multi-Slice Net: temporal conv, dilated residual blocks, max-pool over slices, dense, dense.
 
     Layout (WaveNet-like): a 1x1 temporal conv d -> width; ``n_blocks``
@@ -267,9 +276,6 @@ class MSNet(nn.Module):
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(F.relu(self.fc1(self.drop(feats)))))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, mask))
-
     @_small_on_one_thread
     def forward_sequences(self, seqs: list[torch.Tensor]) -> torch.Tensor:
         """Logits (B, n_classes) of a list of studies (l_i, d), as ``forward(*pad_batch(seqs))``
@@ -356,7 +362,7 @@ class MSNetReference(MSNet):
         return self(*pad_batch(seqs))
 
 
-class MeanPool(nn.Module):
+class MeanPool(Aggregator):
     """Feature-level average: masked mean over slices, dropout, linear.
 
     >>> MeanPool(16)(torch.zeros(1, 4, 16)).shape
@@ -380,9 +386,6 @@ class MeanPool(nn.Module):
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(feats))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, mask))
-
     def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per slice: its positive share w_c . x_i / n of the predicted logit c."""
         x, mask = _prepare(x, mask)
@@ -392,7 +395,7 @@ class MeanPool(nn.Module):
         return share.clamp(min=0) * mask.to(x.dtype)
 
 
-class MaxPoolMLP(nn.Module):
+class MaxPoolMLP(Aggregator):
     """Masked max-pool over slices, then an MLP (COVNet / CT-CAPS style).
 
     >>> MaxPoolMLP(16, hidden=8)(torch.zeros(1, 4, 16)).shape
@@ -416,9 +419,6 @@ class MaxPoolMLP(nn.Module):
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.drop(F.relu(self.fc1(self.drop(feats)))))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, mask))
-
     def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """As MS-Net: argmax source of each pooled feature, weighted by gradient x activation."""
         x, mask = _prepare(x, mask)
@@ -426,7 +426,7 @@ class MaxPoolMLP(nn.Module):
         return _argmax_scores(idx, _mlp_contributions(pooled, self.fc1, self.fc2), x.shape[1])
 
 
-class AttentionMIL(nn.Module):
+class AttentionMIL(Aggregator):
     """Gated attention multiple-instance learning (Ilse et al., 2018).
 
     Slices are embedded (linear + ReLU), weighted by a masked softmax of gated
@@ -465,16 +465,13 @@ class AttentionMIL(nn.Module):
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(feats))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, mask))
-
     def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention weights (sum to 1 over real slices)."""
         x, mask = _prepare(x, mask)
         return self._embed_attend(x, mask)[1]
 
 
-class SliceVote(nn.Module):
+class SliceVote(Aggregator):
     """Score-level aggregation: per-slice linear classifier, softmax, mean over real slices.
 
     ``forward`` returns log(mean probability) so cross-entropy applies directly;
@@ -503,9 +500,6 @@ class SliceVote(nn.Module):
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.log(feats.clamp(min=1e-12))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x, mask))
 
     def slice_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per slice: its probability of the predicted class (zero at padding)."""
