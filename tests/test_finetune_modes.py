@@ -91,6 +91,38 @@ def test_grouped_folds_never_split_a_group_and_stratify(images):
         F.manifest_folds(rows, 50, seed=1)  # more folds than groups
 
 
+def test_index_can_group_the_real_ucsd_images_by_paper(shared_data, tmp_path):
+    """`msnet index --group-by paper`: every image of a paper (the medRxiv id its name starts with) in
+    one group, each patient inside one paper's group, and grouped folds that never split a paper."""
+    root = shared_data / "ucsd-covid-ct"
+    by_source = index_dataset(root, tmp_path / "source", check=False).rows
+    by_paper = index_dataset(root, tmp_path / "paper", check=False, group_by="paper").rows
+    assert [r["image_path"] for r in by_source] == [r["image_path"] for r in by_paper]
+    covid = [(s, p) for s, p in zip(by_source, by_paper) if s["subset"] == "train" and s["label"] == "COVID-19"]
+    doi = {Path(s["image_path"]).name.split("-")[0] for s, _ in covid}  # 2020.02.25.20021568-p23-100.png
+    assert all(d.startswith("2020.") for d in doi)  # the train COVID images all come from medRxiv / bioRxiv
+    groups_of_doi = defaultdict(set)
+    papers_of_patient = defaultdict(set)
+    for s, p in covid:
+        groups_of_doi[Path(s["image_path"]).name.split("-")[0]].add(p["group"])
+        papers_of_patient[s["group"]].add(p["group"])
+    assert all(len(g) == 1 for g in groups_of_doi.values())
+    assert all(len(g) == 1 for g in papers_of_patient.values())
+    assert len({p["group"] for _, p in covid}) == len(doi) < len(papers_of_patient)
+    non_covid = [(s["group"], p["group"]) for s, p in zip(by_source, by_paper) if s["label"] == "NON-COVID"]
+    assert len(set(non_covid)) == len({s for s, _ in non_covid}) == len({p for _, p in non_covid})  # same partition
+    train = [r for r in by_paper if r["subset"] == "train"]
+    fold_of = defaultdict(set)
+    for i, fold in enumerate(F.manifest_folds(train, 5, seed=0)):
+        for r in fold:
+            fold_of[Path(r["image_path"]).name.split("-")[0] if r["label"] == "COVID-19" else r["group"]].add(i)
+    assert all(len(v) == 1 for v in fold_of.values())
+    with pytest.raises(MsnetError, match="group-by"):
+        index_dataset(root, tmp_path / "bad", check=False, group_by="figure")
+    with pytest.raises(MsnetError, match="group-by paper applies to slice images"):
+        index_dataset(shared_data / "covid-ct-md", tmp_path / "ctmd", check=False, group_by="paper")
+
+
 def test_linear_probe_fits_the_head_only(images, tmp_path):
     cfg = _config(tmp_path, images, mode="linear_probe")
     data = F.build_slice_sets(cfg)["train"]

@@ -152,11 +152,14 @@ def index(
     labels: Optional[Path] = typer.Option(None, "--labels", help="User CSV with patient_id,label[,path,subset]."),
     strict: bool = typer.Option(False, help="Stop at the first study that fails to read."),
     check: bool = typer.Option(True, help="Read every study to check it (status/error columns)."),
+    group_by: str = typer.Option("source", "--group-by",
+                                 help="Slice images: the `group` that grouped folds keep together, `source` (patient, "
+                                      "figure, numbering run) or `paper` (all images of the paper that the file name names)."),
 ) -> None:
     """Build the cohort manifest (+ slice_labels.csv) from a dataset folder."""
     from msnet.data.cohorts import index_dataset
 
-    report = index_dataset(root, out, labels_csv=labels, strict=strict, check=check)
+    report = index_dataset(root, out, labels_csv=labels, strict=strict, check=check, group_by=group_by)
     typer.echo(report.summary())
     if report.n_failed:
         raise typer.Exit(1)

@@ -20,7 +20,8 @@ it into manifests once. Layouts understood (detected in this order):
   the encoding found in the file's bytes (PNG/JPEG/...), not its extension: in
   UCSD COVID-CT every train JPEG is non-COVID, a shortcut a model can learn.
   ``group`` is the image's source (patient id from ``meta/*.csv``, else the figure
-  or numbering run its file name gives; :func:`image_groups`) for grouped splits.
+  or numbering run its file name gives, or with ``group_by="paper"`` the paper it names;
+  :func:`image_groups`) for grouped splits.
   ``CT_COVID`` -> ``COVID-19``, ``CT_NonCOVID`` -> ``NON-COVID``.
 - **class folders**: ROOT/<class>/<patient>, a patient being a DICOM folder, a
   .nii/.nii.gz file or an image folder.
@@ -391,18 +392,24 @@ def _meta_patients(root: Path) -> dict[str, str]:
     return out
 
 
-def image_groups(names: list[str], patients: dict[str, str] | None = None) -> list[str]:
+def image_groups(names: list[str], patients: dict[str, str] | None = None, by_paper: bool = False) -> list[str]:
     """A source group for each image file name of one class folder, for grouped splits.
 
     A name listed in ``patients`` (a meta CSV) takes its patient id; ``<n>%<k>.<ext>`` names share
     the group ``<n>`` (crops of one figure); purely numeric names form one group per run of
     consecutive numbers (images numbered together come from one source); any other name is its
-    own group.
+    own group. ``by_paper``: then every image whose name starts with a paper's id (the part before
+    ``-p<page>``, ``%`` or ``_``, as in ``2020.02.25.20021568-p23-100.png``) joins that paper's group,
+    and groups that share a paper (or a patient shown in two papers) become one: a paper's figure
+    style (size, coding, window) then never lies on both sides of a fold.
 
     >>> image_groups(["35%0.jpg", "35%1.jpg", "2138.png", "2139.png", "2141.png", "a.png"])
     ['fig:35', 'fig:35', 'run:2138', 'run:2138', 'run:2141', 'file:a.png']
     >>> image_groups(["x.png"], {"x.png": "Patient 7"})
     ['patient:Patient 7']
+    >>> image_groups(["A-p1-1.png", "A-p2-7.png", "B_f1.png", "C-p3-1.png"], {"A-p2-7.png": "P1", "C-p3-1.png": "P1"},
+    ...              by_paper=True)
+    ['paper:A', 'paper:A', 'paper:B', 'paper:A']
     """
     patients = patients or {}
     numbers = sorted({int(Path(n).stem) for n in names if Path(n).stem.isdigit()})
@@ -420,10 +427,29 @@ def image_groups(names: list[str], patients: dict[str, str] | None = None) -> li
             out.append(f"run:{run_of[int(stem)]}")
         else:
             out.append(f"file:{n}")
-    return out
+    return _merge_papers(names, out) if by_paper else out
 
 
-def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool) -> IndexReport:
+def _merge_papers(names: list[str], groups: list[str]) -> list[str]:
+    """``groups`` with every name's group joined to its paper's (:func:`image_groups`, ``by_paper``);
+    a merged group is named after its first paper."""
+    parent: dict[str, str] = {}
+
+    def root(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    for name, group in zip(names, groups):
+        paper, *rest = re.split(r"-p\d|%|_", Path(name).stem)
+        if rest and paper:
+            keep, drop = sorted((root(f"paper:{paper}"), root(group)), key=lambda g: (not g.startswith("paper:"), g))
+            if keep != drop:
+                parent[drop] = keep
+    return [root(g) for g in groups]
+
+
+def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool, by_paper: bool) -> IndexReport:
     report = IndexReport(layout="slice-images")
     patients = _meta_patients(root)
     for split in sorted(_image_split_dirs(root)):
@@ -431,7 +457,7 @@ def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool) ->
             files = [f for f in sorted(class_dir.iterdir())
                      if f.is_file() and _visible(f) and f.suffix.lower() in _IMAGE_EXT]
             label = map_class(class_dir.name)
-            for f, group in zip(files, image_groups([f.name for f in files], patients)):
+            for f, group in zip(files, image_groups([f.name for f in files], patients, by_paper)):
                 row = {"image_path": f, "label": label, "subset": _SPLITS[split.name.lower()],
                        "group": f"{label}/{group}", "format": image_format(f), "status": "ok", "error": ""}
                 if check:
@@ -466,23 +492,30 @@ def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool) ->
 
 
 def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, strict: bool = False,
-                  check: bool = True) -> IndexReport:
+                  check: bool = True, group_by: str = "source") -> IndexReport:
     """Detect root's layout and write out_dir/cohort.csv (+ slice_labels.csv) or out_dir/slices.csv.
 
     With ``check`` every study is read with :func:`msnet.io.read_study`; a study
     that fails gets status "failed" and its error text, and the run goes on
-    (``strict`` re-raises at the first failure).
+    (``strict`` re-raises at the first failure). ``group_by`` (slice images only): ``source`` (a
+    patient, a figure, a numbering run: :func:`image_groups`) or ``paper`` (those joined by the paper
+    whose id starts the file name).
 
     e.g. report = index_dataset("data/covid-ct-md", "out")
     e.g. report.n_ok, report.n_failed
     (3, 0)
     """
     root, out_dir = Path(root), Path(out_dir)
+    if group_by not in ("source", "paper"):
+        raise MsnetError(f"unknown grouping {group_by!r}", fix="use --group-by source or --group-by paper")
     _check_out_dir(out_dir)
     layout = detect_layout(root, labels_csv)
     logger.info("indexing %s as %s", root, layout)
     if layout == "slice-images":
-        return _index_slice_images(root, out_dir, check, strict)
+        return _index_slice_images(root, out_dir, check, strict, group_by == "paper")
+    if group_by != "source":
+        raise MsnetError(f"--group-by {group_by} applies to slice images; {root} is a {layout} cohort, grouped by patient",
+                         fix="leave --group-by out")
     given_labels: dict[str, np.ndarray] | None = None
     md_info: dict | None = None
     if layout == "user-csv":
