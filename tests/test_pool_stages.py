@@ -220,19 +220,25 @@ def test_lung_pooling_adds_statistics_that_ignore_what_lies_outside_the_lungs(sh
     outside = (g[:, :d] - f[:, :d]).norm(dim=1) / f[:, :d].norm(dim=1)
     inside = (g[:, d:] - f[:, d:]).norm(dim=1) / f[:, d:].norm(dim=1)
     assert (outside > 0.005).all() and (inside < 0.5 * outside).all()
-    # the checkpoint keeps it; ONNX refuses it rather than serve masks frozen at export time
+    # the checkpoint keeps it
     spec = P.PreprocessSpec(kind="grey", size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
     save_backbone(tmp_path / "b.pt", both, spec)
     again, _, _, _ = load_backbone(tmp_path / "b.pt")
     assert again.pool_lungs and again.num_features == 768
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), f)
-    from msnet.inference.onnx import export_backbone
-
-    with pytest.raises(MsnetError, match="inside the lungs"):
-        export_backbone(both, 224, tmp_path / "b.onnx")
     with pytest.raises(MsnetError, match="pool_stages"):
         create("efficientnet_lite0", pool_lungs=True)
+    # as ONNX the lung weights are a second input, made outside the graph by the same segmentation:
+    # the features match torch's, the label still leaves the lung half alone
+    from msnet.inference.encoder import SliceEncoder
+
+    enc = SliceEncoder(spec, both).to_onnx(tmp_path / "onnx")
+    assert [i.name for i in enc._session.get_inputs()] == ["images", "lung_weights"]
+    np.testing.assert_allclose(enc.embed(x).numpy(), f.numpy(), rtol=1e-3, atol=2e-3)
+    np.testing.assert_allclose(enc.embed(marked)[:, d:].numpy(), g[:, d:].numpy(), rtol=1e-3, atol=2e-3)
+    int8 = SliceEncoder(spec, both).to_onnx(tmp_path / "int8", int8=True, calibration=x.numpy())  # both inputs calibrated
+    assert torch.nn.functional.cosine_similarity(int8.embed(x), f, dim=1).min() > 0.98
 
 
 def test_covariance_pooling_is_the_weighted_channel_covariance_of_each_map(shared_data, tmp_path):

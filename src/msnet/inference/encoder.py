@@ -66,13 +66,18 @@ class SliceEncoder:
                 raise MsnetError("the onnx runtime needs an ONNX model", fix="run `msnet export BUNDLE --onnx OUT` first")
             self.onnx_model = Path(onnx_model)
             self._session = ort_session(self.onnx_model, threads)
-            self._input = self._session.get_inputs()[0].name
+            self._inputs = [i.name for i in self._session.get_inputs()]
 
     @property
     def num_features(self) -> int:
         if self.runtime == "onnx":
             return int(self._session.get_outputs()[0].shape[-1])
         return int(self.backbone.num_features)
+
+    @property
+    def normalisation(self) -> tuple[float, float]:
+        """The mean and standard deviation that normalise the first input channel."""
+        return float(self.spec.mean[0]), float(self.spec.std[0])
 
     def to_onnx(self, folder: str | Path, int8: bool = False, calibration: np.ndarray | None = None,
                 threads: int | None = None) -> "SliceEncoder":
@@ -88,7 +93,7 @@ class SliceEncoder:
         if int8:
             if calibration is None or not len(calibration):
                 raise MsnetError("int8 quantisation needs calibration slices")
-            model = quantize_backbone(fp32, folder / BACKBONE_INT8_ONNX, calibration)
+            model = quantize_backbone(fp32, folder / BACKBONE_INT8_ONNX, calibration, *self.normalisation)
         return SliceEncoder(self.spec, runtime="onnx", onnx_model=model, batch_size=self.batch_size, threads=threads)
 
     def calibration_slices(self, volumes: list, n_slices: int = 96) -> np.ndarray:
@@ -116,8 +121,10 @@ class SliceEncoder:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed input (n, 3, S, S) -> features (n, d), float32 on the CPU (the backbone alone)."""
         if self.runtime == "onnx":
+            from msnet.inference.onnx import backbone_feed
+
             arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-            return torch.from_numpy(self._session.run(None, {self._input: arr})[0])
+            return torch.from_numpy(self._session.run(None, backbone_feed(self._inputs, arr, *self.normalisation))[0])
         x = channels_last(x, self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self._autocast):
             return self._run(x).float().cpu()

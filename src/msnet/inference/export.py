@@ -28,7 +28,7 @@ from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
 from msnet.inference.encoder import SliceEncoder
 from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD, ort_session,
-                                  check_exportable, quantize_backbone)
+                                  quantize_backbone)
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,6 @@ def export_bundle(bundle: Path, out: Path | None = None, int8: bool = False,
     out = Path(out) if out else bundle / "onnx"
     t0 = time.perf_counter()
     ref = Predictor(bundle, device="cpu", runtime="torch")
-    check_exportable(ref.bundle.backbone)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     _export_models(ref, out)
     onnx = ref.with_encoder(onnx_encoder(ref, out / BACKBONE_ONNX))
@@ -221,7 +220,7 @@ def export_int8(bundle: Path, out: Path, ref, calibration: list[Path] | None = N
     sources = _calibration_sources(bundle, calibration)
     t = time.perf_counter()
     calib = calibration_batch(ref, sources, n_slices=n_calibration)
-    quantize_backbone(out / BACKBONE_ONNX, out / BACKBONE_INT8_ONNX, calib)
+    quantize_backbone(out / BACKBONE_ONNX, out / BACKBONE_INT8_ONNX, calib, *ref.encoder.normalisation)
     quant_s = time.perf_counter() - t
     if check_studies is None:
         check_studies = [s for s in SHARED_SCANS if s.is_dir()]

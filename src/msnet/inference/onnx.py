@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 BACKBONE_ONNX = "backbone.onnx"
 AGGREGATOR_ONNX = "aggregator.onnx"
 BACKBONE_INT8_ONNX = "backbone_int8.onnx"
+LUNG_INPUT = "lung_weights"
 
 
 # ------------------------------------------------------------------ sessions
@@ -86,36 +87,60 @@ def find_onnx(bundle: str | Path, onnx_dir: str | Path | None = None, int8: bool
     raise MsnetError(f"no {name} found (looked in {looked})", bundle, fix)
 
 
-def check_exportable(backbone) -> None:
-    """Refuse a backbone whose features ONNX cannot compute (one that pools inside the lungs)."""
-    if getattr(backbone, "pool_lungs", False):
-        raise MsnetError("a backbone that pools inside the lungs (backbone.pool_lungs) cannot run as ONNX: "
-                         "its lung masks are made outside the network", fix="serve it with the torch runtime")
+class _LungPooled(torch.nn.Module):
+    """A backbone that pools inside the lungs, with the lung weights as a second input."""
+
+    def __init__(self, backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor, lungs: torch.Tensor) -> torch.Tensor:
+        return self.backbone.pool(self.backbone.forward_maps(images), lungs=lungs)
 
 
 def export_backbone(backbone, size: int, path: str | Path) -> Path:
     """A backbone as ONNX: images (n, 3, size, size) -> features (n, d), dynamic n; a copy in fp32 is
-    exported, the module itself is left as it was."""
+    exported, the module itself is left as it was. A backbone that pools inside the lungs
+    (``pool_lungs``) takes the images' lung weights (n, 1, size, size) as a second input,
+    ``LUNG_INPUT``: the classical lung segmentation runs outside the graph (:func:`backbone_feed`)."""
     import copy
-
-    import torch
 
     from msnet.models.backbones import export_onnx
 
-    check_exportable(backbone)
     module = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
+    if getattr(backbone, "pool_lungs", False):
+        return export_onnx(_LungPooled(module).eval(), (torch.randn(2, 3, size, size), torch.ones(2, 1, size, size)),
+                           path, ["images", LUNG_INPUT], ["features"],
+                           {"images": {0: "batch"}, LUNG_INPUT: {0: "batch"}, "features": {0: "batch"}})
     return export_onnx(module, (torch.randn(2, 3, size, size),), path, ["images"], ["features"],
                        {"images": {0: "batch"}, "features": {0: "batch"}})
 
 
-def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, batch: int = 8) -> Path:
-    """Static int8 quantisation (QDQ, per-channel weights, MinMax calibration) of a backbone ONNX model."""
+def backbone_feed(names: list[str], images: np.ndarray, mean: float, std: float) -> dict[str, np.ndarray]:
+    """The inputs of an exported backbone whose inputs are ``names``: the normalised ``images``
+    (n, 3, S, S) and, where it pools inside the lungs, their lung weights
+    (:func:`msnet.models.backbones.lung_weights`, by the first channel's ``mean`` and ``std``)."""
+    feed = {names[0]: images}
+    if LUNG_INPUT in names:
+        from msnet.models.backbones import lung_weights
+
+        feed[LUNG_INPUT] = lung_weights(torch.from_numpy(images), mean, std).numpy()
+    return feed
+
+
+def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, mean: float, std: float,
+                      batch: int = 8) -> Path:
+    """Static int8 quantisation (QDQ, per-channel weights, MinMax calibration) of a backbone ONNX model
+    on ``calibration``, preprocessed slices (n, 3, S, S) normalised by ``mean`` and ``std``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    names = [i.name for i in ort_session(fp32, threads=1).get_inputs()]
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"images": calibration[i:i + batch]} for i in range(0, len(calibration), batch)])
+            self.batches = (backbone_feed(names, calibration[i:i + batch], mean, std)
+                            for i in range(0, len(calibration), batch))
 
         def get_next(self):
             return next(self.batches, None)

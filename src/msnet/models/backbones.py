@@ -179,10 +179,12 @@ class Backbone(nn.Module):
         out = self.model(x)
         return [out[str(i)] for i in range(len(out))]
 
-    def pool(self, maps: list[torch.Tensor], x: torch.Tensor | None = None) -> torch.Tensor:
+    def pool(self, maps: list[torch.Tensor], x: torch.Tensor | None = None,
+             lungs: torch.Tensor | None = None) -> torch.Tensor:
         """Features (B, num_features) of :meth:`forward_maps`' maps of the input ``x``: the spatial
         mean, or with ``pool_stages`` the mean and standard deviation of every map's channels,
-        concatenated; with ``pool_lungs`` those inside the lungs of ``x`` after them.
+        concatenated; with ``pool_lungs`` those inside the lungs of ``x`` after them (``lungs``: the
+        lung weights (B, 1, H, W) of ``x`` made beforehand, as an exported model takes them).
 
         With ``pool_covariance`` each map's C means are followed by the C (C + 1) / 2 entries of its
         channel covariance on and above the diagonal, each through a signed square root (so the
@@ -192,9 +194,9 @@ class Backbone(nn.Module):
             return maps[0].mean(dim=(2, 3))
         weights = [None]
         if self.pool_lungs:
-            if x is None:
+            if lungs is None and x is None:
                 raise MsnetError("this backbone pools inside the lungs and needs its input images")
-            weights.append(self.lung_weights(x))
+            weights.append(self.lung_weights(x) if lungs is None else lungs)
         parts = []
         for w in weights:
             for m in maps:
@@ -202,7 +204,8 @@ class Backbone(nn.Module):
                     wm = total = None
                     mean = m.mean(dim=(2, 3), keepdim=True)
                 else:
-                    wm = F.adaptive_avg_pool2d(w, m.shape[-2:]).to(m.dtype)
+                    size = [int(k) for k in m.shape[-2:]]  # constant when traced for ONNX (the input size is)
+                    wm = F.adaptive_avg_pool2d(w, size).to(m.dtype)
                     total = wm.sum(dim=(2, 3))
                     mean = ((m * wm).sum(dim=(2, 3)) / total)[:, :, None, None]
                 centred = m - mean
@@ -214,20 +217,10 @@ class Backbone(nn.Module):
                 parts += [mean.flatten(1), spread]
         return torch.cat(parts, dim=1)
 
-    @torch.no_grad()
     def lung_weights(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) weights of the lungs in the input images ``x`` (normalised, as the network
-        takes them): each image's first channel, back in [0, 1], through the 2-D lung mask of
-        :func:`msnet.preprocess.grey_lung_mask`; all ones where it finds less than
-        ``GREY_LUNG_MIN_FRACTION`` of the image (the whole image is pooled twice)."""
-        from msnet.preprocess import GREY_LUNG_MIN_FRACTION, grey_lung_mask
-
-        mean, std = float(self.data_config["mean"][0]), float(self.data_config["std"][0])
-        unit = (x[:, 0].float() * std + mean).clamp(0.0, 1.0).cpu().numpy()
-        masks = np.stack([grey_lung_mask(u) for u in unit]).astype(np.float32)
-        small = masks.mean(axis=(1, 2)) < GREY_LUNG_MIN_FRACTION
-        masks[small] = 1.0
-        return torch.from_numpy(masks[:, None]).to(x.device)
+        takes them): :func:`lung_weights` with this network's normalisation."""
+        return lung_weights(x, float(self.data_config["mean"][0]), float(self.data_config["std"][0]))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled feature map (B, C, h, w): the last one, or with ``pool_stages`` the deepest pooled one."""
@@ -254,6 +247,22 @@ class Backbone(nn.Module):
             for module in group:
                 module.eval()
         return self
+
+
+@torch.no_grad()
+def lung_weights(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """(B, 1, H, W) weights of the lungs in the normalised input images ``x`` (B, C, H, W): each
+    image's first channel, back in [0, 1] by ``mean`` and ``std``, through the 2-D lung mask of
+    :func:`msnet.preprocess.grey_lung_mask`; all ones where it finds less than
+    ``GREY_LUNG_MIN_FRACTION`` of the image (the whole image is pooled twice). Made outside the
+    network (a classical segmentation), so an exported backbone takes them as a second input."""
+    from msnet.preprocess import GREY_LUNG_MIN_FRACTION, grey_lung_mask
+
+    unit = (x[:, 0].float() * std + mean).clamp(0.0, 1.0).cpu().numpy()
+    masks = np.stack([grey_lung_mask(u) for u in unit]).astype(np.float32)
+    small = masks.mean(axis=(1, 2)) < GREY_LUNG_MIN_FRACTION
+    masks[small] = 1.0
+    return torch.from_numpy(masks[:, None]).to(x.device)
 
 
 def _signed_sqrt_covariance(centred: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
