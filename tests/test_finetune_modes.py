@@ -364,7 +364,18 @@ def test_fold_ensemble_test_with_reliability_diagram(images, tmp_path):
     both = F.test(cfg, images / "val")
     assert single["models"] == 1 and both["models"] == 4 and len(both["single_model_accuracy"]) == 4
     assert both["tta"] and {"ece", "brier"} <= set(both) and {"jpeg", "half"} <= set(both["shortcut"])
-    assert (cfg.run_path / "finetune" / "test_reliability.png").stat().st_size > 1000
+    assert (cfg.run_path / "finetune" / "test" / "val" / "reliability.png").stat().st_size > 1000
+    # another test set named `val` gets a folder of its own: the first results stay
+    import shutil
+
+    other = shutil.copytree(images / "val", tmp_path / "elsewhere" / "val")
+    F.test(cfg, other)
+    folders = sorted((cfg.run_path / "finetune" / "test").iterdir())
+    assert len(folders) == 2 and folders[0].name == "val" and folders[1].name.startswith("val-")
+    recorded = [json.loads((f / "metrics.json").read_text())["test_dir"] for f in folders]
+    assert recorded == [str((images / "val").resolve()), str(other.resolve())]
+    F.test(cfg, images / "val")  # the same set again: the same folder
+    assert sorted((cfg.run_path / "finetune" / "test").iterdir()) == folders
 
 
 def test_temperature_from_the_out_of_fold_predictions(images, tmp_path):

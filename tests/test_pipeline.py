@@ -225,7 +225,7 @@ def test_finetune_on_slice_images_with_held_out_test(tmp_path, shared_data):
         )
     )
     result = finetune(cfg, test_dir=root / "val")
-    test = json.loads((tmp_path / "run" / "finetune" / "test_metrics.json").read_text())
+    test = json.loads((tmp_path / "run" / "finetune" / "test" / "val" / "metrics.json").read_text())
     assert test["n"] == 12 and set(test) >= {"accuracy", "f1", "auc", "sensitivity", "by_format"}
     assert sum(v["n"] for v in test["by_format"].values()) == 12
     assert result["n_train"] + result["n_val"] == 24  # the val folder itself is never trained on

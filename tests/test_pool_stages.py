@@ -161,7 +161,7 @@ def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
     assert model.fc.in_features == 2 * (80 + 80 * 81 // 2 + 112 + 112 * 113 // 2) == 19520
     assert model.spec.lung_crop
     assert result["best_epoch"] == 0  # a probe: nothing fine-tuned
-    test = json.loads((cfg.run_path / "finetune" / "test_metrics.json").read_text())
+    test = json.loads((cfg.run_path / "finetune" / "test" / "val" / "metrics.json").read_text())
     assert test["n"] == 58 and test["accuracy"] >= 0.58 and test["auc"] >= 0.65  # chance: 0.5
 
 

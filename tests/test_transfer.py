@@ -66,7 +66,7 @@ def test_finetune_test_scores_a_cohort_with_other_classes(run_and_cohort):
     root, cohort_dir = run_and_cohort
     res = CliRunner().invoke(app, ["finetune", str(root / "config.yaml"), "--test", str(cohort_dir)])
     assert res.exit_code == 0, res.output
-    m = json.loads((root / "run" / "finetune" / "test_metrics.json").read_text())
+    m = json.loads((root / "run" / "finetune" / "test" / cohort_dir.name / "metrics.json").read_text())
     assert m["classes"] == ["COVID-19", "CAP", "NORMAL"] and m["normal_class"] == "NORMAL"
     assert m["cohort_classes"] == ["COVID", "NORMAL"]
     labels = read_slice_labels(cohort_dir / "slice_labels.csv")
@@ -78,7 +78,7 @@ def test_finetune_test_scores_a_cohort_with_other_classes(run_and_cohort):
     # the model learnt lesions, not patients: infected slices score above normal lungs
     assert m["infection_auc_vs_normal"] > 0.8
     assert m["infection_auc_within_patients"] > 0.75
-    with open(root / "run" / "finetune" / "test_slice_scores.csv") as fh:
+    with open(root / "run" / "finetune" / "test" / cohort_dir.name / "slice_scores.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == m["n"] and {r["patient_id"] for r in rows} == set(cohort)
     assert all(0.0 <= float(r["infection_score"]) <= 1.0 for r in rows)

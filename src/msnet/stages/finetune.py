@@ -813,11 +813,13 @@ def test(cfg: Config, test_dir: Path) -> dict:
     A cohort folder (cohort.csv + slice_labels.csv) whose labels are not the model's classes
     (UCSD COVID/NON-COVID model, COVID-CT-MD cohort) is scored by infection score per slice
     instead: :func:`msnet.stages.transfer.score_cohort` (keys ``infection_auc_vs_normal``,
-    ``infection_auc_within_patients``; every slice's score in ``test_slice_scores.csv``).
+    ``infection_auc_within_patients``; every slice's score in ``slice_scores.csv``).
+
+    Each test set's results go to their own folder, ``finetune/test/<folder name>/`` (``metrics.json``,
+    ``reliability.png`` or ``slice_scores.csv``; :func:`results_folder`), so testing on another set keeps them.
     """
-    out = cfg.run_path / "finetune"
     device = pick_device(cfg.device)
-    model = load_slice_classifier(out / "backbone.pt", device)
+    model = load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt", device)
     classes = list(model.classes)
     test_dir = Path(test_dir)
     if (test_dir / "cohort.csv").exists():
@@ -832,16 +834,17 @@ def test(cfg: Config, test_dir: Path) -> dict:
 
             metrics, slice_rows = score_cohort(model, model.spec, classes, rows, slice_labels, device,
                                                configured_normal=cfg.data.normal_class)
-            metrics["test_dir"] = str(test_dir)
-            write_csv_atomic(out / "test_slice_scores.csv", SLICE_FIELDS, slice_rows)
-            atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
+            metrics["test_dir"] = str(test_dir.resolve())
+            out = results_folder(cfg, test_dir)
+            write_csv_atomic(out / "slice_scores.csv", SLICE_FIELDS, slice_rows)
+            atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             return metrics
         image_rows = None
         data = _cohort_slices(rows, slice_labels, cfg, classes, "test")
     else:
         image_rows = image_folder_rows(test_dir)
         data = _image_slices(image_rows, cfg, classes, "test")
-    models = [model] + (_fold_models(out, device) if cfg.finetune.ensemble else [])
+    models = [model] + (_fold_models(cfg.run_path / "finetune", device) if cfg.finetune.ensemble else [])
     per_model = [calibrated_probs(m, data, cfg, device) for m in models]
     probs = np.mean(per_model, axis=0)
     metrics = slice_metrics(data, probs, classes)
@@ -851,14 +854,32 @@ def test(cfg: Config, test_dir: Path) -> dict:
     metrics["tta"] = bool(cfg.finetune.tta)
     if len(models) > 1:  # each model alone, for the ensemble's gain
         metrics["single_model_accuracy"] = [float((p.argmax(1) == data.labels.numpy()).mean()) for p in per_model]
-    metrics["test_dir"] = str(test_dir)
+    metrics["test_dir"] = str(test_dir.resolve())
     if data.formats:  # the file-format shortcut check: accuracy per encoded format and class
         metrics["by_format"] = _by_format(data, probs, classes)
     if image_rows is not None:
         metrics["shortcut"] = shortcut_flips(model, image_rows, per_model[0], cfg, classes, device)
-    _reliability_plot(data.labels.numpy(), probs, out / "test_reliability.png")
-    atomic_write_text(out / "test_metrics.json", json.dumps(metrics, indent=2))
+    out = results_folder(cfg, test_dir)
+    _reliability_plot(data.labels.numpy(), probs, out / "reliability.png")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def results_folder(cfg: Config, test_dir: Path) -> Path:
+    """``finetune/test/<name of test_dir>/``, made if missing; where that name holds the results of
+    another folder, the name with a short hash of this folder's path."""
+    import hashlib
+
+    here = Path(test_dir).resolve()
+    out = cfg.run_path / "finetune" / "test" / (here.name or "test")
+    try:
+        other = json.loads((out / "metrics.json").read_text()).get("test_dir")
+    except (OSError, ValueError):
+        other = None
+    if other not in (None, str(here)):
+        out = out.with_name(f"{out.name}-{hashlib.blake2b(str(here).encode(), digest_size=3).hexdigest()}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _fold_models(out: Path, device) -> list:
@@ -871,7 +892,7 @@ def _fold_models(out: Path, device) -> list:
 
 
 def _reliability_plot(y: np.ndarray, probs: np.ndarray, path: Path) -> None:
-    """The reliability diagram of the test predictions, next to test_metrics.json."""
+    """The reliability diagram of the test predictions, next to their metrics.json."""
     from msnet.plots import plot_reliability
 
     plot_reliability({"slice classifier": (y, probs)}, path, "slice level, test set (calibrated probabilities)")
