@@ -481,8 +481,11 @@ class _Trainer:
         val_acc = float((probs.argmax(1) == val_set.labels.numpy()).mean())
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
         self.history.append(row)
-        log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch + 1, self.cfg.finetune.epochs,
-                 train_loss, val_loss, val_acc)
+        if epoch < 0:  # the fitted probe, before any fine-tuning: no training loss
+            log.info("the fitted probe (epoch 0): val loss %.4f, val accuracy %.4f", val_loss, val_acc)
+        else:
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch + 1,
+                     self.cfg.finetune.epochs, train_loss, val_loss, val_acc)
         improved = val_acc > self.best["accuracy"] or (val_acc == self.best["accuracy"] and val_loss < self.best["loss"])
         if improved:
             self.best = {"accuracy": val_acc, "loss": val_loss, "epoch": epoch + 1}
