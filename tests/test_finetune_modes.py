@@ -214,6 +214,7 @@ def test_lp_ft_run_records_the_probe_as_epoch_zero(images, tmp_path):
     result = F.finetune(cfg)
     history = list(csv.DictReader(open(cfg.run_path / "finetune" / "history.csv")))
     assert [int(r["epoch"]) for r in history] == [0, 1]
+    assert history[0]["train_loss"] == "" and float(history[1]["train_loss"]) > 0  # the probe trained nothing
     assert result["best_epoch"] in (0, 1) and result["n_train"] + result["n_val"] == 24
 
 

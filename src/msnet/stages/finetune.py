@@ -474,14 +474,15 @@ class _Trainer:
             advance()
         return total / max(n_seen, 1)
 
-    def validate(self, epoch: int, train_loss: float, val_set: SliceSet, out: Path, classes: list[str]) -> bool:
-        """Score the validation slices, log, checkpoint the best and the resume state; True if improved."""
+    def validate(self, epoch: int, train_loss: float | None, val_set: SliceSet, out: Path, classes: list[str]) -> bool:
+        """Score the validation slices, log, checkpoint the best and the resume state; True if improved.
+        ``epoch`` -1 (``train_loss`` None): the fitted probe, before any fine-tuning (history's epoch 0)."""
         probs = predict_slices(self.eval_model, val_set, self.cfg, self.device)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-8)), val_set.labels))
         val_acc = float((probs.argmax(1) == val_set.labels.numpy()).mean())
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc}
         self.history.append(row)
-        if epoch < 0:  # the fitted probe, before any fine-tuning: no training loss
+        if train_loss is None:
             log.info("the fitted probe (epoch 0): val loss %.4f, val accuracy %.4f", val_loss, val_acc)
         else:
             log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f", epoch + 1,
@@ -590,7 +591,7 @@ def _fit(cfg: Config, train_set: SliceSet, val_set: SliceSet, out: Path, classes
     if resume and (out / "state.pt").exists():
         tr.resume(out / "state.pt")
     elif ft.mode != "full":  # the probe is a candidate too: epoch 0
-        tr.validate(-1, float("nan"), val_set, out, classes)
+        tr.validate(-1, None, val_set, out, classes)
     if ft.mode == "linear_probe":
         return tr
     stale, rate = 0, Rate(ft.epochs - tr.start_epoch, "epochs")
