@@ -82,6 +82,10 @@ def test_finetune_test_scores_a_cohort_with_other_classes(run_and_cohort):
         rows = list(csv.DictReader(fh))
     assert len(rows) == m["n"] and {r["patient_id"] for r in rows} == set(cohort)
     assert all(0.0 <= float(r["infection_score"]) <= 1.0 for r in rows)
+    from PIL import Image
+
+    with Image.open(root / "run" / "finetune" / "test" / cohort_dir.name / "slice_scores.png") as im:
+        assert im.height > im.width / 3  # one panel per patient, stacked
 
 
 def test_misaligned_slice_labels_are_refused(run_and_cohort, tmp_path):

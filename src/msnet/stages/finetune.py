@@ -820,7 +820,8 @@ def test(cfg: Config, test_dir: Path) -> dict:
     ``infection_auc_within_patients``; every slice's score in ``slice_scores.csv``).
 
     Each test set's results go to their own folder, ``finetune/test/<folder name>/`` (``metrics.json``,
-    ``reliability.png`` or ``slice_scores.csv``; :func:`results_folder`), so testing on another set keeps them.
+    ``reliability.png``, or ``slice_scores.csv`` and its plot ``slice_scores.png``; :func:`results_folder`), so
+    testing on another set keeps them.
     """
     device = pick_device(cfg.device)
     model = load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt", device)
@@ -841,6 +842,10 @@ def test(cfg: Config, test_dir: Path) -> dict:
             metrics["test_dir"] = str(test_dir.resolve())
             out = results_folder(cfg, test_dir)
             write_csv_atomic(out / "slice_scores.csv", SLICE_FIELDS, slice_rows)
+            from msnet.plots import plot_slice_scores
+
+            plot_slice_scores(slice_rows, out / "slice_scores.png",
+                              f"infection score per slice, 1 - p({metrics['normal_class']})")
             atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
             return metrics
         image_rows = None
