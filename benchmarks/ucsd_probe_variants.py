@@ -18,7 +18,9 @@ Cross-validation on ``train``, 5 folds, with msnet's own grouped folds (``manife
 three fold assignments (seeds 0-2):
 - ``patient``: the manifest's source groups (a COVID image's patient), as ``msnet finetune --cv``;
 - ``paper``: a COVID image's group is the paper its file name names (``2020.02.25.20021568-p..``):
-  a paper's figure style (size, coding, window) never lies on both sides of a fold.
+  a paper's figure style (size, coding, window) never lies on both sides of a fold. On UCSD this is
+  the partition ``msnet index --group-by paper`` writes (no patient appears in two papers), under
+  other group names, so the folds drawn from it are not the same as ``msnet finetune --cv``'s.
 
 Then each model trained on all of ``train`` scores the official ``val`` and, with ``--ctmd``, the
 slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs). ``--crop`` first
