@@ -824,9 +824,10 @@ def test(cfg: Config, test_dir: Path) -> dict:
     testing on another set keeps them.
     """
     device = pick_device(cfg.device)
-    model = load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt", device)
+    stage = cfg.run_path / "finetune"
+    model = load_slice_classifier(stage / "backbone.pt", device)
     classes = list(model.classes)
-    test_dir = Path(test_dir)
+    test_dir = Path(test_dir).resolve()
     if (test_dir / "cohort.csv").exists():
         from msnet.data.cohorts import read_cohort, read_slice_labels
 
@@ -839,7 +840,7 @@ def test(cfg: Config, test_dir: Path) -> dict:
 
             metrics, slice_rows = score_cohort(model, model.spec, classes, rows, slice_labels, device,
                                                configured_normal=cfg.data.normal_class)
-            metrics["test_dir"] = str(test_dir.resolve())
+            metrics["test_dir"] = str(test_dir)
             out = results_folder(cfg, test_dir)
             write_csv_atomic(out / "slice_scores.csv", SLICE_FIELDS, slice_rows)
             from msnet.plots import plot_slice_scores
@@ -853,7 +854,7 @@ def test(cfg: Config, test_dir: Path) -> dict:
     else:
         image_rows = image_folder_rows(test_dir)
         data = _image_slices(image_rows, cfg, classes, "test")
-    models = [model] + (_fold_models(cfg.run_path / "finetune", device) if cfg.finetune.ensemble else [])
+    models = [model] + (_fold_models(stage, device) if cfg.finetune.ensemble else [])
     per_model = [calibrated_probs(m, data, cfg, device) for m in models]
     probs = np.mean(per_model, axis=0)
     metrics = slice_metrics(data, probs, classes)
@@ -863,7 +864,7 @@ def test(cfg: Config, test_dir: Path) -> dict:
     metrics["tta"] = bool(cfg.finetune.tta)
     if len(models) > 1:  # each model alone, for the ensemble's gain
         metrics["single_model_accuracy"] = [float((p.argmax(1) == data.labels.numpy()).mean()) for p in per_model]
-    metrics["test_dir"] = str(test_dir.resolve())
+    metrics["test_dir"] = str(test_dir)
     if data.formats:  # the file-format shortcut check: accuracy per encoded format and class
         metrics["by_format"] = _by_format(data, probs, classes)
     if image_rows is not None:
