@@ -135,7 +135,9 @@ def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, mean: floa
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    names = [i.name for i in ort_session(fp32, threads=1).get_inputs()]
+    import onnx
+
+    names = [i.name for i in onnx.load(str(fp32)).graph.input]  # the images (and the lung weights)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
