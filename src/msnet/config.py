@@ -70,8 +70,18 @@ class BackboneConfig:
 
     def pooling(self) -> dict:
         """The pooling keywords of ``msnet.models.backbones.create``."""
-        return {"pool_stages": list(self.pool_stages), "pool_lungs": self.pool_lungs,
-                "pool_covariance": self.pool_covariance}
+        return pooling(self)
+
+
+def pooling(source: Any) -> dict:
+    """The pooling keywords of ``msnet.models.backbones.create`` (``pool_stages``, ``pool_lungs``,
+    ``pool_covariance``) read from a :class:`BackboneConfig`, a backbone or a backbone checkpoint's
+    dict; what ``source`` lacks is off. The one place that names them: configs, backbones and
+    checkpoints all pass through here."""
+    get = source.get if isinstance(source, dict) else (lambda key, default: getattr(source, key, default))
+    return {"pool_stages": [int(k) for k in get("pool_stages", None) or ()],
+            "pool_lungs": bool(get("pool_lungs", False)),
+            "pool_covariance": bool(get("pool_covariance", False))}
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from msnet import __version__
+from msnet.config import pooling
 from msnet.errors import MsnetError
 from msnet.files import atomic_torch_save, file_hash, umask_mode
 from msnet.preprocess import PreprocessSpec
@@ -83,9 +84,7 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple
     from msnet.models.backbones import create
 
     ckpt = load_checkpoint(path, "backbone checkpoint")
-    backbone = create(ckpt["backbone"], pretrained=False, pool_stages=ckpt.get("pool_stages") or (),
-                      pool_lungs=bool(ckpt.get("pool_lungs", False)),
-                      pool_covariance=bool(ckpt.get("pool_covariance", False)))
+    backbone = create(ckpt["backbone"], pretrained=False, **pooling(ckpt))
     backbone.load_state_dict(ckpt["state_dict"])
     head = None
     if ckpt.get("head") is not None:

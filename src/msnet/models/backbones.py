@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msnet.config import pooling
 from msnet.errors import MsnetError
 
 logger = logging.getLogger(__name__)
@@ -133,8 +134,7 @@ class Backbone(nn.Module):
     @property
     def pooling(self) -> dict:
         """How the features are pooled, as :func:`create` takes it (and checkpoints store it)."""
-        return {"pool_stages": list(self.pool_stages), "pool_lungs": self.pool_lungs,
-                "pool_covariance": self.pool_covariance}
+        return pooling(self)
 
     def pool_at(self, stages: Sequence[int], lungs: bool = False, covariance: bool = False) -> None:
         """Pool the outputs of ``stages`` (mean and standard deviation of every channel) instead of
