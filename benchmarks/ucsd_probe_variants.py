@@ -18,9 +18,9 @@ Cross-validation on ``train``, 5 folds, with msnet's own grouped folds (``manife
 three fold assignments (seeds 0-2):
 - ``patient``: the manifest's source groups (a COVID image's patient), as ``msnet finetune --cv``;
 - ``paper``: a COVID image's group is the paper its file name names (``2020.02.25.20021568-p..``):
-  a paper's figure style (size, coding, window) never lies on both sides of a fold. On UCSD this is
-  the partition ``msnet index --group-by paper`` writes (no patient appears in two papers), under
-  other group names, so the folds drawn from it are not the same as ``msnet finetune --cv``'s.
+  a paper's figure style (size, coding, window) never lies on both sides of a fold. These are the
+  groups ``msnet index --group-by paper`` writes (``msnet.data.cohorts.group_by_paper``), so the
+  folds are those of ``msnet finetune --cv`` on such an index.
 
 Then each model trained on all of ``train`` scores the official ``val`` and, with ``--ctmd``, the
 slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs). ``--crop`` first
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import warnings
 from pathlib import Path
 
@@ -137,14 +136,6 @@ def classifiers():
     }
 
 
-def paper_group(row: dict) -> str:
-    """A COVID image's paper (the file name's prefix before ``-p<page>``, ``%`` or ``_``); other
-    images keep their manifest group."""
-    if row["label"] != "COVID-19":
-        return row["group"]
-    return "paper:" + re.split(r"-p\d|%|_", Path(row["image_path"]).name)[0]
-
-
 def temperatures_compared(X: np.ndarray, Xm: np.ndarray, y: np.ndarray, rows: list[dict], seeds: int) -> dict:
     """Nested CV of where the logistic regression's temperature is fitted, as ``msnet finetune`` does it
     (``finetune.calibration``): each outer fold's model is fitted on the other folds; its temperature
@@ -209,7 +200,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     from sklearn.metrics import f1_score, roc_auc_score
 
-    from msnet.data.cohorts import read_slice_manifest
+    from msnet.data.cohorts import group_by_paper, read_slice_manifest
     from msnet.stages.finetune import manifest_folds, spec_for
     from msnet.stages.transfer import infection_metrics
 
@@ -226,7 +217,7 @@ def main() -> None:
     print(f"2-D lung mask: median {np.median(d['mask_fraction'][tr][~whole[tr]]):.2f} of a UCSD image "
           f"(under a tenth, whole image used: {np.mean(whole):.3f} of images)")
     index = {r["image_path"]: i for i, r in enumerate(train)}
-    groupings = {"patient": train, "paper": [dict(r, group=paper_group(r)) for r in train]}
+    groupings = {"patient": train, "paper": group_by_paper(train)}
     folds = {g: [[[index[r["image_path"]] for r in f] for f in manifest_folds(rs, 5, seed)]
                  for seed in range(args.seeds)] for g, rs in groupings.items()}
     cohort = None

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from msnet.config import load_config
-from msnet.data.cohorts import image_groups, index_dataset, read_slice_manifest
+from msnet.data.cohorts import group_by_paper, image_groups, index_dataset, read_slice_manifest
 from msnet.errors import MsnetError
 from msnet.stages import finetune as F
 
@@ -117,6 +117,11 @@ def test_index_can_group_the_real_ucsd_images_by_paper(shared_data, tmp_path):
         for r in fold:
             fold_of[Path(r["image_path"]).name.split("-")[0] if r["label"] == "COVID-19" else r["group"]].add(i)
     assert all(len(v) == 1 for v in fold_of.values())
+    # a manifest written with source groups, regrouped when read (as benchmarks do): the same groups
+    regrouped = group_by_paper(read_slice_manifest(tmp_path / "source" / "slices.csv"))
+    written = read_slice_manifest(tmp_path / "paper" / "slices.csv")
+    assert [r["group"] for r in regrouped] == [r["group"] for r in written]
+    assert sum(a["group"] != b["group"] for a, b in zip(regrouped, by_source)) > 100
     with pytest.raises(MsnetError, match="group-by"):
         index_dataset(root, tmp_path / "bad", check=False, group_by="figure")
     with pytest.raises(MsnetError, match="group-by paper applies to slice images"):

@@ -20,8 +20,8 @@ it into manifests once. Layouts understood (detected in this order):
   the encoding found in the file's bytes (PNG/JPEG/...), not its extension: in
   UCSD COVID-CT every train JPEG is non-COVID, a shortcut a model can learn.
   ``group`` is the image's source (patient id from ``meta/*.csv``, else the figure
-  or numbering run its file name gives, or with ``group_by="paper"`` the paper it names;
-  :func:`image_groups`) for grouped splits.
+  or numbering run its file name gives: :func:`image_groups`; with ``group_by="paper"`` those
+  joined by the paper they name: :func:`group_by_paper`) for grouped splits.
   ``CT_COVID`` -> ``COVID-19``, ``CT_NonCOVID`` -> ``NON-COVID``.
 - **class folders**: ROOT/<class>/<patient>, a patient being a DICOM folder, a
   .nii/.nii.gz file or an image folder.
@@ -392,24 +392,18 @@ def _meta_patients(root: Path) -> dict[str, str]:
     return out
 
 
-def image_groups(names: list[str], patients: dict[str, str] | None = None, by_paper: bool = False) -> list[str]:
+def image_groups(names: list[str], patients: dict[str, str] | None = None) -> list[str]:
     """A source group for each image file name of one class folder, for grouped splits.
 
     A name listed in ``patients`` (a meta CSV) takes its patient id; ``<n>%<k>.<ext>`` names share
     the group ``<n>`` (crops of one figure); purely numeric names form one group per run of
     consecutive numbers (images numbered together come from one source); any other name is its
-    own group. ``by_paper``: then every image whose name starts with a paper's id (the part before
-    ``-p<page>``, ``%`` or ``_``, as in ``2020.02.25.20021568-p23-100.png``) joins that paper's group,
-    and groups that share a paper (or a patient shown in two papers) become one: a paper's figure
-    style (size, coding, window) then never lies on both sides of a fold.
+    own group.
 
     >>> image_groups(["35%0.jpg", "35%1.jpg", "2138.png", "2139.png", "2141.png", "a.png"])
     ['fig:35', 'fig:35', 'run:2138', 'run:2138', 'run:2141', 'file:a.png']
     >>> image_groups(["x.png"], {"x.png": "Patient 7"})
     ['patient:Patient 7']
-    >>> image_groups(["A-p1-1.png", "A-p2-7.png", "B_f1.png", "C-p3-1.png"], {"A-p2-7.png": "P1", "C-p3-1.png": "P1"},
-    ...              by_paper=True)
-    ['paper:A', 'paper:A', 'paper:B', 'paper:A']
     """
     patients = patients or {}
     numbers = sorted({int(Path(n).stem) for n in names if Path(n).stem.isdigit()})
@@ -427,12 +421,39 @@ def image_groups(names: list[str], patients: dict[str, str] | None = None, by_pa
             out.append(f"run:{run_of[int(stem)]}")
         else:
             out.append(f"file:{n}")
-    return _merge_papers(names, out) if by_paper else out
+    return out
+
+
+def group_by_paper(rows: list[dict]) -> list[dict]:
+    """Slice-image manifest rows with their ``group`` joined by paper, as ``msnet index --group-by
+    paper`` writes them: within each subset and label, every image whose file name starts with a
+    paper's id (the part before ``-p<page>``, ``%`` or ``_``, as in ``2020.02.25.20021568-p23-100.png``)
+    joins that paper's group, and groups that share a paper (or a patient shown in two papers) become
+    one, named after its first paper. A paper's figure style (size, coding, window) then never lies
+    on both sides of a fold.
+
+    >>> rows = [{"image_path": n, "label": "C", "subset": "train", "group": f"C/{g}"} for n, g in
+    ...         [("A-p1-1.png", "file:A-p1-1.png"), ("A-p2-7.png", "patient:P1"), ("B_f1.png", "file:B_f1.png"),
+    ...          ("C-p3-1.png", "patient:P1")]]
+    >>> [r["group"] for r in group_by_paper(rows)]
+    ['C/paper:A', 'C/paper:A', 'C/paper:B', 'C/paper:A']
+    """
+    out = [dict(r) for r in rows]
+    buckets: dict[tuple, list[dict]] = {}
+    for r in out:
+        buckets.setdefault((r.get("subset"), r["label"]), []).append(r)
+    for (_, label), bucket in buckets.items():
+        prefix = f"{label}/"  # a manifest's group is "<label>/<source>"
+        merged = _merge_papers([Path(r["image_path"]).name for r in bucket],
+                               [str(r["group"]).removeprefix(prefix) for r in bucket])
+        for r, group in zip(bucket, merged):
+            r["group"] = prefix + group
+    return out
 
 
 def _merge_papers(names: list[str], groups: list[str]) -> list[str]:
-    """``groups`` with every name's group joined to its paper's (:func:`image_groups`, ``by_paper``);
-    a merged group is named after its first paper."""
+    """``groups`` with every name's group joined to its paper's (:func:`group_by_paper`); a merged
+    group is named after its first paper."""
     parent: dict[str, str] = {}
 
     def root(g: str) -> str:
@@ -457,7 +478,7 @@ def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool, by
             files = [f for f in sorted(class_dir.iterdir())
                      if f.is_file() and _visible(f) and f.suffix.lower() in _IMAGE_EXT]
             label = map_class(class_dir.name)
-            for f, group in zip(files, image_groups([f.name for f in files], patients, by_paper)):
+            for f, group in zip(files, image_groups([f.name for f in files], patients)):
                 row = {"image_path": f, "label": label, "subset": _SPLITS[split.name.lower()],
                        "group": f"{label}/{group}", "format": image_format(f), "status": "ok", "error": ""}
                 if check:
@@ -475,6 +496,8 @@ def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool, by
                 if row["format"] not in ("unknown", ext):
                     logger.debug("%s: extension says %s but content is %s", f.name, ext, row["format"])
                 report.rows.append(row)
+    if by_paper:
+        report.rows = group_by_paper(report.rows)
     out = Path(out_dir) / "slices.csv"
     header = ["image_path", "label", "subset", "group", "format", "status", "error"]
     write_csv_atomic(out, header, [{**r, "image_path": _rel(r["image_path"], out_dir)} for r in report.rows])
@@ -499,7 +522,7 @@ def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, str
     that fails gets status "failed" and its error text, and the run goes on
     (``strict`` re-raises at the first failure). ``group_by`` (slice images only): ``source`` (a
     patient, a figure, a numbering run: :func:`image_groups`) or ``paper`` (those joined by the paper
-    whose id starts the file name).
+    whose id starts the file name: :func:`group_by_paper`).
 
     e.g. report = index_dataset("data/covid-ct-md", "out")
     e.g. report.n_ok, report.n_failed
