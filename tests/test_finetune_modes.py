@@ -117,7 +117,7 @@ def test_index_can_group_the_real_ucsd_images_by_paper(shared_data, tmp_path):
         for r in fold:
             fold_of[Path(r["image_path"]).name.split("-")[0] if r["label"] == "COVID-19" else r["group"]].add(i)
     assert all(len(v) == 1 for v in fold_of.values())
-    # a manifest written with source groups, regrouped when read (as benchmarks do): the same groups
+    # a manifest written with source groups, regrouped when read (as benchmarks/ucsd_probe_variants.py does)
     regrouped = group_by_paper(read_slice_manifest(tmp_path / "source" / "slices.csv"))
     written = read_slice_manifest(tmp_path / "paper" / "slices.csv")
     assert [r["group"] for r in regrouped] == [r["group"] for r in written]

@@ -313,17 +313,7 @@ class MSNet(Aggregator):
             return _argmax_scores(idx, _mlp_contributions(pooled, self.fc1, self.fc2), x.shape[1])
         if method != "input":
             raise MsnetError(f"unknown slice-score method {method!r}", fix="use 'input' or 'argmax'")
-        with torch.inference_mode(False), torch.enable_grad():
-            x, mask = _prepare(x.detach().clone(), None if mask is None else mask.detach().clone())
-            x = x.requires_grad_(True)
-            logits = self.fc2(F.relu(self.fc1(_masked_max(self.temporal(x, mask), mask)[0])))
-            pred = logits.argmax(dim=1)
-            (grad,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), x)
-            scores = ((grad * x).sum(dim=2).clamp(min=0) * mask).detach()
-        empty = scores.sum(dim=1) <= 0
-        if empty.any():  # nothing positive at the input: fall back to the argmax reading
-            scores[empty] = self.slice_scores(x.detach()[empty], mask[empty], method="argmax")
-        return scores
+        return self.logits_and_scores(x, mask)[1]
 
     @_small_on_one_thread
     def logits_and_scores(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +326,7 @@ class MSNet(Aggregator):
             (grad,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), x)
             scores = ((grad * x).sum(dim=2).clamp(min=0) * mask).detach()
         empty = scores.sum(dim=1) <= 0
-        if empty.any():
+        if empty.any():  # nothing positive at the input: fall back to the argmax reading
             scores[empty] = self.slice_scores(x.detach()[empty], mask[empty], method="argmax")
         return logits.detach(), scores
 
