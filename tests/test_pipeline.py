@@ -229,6 +229,14 @@ def test_finetune_on_slice_images_with_held_out_test(tmp_path, shared_data):
     assert test["n"] == 12 and set(test) >= {"accuracy", "f1", "auc", "sensitivity", "by_format"}
     assert sum(v["n"] for v in test["by_format"].values()) == 12
     assert result["n_train"] + result["n_val"] == 24  # the val folder itself is never trained on
+    # what `msnet finetune` prints: the test set's own figures and where they are, one line per format
+    from msnet.stages.finetune import summary
+
+    text = summary(result, cfg.run_path / "finetune")
+    assert f"12 images ({tmp_path / 'run' / 'finetune' / 'test' / 'val'})" in text
+    assert f"accuracy {test['accuracy']:.3f}, F1 {test['f1']:.3f}, AUC {test['auc']:.3f}, ECE {test['ece']:.3f}" in text
+    assert all(f"{k} {v['accuracy']:.3f} ({v['n']} images)" in text for k, v in test["by_format"].items())
+    assert f"validation ({result['n_val']} images" in text and "cross-validation" not in text
 
 
 def test_extract_on_onnx_int8_records_agreement_or_refuses(finetuned):

@@ -86,6 +86,13 @@ def test_finetune_test_scores_a_cohort_with_other_classes(run_and_cohort):
 
     with Image.open(root / "run" / "finetune" / "test" / cohort_dir.name / "slice_scores.png") as im:
         assert im.height > im.width / 3  # one panel per patient, stacked
+    # the summary printed names both AUCs and the results folder; --json prints the whole result
+    assert f"the {n_infected} labelled infected slices" in res.output
+    assert f"{m['infection_auc_vs_normal']:.3f}" in res.output and f"{m['infection_auc_within_patients']:.3f}" in res.output
+    assert str(root / "run" / "finetune" / "test" / cohort_dir.name) in res.output
+    res = CliRunner().invoke(app, ["finetune", str(root / "config.yaml"), "--test", str(cohort_dir), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["test"]["infection_auc_vs_normal"] == m["infection_auc_vs_normal"]
 
 
 def test_misaligned_slice_labels_are_refused(run_and_cohort, tmp_path):

@@ -192,10 +192,11 @@ def finetune(
     cv: bool = typer.Option(False, "--cv", help="First cross-validate the recipe on source-grouped folds of "
                             "`train` (finetune.folds, default 5); mean and sd under the key `cv`."),
     overwrite: bool = typer.Option(False, help="Redo finished work."),
+    json_out: bool = typer.Option(False, "--json", help="Print the whole result as one JSON object instead of a summary."),
 ) -> None:
     """Stage 1: fine-tune the slice backbone on slice labels."""
     from msnet.config import load_config
-    from msnet.stages.finetune import cross_validate
+    from msnet.stages.finetune import cross_validate, summary
     from msnet.stages.finetune import finetune as run_finetune
 
     cfg = load_config(config, _overrides(set_))
@@ -203,7 +204,7 @@ def finetune(
     result = run_finetune(cfg, test_dir=test, overwrite=overwrite)
     if cv_result is not None:
         result["cv"] = cv_result
-    typer.echo(json.dumps(result, indent=2))
+    typer.echo(json.dumps(result, indent=2) if json_out else summary(result, cfg.run_path / "finetune"))
 
 
 @app.command()

@@ -842,6 +842,7 @@ def test(cfg: Config, test_dir: Path) -> dict:
                                                configured_normal=cfg.data.normal_class)
             metrics["test_dir"] = str(test_dir)
             out = results_folder(cfg, test_dir)
+            metrics["results_dir"] = str(out)
             write_csv_atomic(out / "slice_scores.csv", SLICE_FIELDS, slice_rows)
             from msnet.plots import plot_slice_scores
 
@@ -870,9 +871,58 @@ def test(cfg: Config, test_dir: Path) -> dict:
     if image_rows is not None:
         metrics["shortcut"] = shortcut_flips(model, image_rows, per_model[0], cfg, classes, device)
     out = results_folder(cfg, test_dir)
+    metrics["results_dir"] = str(out)
     _reliability_plot(data.labels.numpy(), probs, out / "reliability.png")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def summary(result: dict, stage: Path) -> str:
+    """What :func:`finetune` (with ``cv`` and ``test`` added by ``--cv`` / ``--test``) found, in a few
+    lines for a person; the metrics files beside the model hold everything."""
+
+    def num(d: dict, *keys: str) -> str:  # the first key present; a {mean, sd} as mean ± sd
+        v = next((d[k] for k in keys if d.get(k) is not None), None)
+        if isinstance(v, dict):
+            return "n/a" if v.get("mean") is None else f"{v['mean']:.3f} ± {v.get('sd') or 0.0:.3f}"
+        return "n/a" if v is None else f"{v:.3f}"
+
+    def scores(d: dict) -> str:  # binary figures of the positive class, else the macro averages
+        return (f"accuracy {num(d, 'accuracy')}, F1 {num(d, 'f1', 'macro_f1')}, AUC {num(d, 'auc', 'macro_auc')}, "
+                f"ECE {num(d, 'ece')}")
+
+    def flipped(flips: dict) -> str:
+        return f"answers flipped by JPEG coding {num(flips, 'jpeg')}, by half resolution {num(flips, 'half')}"
+
+    lines = [f"model: {stage / 'backbone.pt'} (temperature {result.get('temperature', 1.0):.2f})",
+             f"  validation ({result.get('n_val', '?')} images, unseen in training): {scores(result)}"]
+    if result.get("probe_refit_on"):
+        lines.append(f"  the probe then refitted on all {result['probe_refit_on']} training images")
+    cv = result.get("cv")
+    if cv:
+        lines.append(f"cross-validation, {cv.get('k', '?')} grouped folds ({stage / 'cv' / 'cv_metrics.json'}):")
+        lines.append(f"  {scores(cv)}")
+        if cv.get("shortcut"):
+            lines.append(f"  {flipped(cv['shortcut'])}")
+    t = result.get("test")
+    if t:
+        where = f" ({t['results_dir']})" if t.get("results_dir") else ""
+        if "infection_auc_vs_normal" in t:
+            lines.append(f"test {t.get('test_dir', '')}{where}:")
+            lines.append(f"  infection score AUC, the {t.get('n_infected_slices', '?')} labelled infected slices against "
+                         f"the normal patients' {t.get('n_normal_patient_slices', '?')}: "
+                         f"{num(t, 'infection_auc_vs_normal')}, against the same patients' "
+                         f"{t.get('n_unlabelled_slices', '?')} other slices: {num(t, 'infection_auc_within_patients')}")
+        else:
+            lines.append(f"test {t.get('test_dir', '')}, {t.get('n', '?')} images{where}:")
+            lines.append(f"  {scores(t)} (a calibrated model by chance: {num(t, 'ece_if_calibrated')}, "
+                         f"95th percentile {num(t, 'ece_if_calibrated_p95')}), Brier {num(t, 'brier')}")
+            if t.get("by_format"):
+                lines.append("  accuracy by file format: " + ", ".join(
+                    f"{k} {num(v, 'accuracy')} ({v.get('n', '?')} images)" for k, v in sorted(t["by_format"].items())))
+            if t.get("shortcut"):
+                lines.append(f"  {flipped({k: v.get('flip_rate') for k, v in t['shortcut'].items()})}")
+    return "\n".join(lines)
 
 
 def results_folder(cfg: Config, test_dir: Path) -> Path:
