@@ -101,6 +101,10 @@ def test_cli_evaluate_partial(trained_run):
     assert res.exit_code == 0, res.output
     assert "| model | 100% of slices | 75% of slices | 50% of slices | 25% of slices |" in res.output
     assert "| msnet |" in res.output and "report:" in res.output
+    # the headline comparison is printed too: every trained model with its test accuracy
+    metrics = json.loads((trained_run / "evaluate" / "metrics.json").read_text())
+    for name, m in metrics["by_aggregator"].items():
+        assert name in res.output and f"{100 * m['accuracy']:.1f}" in res.output
 
 
 def test_partial_needs_checkpoints_and_features(tmp_path, trained_run):

@@ -256,9 +256,12 @@ def evaluate(
     seed: int = typer.Option(0, help="Seed of the bootstrap and of the partial-scan draws."),
 ) -> None:
     """Metrics, bootstrap CIs, plots and report.md for a trained run."""
-    from msnet.stages.evaluate import evaluate_run
+    from rich.console import Console
+
+    from msnet.stages.evaluate import evaluate_run, format_console_table
 
     report = evaluate_run(run, seed=seed, partial=partial, partial_draws=draws)
+    Console().print(format_console_table(json.loads((report.parent / "metrics.json").read_text())))
     if partial:
         from msnet.stages.partial import partial_table
 
