@@ -150,3 +150,19 @@ def test_scoring_crops_to_the_lungs_when_the_model_was_trained_so(run_and_cohort
         air[crop] = float((x <= x.min() + 0.05).float().mean())
         assert metrics["n"] == sum(len(labels[r["patient_id"]]) for r in rows)
     assert air[True] < 0.5 * air[False]
+
+
+def test_cli_run_reuses_finished_stages_and_prints_the_headline_table(run_and_cohort):
+    from typer.testing import CliRunner
+
+    from msnet.cli import app
+
+    root, _ = run_and_cohort
+    trained = [root / "run" / "finetune" / "backbone.pt", *sorted((root / "run" / "train").glob("*/*.pt"))]
+    before = [p.stat().st_mtime_ns for p in trained]
+    res = CliRunner().invoke(app, ["run", str(root / "config.yaml")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((root / "run" / "evaluate" / "metrics.json").read_text())
+    assert "msnet" in res.stdout and f"{100 * metrics['accuracy']:.1f}" in res.stdout
+    assert f"report: {root / 'run' / 'evaluate' / 'report.md'}" in res.stdout
+    assert len(trained) > 1 and [p.stat().st_mtime_ns for p in trained] == before  # finished stages are reused

@@ -276,11 +276,15 @@ def run_all(
     overwrite: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
     """All stages (finetune, extract, train, evaluate), reusing finished work."""
+    from rich.console import Console
+
     from msnet.config import load_config
+    from msnet.stages.evaluate import format_console_table
     from msnet.stages.run import run_pipeline
 
     cfg = load_config(config, _overrides(set_))
     report = run_pipeline(cfg, overwrite=overwrite)
+    Console().print(format_console_table(json.loads((report.parent / "metrics.json").read_text())))
     typer.echo(f"report: {report}")
 
 
