@@ -56,6 +56,15 @@ def _overrides(values: Optional[List[str]]) -> list[str]:
     return list(values or [])
 
 
+def _print_headline(report: Path) -> None:
+    """The headline comparison table of an evaluated run (``report``: its evaluate/report.md)."""
+    from rich.console import Console
+
+    from msnet.stages.evaluate import format_console_table
+
+    Console().print(format_console_table(json.loads((report.parent / "metrics.json").read_text())))
+
+
 def _json(obj) -> str:
     """Strict JSON: a NaN or infinite number is an error, never the invalid token ``NaN``."""
     try:
@@ -256,12 +265,10 @@ def evaluate(
     seed: int = typer.Option(0, help="Seed of the bootstrap and of the partial-scan draws."),
 ) -> None:
     """Metrics, bootstrap CIs, plots and report.md for a trained run."""
-    from rich.console import Console
-
-    from msnet.stages.evaluate import evaluate_run, format_console_table
+    from msnet.stages.evaluate import evaluate_run
 
     report = evaluate_run(run, seed=seed, partial=partial, partial_draws=draws)
-    Console().print(format_console_table(json.loads((report.parent / "metrics.json").read_text())))
+    _print_headline(report)
     if partial:
         from msnet.stages.partial import partial_table
 
@@ -276,15 +283,12 @@ def run_all(
     overwrite: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
     """All stages (finetune, extract, train, evaluate), reusing finished work."""
-    from rich.console import Console
-
     from msnet.config import load_config
-    from msnet.stages.evaluate import format_console_table
     from msnet.stages.run import run_pipeline
 
     cfg = load_config(config, _overrides(set_))
     report = run_pipeline(cfg, overwrite=overwrite)
-    Console().print(format_console_table(json.loads((report.parent / "metrics.json").read_text())))
+    _print_headline(report)
     typer.echo(f"report: {report}")
 
 
