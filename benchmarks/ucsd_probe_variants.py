@@ -164,9 +164,8 @@ def temperatures_compared(X: np.ndarray, Xm: np.ndarray, y: np.ndarray, rows: li
             inner = manifest_folds(rest, 5, seed + 1 + i)
             fit_on = ids([r for f in inner[1:] for r in f])
             t = {"select": fit_temperature(logits(make().fit(X[fit_on], y[fit_on]), ids(inner[0])), y[ids(inner[0])])}
-            oof = [(logits(make().fit(X[ids([r for k, g in enumerate(inner) if k != j for r in g])],
-                                      y[ids([r for k, g in enumerate(inner) if k != j for r in g])]), ids(f)), y[ids(f)])
-                   for j, f in enumerate(inner)]
+            others = [ids([r for k, g in enumerate(inner) if k != j for r in g]) for j in range(len(inner))]
+            oof = [(logits(make().fit(X[o], y[o]), ids(f)), y[ids(f)]) for o, f in zip(others, inner)]
             t["cv"] = fit_temperature(np.concatenate([o[0] for o in oof]), np.concatenate([o[1] for o in oof]))
             final = make().fit(X[ids(rest)], y[ids(rest)])
             z = logits(final, ids(held))
