@@ -156,7 +156,8 @@ def inspect(
 
 @app.command()
 def index(
-    root: Path = typer.Argument(..., help="Dataset folder (COVID-CT-MD, class folders, slice images)."),
+    root: Path = typer.Argument(..., help="Dataset folder: COVID-CT-MD, COVIDx CT, MosMedData, CC-CCII, STOIC2021, "
+                                "ROOT/<class>/<patient> folders or ROOT/<split>/<class>/ images."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for cohort.csv / slice_labels.csv."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="User CSV with patient_id,label[,path,subset]."),
     strict: bool = typer.Option(False, help="Stop at the first study that fails to read."),
@@ -164,11 +165,18 @@ def index(
     group_by: str = typer.Option("source", "--group-by",
                                  help="Slice images: the `group` that grouped folds keep together, `source` (patient, "
                                       "figure, numbering run) or `paper` (all images of the paper that the file name names)."),
+    class_map: Optional[List[str]] = typer.Option(None, "--map", help="NAME=CLASS: give the dataset's class NAME "
+                                                  "(a folder, MosMedData's CT-0 ... CT-4, STOIC2021's COVID / negative) "
+                                                  "another class (repeat for several)."),
 ) -> None:
     """Build the cohort manifest (+ slice_labels.csv) from a dataset folder."""
     from msnet.data.cohorts import index_dataset
 
-    report = index_dataset(root, out, labels_csv=labels, strict=strict, check=check, group_by=group_by)
+    pairs = [m.split("=", 1) for m in class_map or []]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise MsnetError(f"--map takes NAME=CLASS, got {', '.join(class_map or [])}", fix="e.g. --map CT-1=COVID-19")
+    report = index_dataset(root, out, labels_csv=labels, strict=strict, check=check, group_by=group_by,
+                           class_map=dict(pairs))
     typer.echo(report.summary())
     if report.n_failed:
         raise typer.Exit(1)

@@ -9,12 +9,18 @@ it into manifests once. Layouts understood (detected in this order):
   ROOT/<class>/<patient_id>.
 - **manifest** (ROOT/cohort.csv exists, e.g. a cohort from ``msnet synth``):
   re-indexed, i.e. every study is checked and ROOT/slice_labels.csv copied.
-- **COVID-CT-MD**: ``COVID-19 subjects/``, ``Cap subjects/``, ``Normal subjects/``
-  (optionally under ``Sample data/``) with ``Index.csv`` and
-  ``Slice-level-labels-updated-1.npy`` (else ``Slice-level-labels.npy``). The
-  label arrays are indexed by the 0-based *row position* in Index.csv (its
-  ``Label Index`` column skips 43 and is wrong from P044 on); labels run head to
-  feet, i.e. canonical order. Normal patients get all-zero slice labels.
+- **COVID-CT-MD**: class folders named ``<class> subjects`` (the repository's sample,
+  optionally under ``Sample data/``) or ``<class> cases`` (the published full dataset:
+  ``COVID-19 Cases``, ``Cap Cases``, ``Normal Cases``), with ``Index.csv`` and
+  ``Slice-level-labels-updated-1.npy`` (else ``Slice-level-labels.npy``) in ROOT, the
+  class folders' folder or its parent. The label arrays are indexed by the 0-based *row
+  position* in Index.csv (its ``Label Index`` column skips 43 and is wrong from P044 on);
+  labels run head to feet, i.e. canonical order. Normal patients get all-zero slice
+  labels. Label files that cannot be used (an array without Index.csv, an array whose
+  rows do not match Index.csv, or either file beside class folders not recognised as
+  COVID-CT-MD's) stop the index with an error instead of being dropped.
+- **public layouts** of :mod:`msnet.data.layouts`: COVIDx CT (slice images, written as
+  ``slices.csv``), MosMedData, CC-CCII and STOIC2021 (cohorts).
 - **slice images**: ROOT/<split>/<class>/*.png|jpg (split = train/val/test) ->
   ``slices.csv`` (``image_path,label,subset,group,format,status,error``). ``format`` is
   the encoding found in the file's bytes (PNG/JPEG/...), not its extension: in
@@ -36,6 +42,7 @@ study lies inside it, absolute otherwise**; the readers here resolve both.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import re
@@ -44,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msnet.data import layouts
 from msnet.errors import MsnetError
 from msnet.files import write_csv_atomic
 
@@ -57,7 +65,10 @@ _CLASS_ALIASES = {
 _SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
            "test": "test", "testing": "test"}
 _IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-_MD_CLASS_DIRS = {"covid-19 subjects": "COVID-19", "cap subjects": "CAP", "normal subjects": "NORMAL"}
+_MD_CLASS_DIRS = {f"{name} {kind}": label for name, label in (("covid-19", "COVID-19"), ("cap", "CAP"),
+                                                               ("normal", "NORMAL"))
+                  for kind in ("subjects", "cases")}  # the sample's names and the published dataset's
+_MD_LABEL_FILES = ("Index.csv", "Slice-level-labels-updated-1.npy", "Slice-level-labels.npy")
 _MD_INDEX_COLUMNS = ("Label Index", "Diagnosis", "Relative Path", "Folder/ID")
 _MD_INDEX_ID = "Folder/ID"
 
@@ -149,6 +160,11 @@ def read_cohort(path: Path, only_ok: bool = False) -> list[dict]:
 def read_slice_labels(path: Path) -> dict[str, np.ndarray]:
     """patient_id -> int array of slice labels indexed by canonical slice_index."""
     path = Path(path)
+    if not path.is_file():
+        raise MsnetError("slice-label manifest not found", path=path,
+                         fix="`msnet index` writes slice_labels.csv only for a dataset with slice labels (COVID-CT-MD, "
+                             "MosMedData with masks, a synthetic cohort); for one without, fine-tune on every slice "
+                             "with its patient's label: --set data.slice_labels= --set finetune.infected_only=false")
     grouped: dict[str, dict[int, int]] = {}
     for row in _read_csv(path, ("patient_id", "slice_index", "label")):
         try:
@@ -208,13 +224,28 @@ def _patients_in(class_dir: Path) -> list[Path]:
     return out
 
 
+def _md_class(name: str) -> str | None:
+    """COVID-CT-MD class of a folder name ("Cap Cases", "COVID-19 subjects"), or None."""
+    return _MD_CLASS_DIRS.get(" ".join(name.lower().split()))
+
+
 def _md_base(root: Path) -> Path | None:
     """The folder holding the COVID-CT-MD class folders, or None."""
     for base in (root, root / "Sample data"):
-        if base.is_dir() and any((base / d).is_dir() for d in os.listdir(base)
-                                 if d.lower() in _MD_CLASS_DIRS):
+        if base.is_dir() and any((base / d).is_dir() for d in os.listdir(base) if _md_class(d)):
             return base
     return None
+
+
+def _unused_label_files(root: Path) -> None:
+    """COVID-CT-MD label files in ``root`` whose class folders were not recognised: an error, not a silent drop."""
+    found = [n for n in _MD_LABEL_FILES if (root / n).is_file()]
+    if found:
+        folders = ", ".join(sorted(d.name for d in root.iterdir() if d.is_dir() and _visible(d))) or "none"
+        raise MsnetError(f"COVID-CT-MD label files found ({', '.join(found)}) but no COVID-CT-MD class folders "
+                         f"(folders: {folders}); the slice labels would be dropped", path=root,
+                         fix="name the class folders as the dataset does ('COVID-19 Cases', 'Cap Cases', "
+                             "'Normal Cases' or '... subjects'), or move the label files out of the folder")
 
 
 def _image_split_dirs(root: Path) -> list[Path]:
@@ -227,7 +258,8 @@ def _image_split_dirs(root: Path) -> list[Path]:
 
 
 def detect_layout(root: Path, labels_csv: Path | None = None) -> str:
-    """One of "user-csv", "manifest", "covid-ct-md", "slice-images", "class-folders"."""
+    """One of "user-csv", "manifest", "covid-ct-md", a name of :mod:`msnet.data.layouts`
+    ("covidx-ct", "mosmeddata", "cc-ccii", "stoic2021"), "slice-images", "class-folders"."""
     root = Path(root)
     if labels_csv is not None:
         return "user-csv"
@@ -237,6 +269,9 @@ def detect_layout(root: Path, labels_csv: Path | None = None) -> str:
         return "manifest"
     if _md_base(root) is not None:
         return "covid-ct-md"
+    public = layouts.detect(root)
+    if public is not None:
+        return public
     if _image_split_dirs(root):
         return "slice-images"
     return "class-folders"
@@ -285,7 +320,11 @@ def _md_label_rows(root: Path, base: Path) -> tuple[dict[str, int], np.ndarray |
     """COVID-CT-MD: patient id -> row position in Index.csv, and the slice-label array."""
     folders = [root, base, base.parent]
     index_csv = next((d / "Index.csv" for d in folders if (d / "Index.csv").is_file()), None)
+    arrays = [d / n for n in _MD_LABEL_FILES[1:] for d in folders if (d / n).is_file()]
     if index_csv is None:
+        if arrays:
+            raise MsnetError("slice-label array found but no Index.csv: its rows cannot be matched to patients",
+                             path=arrays[0], fix="put the dataset's Index.csv beside it")
         logger.warning("%s: no Index.csv found; slice labels only for normal patients", root)
         return {}, None
     positions: dict[str, int] = {}
@@ -308,7 +347,9 @@ def _md_label_rows(root: Path, base: Path) -> tuple[dict[str, int], np.ndarray |
             logger.info("slice labels from %s (%d rows)", hit.name, npy.shape[0])
             break
     if npy is not None and npy.shape[0] != len(positions):
-        logger.warning("%s has %d rows but Index.csv %d", root, npy.shape[0], len(positions))
+        raise MsnetError(f"the slice-label array has {npy.shape[0]} rows but Index.csv lists {len(positions)} "
+                         "patients: rows cannot be matched to patients", path=hit,
+                         fix="use the Index.csv and label array of the same dataset release")
     return positions, npy
 
 
@@ -328,18 +369,20 @@ def _load_label_array(path: Path) -> np.ndarray:
 def _rows_covid_ct_md(root: Path) -> tuple[list[dict], dict]:
     base = _md_base(root)
     if base is None:
-        raise MsnetError("not a COVID-CT-MD folder (no class folders such as 'COVID-19 subjects')", root,
+        raise MsnetError("not a COVID-CT-MD folder (no class folders such as 'COVID-19 Cases')", root,
                          "point to the dataset's root or its 'Sample data' folder")
     rows = []
     for d in sorted(base.iterdir()):
-        if d.is_dir() and d.name.lower() in _MD_CLASS_DIRS:
+        if d.is_dir() and _md_class(d.name):
             for p in _patients_in(d):
-                rows.append({"patient_id": _study_id(p), "label": _MD_CLASS_DIRS[d.name.lower()], "path": p})
+                rows.append({"patient_id": _study_id(p), "label": _md_class(d.name), "path": p})
     positions, npy = _md_label_rows(root, base)
     return rows, {"positions": positions, "npy": npy}
 
 
-def _md_slice_labels(row: dict, n_slices: int, info: dict) -> np.ndarray | None:
+def _md_slice_labels(row: dict, n_slices: int | None, info: dict) -> np.ndarray | None:
+    if n_slices is None:
+        return None
     pid, npy = row["patient_id"], info["npy"]
     if row["label"] == "NORMAL" and pid not in info["positions"]:
         return np.zeros(n_slices, dtype=np.int64)  # normal scans are infection-free by definition
@@ -470,8 +513,8 @@ def _merge_papers(names: list[str], groups: list[str]) -> list[str]:
     return [root(g) for g in groups]
 
 
-def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool, by_paper: bool) -> IndexReport:
-    report = IndexReport(layout="slice-images")
+def _rows_slice_images(root: Path) -> list[dict]:
+    rows = []
     patients = _meta_patients(root)
     for split in sorted(_image_split_dirs(root)):
         for class_dir in sorted(d for d in split.iterdir() if d.is_dir() and _visible(d)):
@@ -479,27 +522,43 @@ def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool, by
                      if f.is_file() and _visible(f) and f.suffix.lower() in _IMAGE_EXT]
             label = map_class(class_dir.name)
             for f, group in zip(files, image_groups([f.name for f in files], patients)):
-                row = {"image_path": f, "label": label, "subset": _SPLITS[split.name.lower()],
-                       "group": f"{label}/{group}", "format": image_format(f), "status": "ok", "error": ""}
-                if check:
-                    try:
-                        from PIL import Image
+                rows.append({"image_path": f, "label": label, "subset": _SPLITS[split.name.lower()],
+                             "group": f"{label}/{group}"})
+    return rows
 
-                        with Image.open(f) as im:
-                            im.verify()
-                    except Exception as exc:  # noqa: BLE001 - any decoder error marks the image failed
-                        err = MsnetError(f"cannot decode image ({exc})", path=f, fix="remove or replace the file")
-                        if strict:
-                            raise err from exc
-                        row.update(status="failed", error=str(err))
-                ext = f.suffix.lower().lstrip(".").replace("jpg", "jpeg").upper()
-                if row["format"] not in ("unknown", ext):
-                    logger.debug("%s: extension says %s but content is %s", f.name, ext, row["format"])
-                report.rows.append(row)
+
+def _write_slice_rows(layout: str, rows: list[dict], out_dir: Path, check: bool, strict: bool, by_paper: bool,
+                      columns: tuple[str, ...] = ()) -> IndexReport:
+    """Check every image (decodable, its format), then write ``slices.csv``."""
+    report = IndexReport(layout=layout)
+    for row in rows:
+        f = row["image_path"]
+        row.update(format=image_format(f) if f.is_file() else "unknown", status="ok", error="")
+        if not f.is_file():
+            err = MsnetError("image listed but not found", path=f, fix="restore the file or its list entry")
+            if strict:
+                raise err
+            row.update(status="failed", error=str(err))
+        elif check:
+            try:
+                from PIL import Image
+
+                with Image.open(f) as im:
+                    im.verify()
+            except Exception as exc:  # noqa: BLE001 - any decoder error marks the image failed
+                err = MsnetError(f"cannot decode image ({exc})", path=f, fix="remove or replace the file")
+                if strict:
+                    raise err from exc
+                row.update(status="failed", error=str(err))
+        ext = f.suffix.lower().lstrip(".").replace("jpg", "jpeg").upper()
+        if row["format"] not in ("unknown", ext):
+            logger.debug("%s: extension says %s but content is %s", f.name, ext, row["format"])
+        report.rows.append(row)
     if by_paper:
         report.rows = group_by_paper(report.rows)
     out = Path(out_dir) / "slices.csv"
-    header = ["image_path", "label", "subset", "group", "format", "status", "error"]
+    header = ["image_path", "label", "subset", "group"] + (["source_class"] if any("source_class" in r for r in rows)
+                                                           else []) + list(columns) + ["format", "status", "error"]
     write_csv_atomic(out, header, [{**r, "image_path": _rel(r["image_path"], out_dir)} for r in report.rows])
     report.outputs.append(out)
     report.n_failed = sum(r["status"] == "failed" for r in report.rows)
@@ -511,18 +570,44 @@ def _index_slice_images(root: Path, out_dir: Path, check: bool, strict: bool, by
     return report
 
 
+def apply_class_map(rows: list[dict], class_map: dict[str, str] | None) -> None:
+    """Override rows' labels in place: ``class_map`` takes a dataset's own class name (``source_class``,
+    else the label found) to a class, case-insensitively; a name that matches no row is an error.
+
+    >>> rows = [{"label": "NORMAL", "source_class": "CT-0"}, {"label": "COVID-19", "source_class": "CT-1"}]
+    >>> apply_class_map(rows, {"ct-1": "mild"}); [r["label"] for r in rows]
+    ['NORMAL', 'mild']
+    """
+    if not class_map:
+        return
+    wanted = {k.strip().lower(): v.strip() for k, v in class_map.items()}
+    used = set()
+    for row in rows:
+        for key in (str(row.get("source_class", "")), row["label"]):
+            if key.lower() in wanted:
+                row["label"] = wanted[key.lower()]
+                used.add(key.lower())
+                break
+    unused = [k for k in class_map if k.strip().lower() not in used]
+    if unused:
+        names = sorted({str(r.get("source_class") or r["label"]) for r in rows})
+        raise MsnetError(f"--map names class(es) the dataset does not have: {', '.join(unused)}",
+                         fix=f"map one of {', '.join(names)}")
+
+
 # --------------------------------------------------------------------------- main entry
 
 
 def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, strict: bool = False,
-                  check: bool = True, group_by: str = "source") -> IndexReport:
+                  check: bool = True, group_by: str = "source", class_map: dict[str, str] | None = None) -> IndexReport:
     """Detect root's layout and write out_dir/cohort.csv (+ slice_labels.csv) or out_dir/slices.csv.
 
     With ``check`` every study is read with :func:`msnet.io.read_study`; a study
     that fails gets status "failed" and its error text, and the run goes on
     (``strict`` re-raises at the first failure). ``group_by`` (slice images only): ``source`` (a
     patient, a figure, a numbering run: :func:`image_groups`) or ``paper`` (those joined by the paper
-    whose id starts the file name: :func:`group_by_paper`).
+    whose id starts the file name: :func:`group_by_paper`). ``class_map`` overrides the class of a
+    dataset's own class name (:func:`apply_class_map`), e.g. ``{"CT-1": "mild"}`` for MosMedData.
 
     e.g. report = index_dataset("data/covid-ct-md", "out")
     e.g. report.n_ok, report.n_failed
@@ -534,21 +619,32 @@ def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, str
     _check_out_dir(out_dir)
     layout = detect_layout(root, labels_csv)
     logger.info("indexing %s as %s", root, layout)
-    if layout == "slice-images":
-        return _index_slice_images(root, out_dir, check, strict, group_by == "paper")
+    found = layouts.rows(layout, root) if layout in layouts.names() else None
+    if layout == "slice-images" or (found is not None and found.kind == "slices"):
+        rows = _rows_slice_images(root) if found is None else found.rows
+        apply_class_map(rows, class_map)
+        return _write_slice_rows(layout, rows, out_dir, check, strict, group_by == "paper",
+                                 tuple(found.columns) if found else ())
     if group_by != "source":
         raise MsnetError(f"--group-by {group_by} applies to slice images; {root} is a {layout} cohort, grouped by patient",
                          fix="leave --group-by out")
-    given_labels: dict[str, np.ndarray] | None = None
-    md_info: dict | None = None
+    slice_fn = None
+    columns: list[str] = []
     if layout == "user-csv":
         rows = _rows_user_csv(root, labels_csv)  # type: ignore[arg-type]
     elif layout == "manifest":
-        rows, given_labels = _rows_manifest(root)
+        rows, given = _rows_manifest(root)
+        if given is not None:
+            slice_fn = functools.partial(_given_slice_labels, given)
     elif layout == "covid-ct-md":
         rows, md_info = _rows_covid_ct_md(root)
+        slice_fn = functools.partial(_md_slice_labels, info=md_info)
+    elif found is not None:
+        rows, slice_fn, columns = found.rows, found.slice_labels, found.columns
     else:
+        _unused_label_files(root)
         rows = _rows_class_folders(root)
+    apply_class_map(rows, class_map)
     ids = [r["patient_id"] for r in rows]
     dups = sorted({i for i in ids if ids.count(i) > 1})
     if dups:
@@ -564,10 +660,10 @@ def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, str
             n_slices = _check_study(row, strict)
         elif not row["path"].exists():
             row.update(status="failed", error=str(MsnetError("study not found", path=row["path"])))
-        if row["status"] == "ok" and (given_labels is not None or md_info is not None):
-            labels = _slice_labels_for(row, n_slices, given_labels, md_info)
+        if row["status"] == "ok" and slice_fn is not None:
+            labels = slice_fn(row, n_slices if n_slices is not None else _count_files(row["path"]))
             if isinstance(labels, str):  # a mismatch is a failure of this study
-                row.update(status="failed", error=labels)
+                row.update(status="failed", error=str(MsnetError(labels, path=row["path"])))
                 if strict:
                     raise MsnetError(labels, path=row["path"])
             elif labels is not None:
@@ -576,8 +672,9 @@ def index_dataset(root: Path, out_dir: Path, labels_csv: Path | None = None, str
 
     report.n_failed = sum(r["status"] == "failed" for r in report.rows)
     report.n_ok = len(report.rows) - report.n_failed
-    header = ["patient_id", "label", "path"] + (["subset"] if any(r.get("subset") for r in rows) else [])
-    header += ["status", "error"]
+    header = ["patient_id", "label", "path"] + [c for c in ("subset", "group", "source_class")
+                                                if any(r.get(c) for r in rows)]
+    header += columns + ["status", "error"]
     out = out_dir / "cohort.csv"
     write_csv_atomic(out, header, [{**r, "path": _rel(r["path"], out_dir)} for r in report.rows])
     report.outputs.append(out)
@@ -621,18 +718,12 @@ def _check_study(row: dict, strict: bool) -> int | None:
         return None
 
 
-def _slice_labels_for(row: dict, n_slices: int | None, given: dict | None, md_info: dict | None):
-    """Slice labels of one study, None when unknown, or an error text on a count mismatch."""
-    if n_slices is None:
-        n_slices = _count_files(row["path"])
-    if given is not None:
-        lab = given.get(row["patient_id"])
-        if lab is None:
-            return None
-        if n_slices is not None and lab.size != n_slices:
-            return (f"slice_labels.csv has {lab.size} labels for {row['patient_id']} "
-                    f"but the study has {n_slices} slices")
-        return lab
-    if n_slices is None:
+def _given_slice_labels(given: dict[str, np.ndarray], row: dict, n_slices: int | None):
+    """A re-indexed manifest's slice labels of one study, None when it has none, or an error text."""
+    lab = given.get(row["patient_id"])
+    if lab is None:
         return None
-    return _md_slice_labels(row, n_slices, md_info)  # type: ignore[arg-type]
+    if n_slices is not None and lab.size != n_slices:
+        return (f"slice_labels.csv has {lab.size} labels for {row['patient_id']} "
+                f"but the study has {n_slices} slices")
+    return lab

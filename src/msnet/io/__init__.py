@@ -1,4 +1,4 @@
-"""Read a study into a :class:`CTVolume`: DICOM folders/files, NIfTI, 2-D images, DICOMweb study URLs.
+"""Read a study into a :class:`CTVolume`: DICOM folders/files, NIfTI, MetaImage, 2-D images, DICOMweb study URLs.
 
 ``read_study`` is the single entry point. Conventions (see DESIGN.md):
 
@@ -49,6 +49,7 @@ from msnet.io.decode import quiet_pydicom
 from msnet.io.dicom import read_dicom, read_header, read_headers
 from msnet.io.dicomweb import is_dicomweb_url, read_dicomweb
 from msnet.io.images import is_image, natural_key, read_images
+from msnet.io.metaimage import METAIMAGE_SUFFIXES, read_metaimage
 from msnet.io.nifti import NIFTI_SUFFIXES, read_nifti
 from msnet.io.stream import StudyStream
 from msnet.io.volume import (AIR_HU, OUT_OF_FIELD_HU, CTVolume, ReadLimits, check_volume, describe, read_limits,
@@ -94,13 +95,15 @@ def _read_any(path: Path, sid: str, series) -> CTVolume:
     if path.is_file():
         if path.name.lower().endswith(NIFTI_SUFFIXES):
             return read_nifti(path, sid)
+        if path.name.lower().endswith(METAIMAGE_SUFFIXES):
+            return read_metaimage(path, sid)
         header = read_header(path)
         if header is not None:
             return read_dicom([(path, header)], [], path, sid, series)
         if is_image(path):
             return read_images([path], path, sid)
-        raise MsnetError("not a DICOM, NIfTI or image file", path,
-                         "pass a DICOM series folder, a .nii/.nii.gz file or an image")
+        raise MsnetError("not a DICOM, NIfTI, MetaImage or image file", path,
+                         "pass a DICOM series folder, a .nii/.nii.gz or .mha file or an image")
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise MsnetError("empty folder", path, "point to the folder that holds the study's files")
@@ -140,7 +143,7 @@ def _read_folder(path: Path, files: list[Path], sid: str, series) -> CTVolume:
         if skipped:
             vol.warnings.append(f"{skipped} files that are not images were skipped")
         return vol
-    nifti = [f for f in others if f.name.lower().endswith(NIFTI_SUFFIXES)]
+    nifti = [f for f in others if f.name.lower().endswith(NIFTI_SUFFIXES + METAIMAGE_SUFFIXES)]
     fix = f"pass the NIfTI file itself ({nifti[0].name})" if nifti else \
         "point to a folder of DICOM files (any names, searched recursively) or of PNG/JPEG/TIFF images"
     raise MsnetError(f"no DICOM files or images among {len(others)} files", path, fix)
@@ -148,7 +151,7 @@ def _read_folder(path: Path, files: list[Path], sid: str, series) -> CTVolume:
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name or str(path)

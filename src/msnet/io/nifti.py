@@ -97,3 +97,21 @@ def _check_size(path: Path, img, rows_cols_slices: tuple[int, int, int], dtype: 
     elif size < offset + need:
         raise MsnetError(f"truncated: the header declares {need} bytes of voxels from byte {offset}, the file "
                          f"holds {size} bytes", path, _COMPLETE_FIX)
+
+
+def mask_slices(path: Path) -> np.ndarray:
+    """Per slice, whether a NIfTI label mask marks any voxel: a bool array in canonical order (superior
+    first), reoriented exactly as :func:`read_nifti` reorients the study the mask belongs to."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise MsnetError(f"cannot read NIfTI mask ({type(exc).__name__}: {exc})", path, _COMPLETE_FIX) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise MsnetError(f"NIfTI mask has {data.ndim} dimensions, expected 3", path, "pass the study's 3-D mask")
+    canon = nib.orientations.apply_orientation(data, nib.orientations.io_orientation(img.affine))
+    return (canon != 0).any(axis=(0, 1))[::-1].copy()  # RAS z runs to the head: reversed, superior first
