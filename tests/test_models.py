@@ -26,12 +26,16 @@ def test_backbone_contract(name: str) -> None:
     bb = backbones.create(name).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        fmap = bb.forward_features(x)
         pooled = bb(x)
+        if bb.whole_study:  # reads slabs of slices: no per-slice map
+            with pytest.raises(MsnetError, match="slab"):
+                bb.forward_features(x)
+        else:
+            fmap = bb.forward_features(x)
+            assert fmap.dim() == 4 and fmap.shape[:2] == (2, bb.num_features)
+            torch.testing.assert_close(pooled, fmap.mean(dim=(2, 3)))
     assert bb.name == name
-    assert fmap.dim() == 4 and fmap.shape[:2] == (2, bb.num_features)
     assert pooled.shape == (2, bb.num_features)
-    torch.testing.assert_close(pooled, fmap.mean(dim=(2, 3)))
     cfg = bb.data_config
     assert cfg["input_size"][0] == 3 and len(cfg["mean"]) == 3 and len(cfg["std"]) == 3
     assert {"interpolation", "crop_pct"} <= set(cfg)

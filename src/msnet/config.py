@@ -67,6 +67,9 @@ class BackboneConfig:
     pool_covariance: bool = False
     """With pool_stages: every map's channel covariance (signed square roots of the entries on and
     above its diagonal) instead of the standard deviation alone: second-order texture statistics."""
+    slab: list[int] = field(default_factory=list)
+    """astra_slab only: [k, stride], the 3-D network over k neighbouring slices, one slab every stride
+    slices (empty: 8 slices every 8); each slice takes the features of the nearest slab's centre."""
 
     def pooling(self) -> dict:
         """The pooling keywords of ``msnet.models.backbones.create``."""
@@ -75,13 +78,14 @@ class BackboneConfig:
 
 def pooling(source: Any) -> dict:
     """The pooling keywords of ``msnet.models.backbones.create`` (``pool_stages``, ``pool_lungs``,
-    ``pool_covariance``) read from a :class:`BackboneConfig`, a backbone or a backbone checkpoint's
+    ``pool_covariance``, ``slab``) read from a :class:`BackboneConfig`, a backbone or a backbone checkpoint's
     dict; what ``source`` lacks is off. The one place that names them: configs, backbones and
     checkpoints all pass through here."""
     get = source.get if isinstance(source, dict) else (lambda key, default: getattr(source, key, default))
     return {"pool_stages": [int(k) for k in get("pool_stages", None) or ()],
             "pool_lungs": bool(get("pool_lungs", False)),
-            "pool_covariance": bool(get("pool_covariance", False))}
+            "pool_covariance": bool(get("pool_covariance", False)),
+            "slab": [int(k) for k in get("slab", None) or ()]}
 
 
 @dataclass
@@ -138,6 +142,9 @@ class FinetuneConfig:
     """--test averages the calibrated probabilities of the model and of the `--cv` fold models."""
     infected_only: bool = True
     """Paper: only infected slices of COVID-19/CAP patients carry their class."""
+    clean_slices_normal: bool = False
+    """CT cohorts (linear_probe): a slice of an infected patient that carries no infection label is trained
+    on as the normal class (the head learns infected against clean slices, not one patient against another)."""
     normal_slices_per_patient: int = 0
     """Slices sampled from each NORMAL patient (0 = all)."""
     max_slices_per_patient: int = 0

@@ -13,6 +13,7 @@ classical HU segmentation on a coarse grid; see :func:`lung_stats`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -159,8 +160,16 @@ class PreprocessSpec:
 
     @classmethod
     def from_config(cls, preprocess, data_config: dict, kind: str = "hu") -> "PreprocessSpec":
-        """From a config's ``preprocess`` section (windows, size) and a backbone's data_config (mean, std)."""
-        return cls(kind=kind, windows=tuple(tuple(w) for w in preprocess.windows), size=preprocess.size,
+        """From a config's ``preprocess`` section (windows, size) and a backbone's data_config (mean, std;
+        and ``hu_window``, where the weights were trained on one HU window: it replaces the config's)."""
+        windows = tuple(tuple(w) for w in preprocess.windows)
+        if data_config.get("hu_window") is not None and kind == "hu":
+            own = (tuple(float(v) for v in data_config["hu_window"]),)
+            if tuple(tuple(float(v) for v in w) for w in windows) != own:
+                logging.getLogger(__name__).info("HU window %s of the backbone's weights used instead of the "
+                                                 "configured %s", list(own[0]), [list(w) for w in windows])
+            windows = own
+        return cls(kind=kind, windows=windows, size=preprocess.size,
                    mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
                    lung_crop=bool(getattr(preprocess, "lung_crop", False)),
                    base_size=int(getattr(preprocess, "base_size", 0)))

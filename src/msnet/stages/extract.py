@@ -65,7 +65,8 @@ def backbone_source(cfg: Config) -> tuple[Path | None, str]:
     b = cfg.backbone
     weights = cfg.resolve(b.weights) if b.weights else None
     key = f"{b.name}|pretrained={b.pretrained}|weights={file_hash(weights) if weights else ''}"
-    flags = "".join(f"|{k}" for k, on in b.pooling().items() if k != "pool_stages" and on)  # |pool_lungs ...
+    flags = "".join(f"|{k}" if on is True else f"|{k}={on}"  # |pool_lungs ... |slab=[8, 8]
+                    for k, on in b.pooling().items() if k != "pool_stages" and on)
     return None, key + (f"|pool_stages={sorted(set(b.pool_stages))}" if b.pool_stages else "") + flags
 
 

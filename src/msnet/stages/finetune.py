@@ -25,6 +25,7 @@ from msnet.files import atomic_torch_save, atomic_write_text
 from msnet.data.splits import carve, class_weights
 from msnet.errors import MsnetError
 from msnet.metrics import table1
+from msnet.stages.probe import PROBE_SCALES, fit_probe  # noqa: F401 (PROBE_SCALES: part of this stage's face)
 from msnet import device as D
 from msnet.device import pick_device, seed_everything
 from msnet import preprocess as P
@@ -504,7 +505,6 @@ class _Trainer:
 
 
 MODES = ("full", "linear_probe", "lp_ft")
-PROBE_SCALES = ("overall", "feature")
 
 
 @torch.inference_mode()
@@ -518,37 +518,15 @@ def pooled_features(backbone: nn.Module, data: SliceSet, device: torch.device, b
 
 
 def fit_linear_probe(model: nn.Module, data: SliceSet, cfg: Config, device: torch.device) -> None:
-    """Fit ``model.fc`` as an L2-regularised logistic regression on the frozen backbone's pooled
-    features, centred and scaled by one overall standard deviation (folded into the layer, so that no
-    feature of tiny variance gets a huge weight for fine-tuning to start from), or with
-    ``finetune.probe_scale: feature`` each feature by its own. The backbone is not changed."""
-    scale = cfg.finetune.probe_scale
-    if scale not in PROBE_SCALES:
-        raise MsnetError(f"unknown finetune.probe_scale {scale!r}", fix=f"use one of {', '.join(PROBE_SCALES)}")
-    feats = pooled_features(model.backbone, data, device).double()
-    y = data.labels
-    n_classes = model.fc.out_features
-    mu = feats.mean(0)
-    sd = (feats.std(0) if scale == "feature" else feats.std()).clamp_min(1e-6)
-    z = (feats - mu) / sd
-    weights = class_weights(y, n_classes).double() if cfg.finetune.class_weights else None
-    w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    lam = 1.0 / (max(cfg.finetune.probe_c, 1e-12) * len(y))
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(z @ w.T + b, y, weight=weights) + 0.5 * lam * (w**2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
+    """Fit ``model.fc`` as the linear probe (:func:`msnet.stages.probe.fit_probe`) on the frozen
+    backbone's pooled features of ``data``, with ``finetune.probe_c`` and ``finetune.probe_scale``.
+    The backbone is not changed."""
+    feats = pooled_features(model.backbone, data, device)
+    w, b = fit_probe(feats, data.labels, model.fc.out_features, cfg.finetune.probe_c, cfg.finetune.probe_scale,
+                     cfg.finetune.class_weights)
     with torch.no_grad():
-        model.fc.weight.copy_((w / sd).float())
-        model.fc.bias.copy_((b - (w * mu / sd).sum(1)).float())
+        model.fc.weight.copy_(w)
+        model.fc.bias.copy_(b)
 
 
 def _trainer(cfg: Config, train_set: SliceSet, n_classes: int, rank: int, world: int) -> _Trainer:
@@ -668,6 +646,13 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False) -> dict:
     """Run stage 1; returns the slice-level validation metrics (and test metrics with `test_dir`)."""
+    if on_ct_cohort(cfg):
+        from msnet.stages.ct_eval import finetune_cohort
+
+        result = finetune_cohort(cfg, overwrite)
+        if test_dir is not None:
+            result["test"] = test(cfg, test_dir)
+        return result
     rank, world = D.init_from_env()
     out = cfg.run_path / "finetune"
     done_file = out / "metrics.json"
@@ -703,14 +688,24 @@ def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False)
     return metrics
 
 
+def on_ct_cohort(cfg: Config) -> bool:
+    """Stage 1 probes a frozen backbone on a CT cohort with slice labels (:mod:`msnet.stages.ct_eval`)."""
+    return not cfg.data.slice_manifest and bool(cfg.data.cohort) and cfg.finetune.mode == "linear_probe"
+
+
 def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
     """Source-grouped, stratified k-fold CV of the recipe on the manifest's `train` images
     (k = finetune.folds, at least 2): each fold is trained on the others, with model selection on a
-    grouped part of them, and scored once. Writes ``finetune/cv/cv_metrics.json`` (per fold, mean, sd)."""
+    grouped part of them, and scored once. Writes ``finetune/cv/cv_metrics.json`` (per fold, mean, sd).
+    On a CT cohort with a linear probe: leave-one-patient-out (:func:`msnet.stages.ct_eval.cross_validate_cohort`)."""
     from msnet.data.cohorts import read_slice_manifest
     from msnet.files import atomic_path
     from msnet.metrics import classification_metrics, fit_temperature
 
+    if on_ct_cohort(cfg):
+        from msnet.stages.ct_eval import cross_validate_cohort
+
+        return cross_validate_cohort(cfg, overwrite)
     if not cfg.data.slice_manifest:
         raise MsnetError("--cv needs a slice manifest (data.slice_manifest)", fix="run `msnet index` on the images")
     ft, classes = cfg.finetune, list(cfg.data.classes)
@@ -808,6 +803,8 @@ def load_slice_classifier(path: Path, device: torch.device | str = "cpu"):
     model.classes = list(meta["classes"])
     model.spec = spec
     model.temperature = float(meta.get("temperature", 1.0))
+    if backbone.whole_study:  # 3-D (slab) weights have no channels-last layout
+        return model.to(device).eval()
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
@@ -834,18 +831,17 @@ def test(cfg: Config, test_dir: Path) -> dict:
         rows = read_cohort(test_dir / "cohort.csv", only_ok=True)
         labels_file = test_dir / "slice_labels.csv"
         slice_labels = read_slice_labels(labels_file) if labels_file.exists() else {}
-        if {r["label"] for r in rows} - set(classes):
+        if {r["label"] for r in rows} - set(classes) or on_ct_cohort(cfg):
             from msnet.files import write_csv_atomic
-            from msnet.stages.transfer import SLICE_FIELDS, score_cohort
+            from msnet.plots import plot_slice_scores
+            from msnet.stages.ct_eval import test_cohort
+            from msnet.stages.transfer import SLICE_FIELDS
 
-            metrics, slice_rows = score_cohort(model, model.spec, classes, rows, slice_labels, device,
-                                               configured_normal=cfg.data.normal_class)
-            metrics["test_dir"] = str(test_dir)
+            metrics = test_cohort(cfg, model, test_dir, rows, slice_labels)
+            slice_rows = metrics.pop("slice_rows")
             out = results_folder(cfg, test_dir)
             metrics["results_dir"] = str(out)
-            write_csv_atomic(out / "slice_scores.csv", SLICE_FIELDS, slice_rows)
-            from msnet.plots import plot_slice_scores
-
+            write_csv_atomic(out / "slice_scores.csv", SLICE_FIELDS + ["lung_area_mm2"], slice_rows)
             plot_slice_scores(slice_rows, out / "slice_scores.png",
                               f"infection score per slice, 1 - p({metrics['normal_class']})")
             atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -894,12 +890,28 @@ def summary(result: dict, stage: Path) -> str:
     def flipped(flips: dict) -> str:
         return f"answers flipped by JPEG coding {num(flips, 'jpeg')}, by half resolution {num(flips, 'half')}"
 
-    lines = [f"model: {stage / 'backbone.pt'} (temperature {result.get('temperature', 1.0):.2f})",
-             f"  validation ({result.get('n_val', '?')} images, unseen in training): {scores(result)}"]
+    def infection(d: dict) -> list[str]:  # a CT cohort's infection AUCs, each beside the lung-area baseline
+        out = []
+        for part, what in (("all_slices", "all slices"), ("lung_slices", "slices that show lung")):
+            p = d.get(part) or {}
+            out.append(f"  {what}: infected vs normal patients {num(p, 'auc_vs_normal')} (lung area alone "
+                       f"{num(p, 'lung_area_baseline_vs_normal')}), vs clean slices of the same patients "
+                       f"{num(p, 'auc_within_patients')} (lung area alone {num(p, 'lung_area_baseline_within_patients')})")
+        return out
+
+    lines = [f"model: {stage / 'backbone.pt'} (temperature {result.get('temperature', 1.0):.2f})"]
+    if result.get("n_val") is not None:
+        lines.append(f"  validation ({result.get('n_val', '?')} images, unseen in training): {scores(result)}")
+    else:
+        lines.append(f"  trained on {result.get('n_train', '?')} slices of {result.get('n_patients', '?')} patients")
     if result.get("probe_refit_on"):
         lines.append(f"  the probe then refitted on all {result['probe_refit_on']} training images")
     cv = result.get("cv")
-    if cv:
+    if cv and "all_slices" in cv:
+        lines.append(f"{cv.get('protocol', 'cross-validation')}, {cv.get('k', '?')} folds ({stage / 'cv' / 'cv_metrics.json'}), "
+                     "infection score AUC:")
+        lines += infection(cv)
+    elif cv:
         lines.append(f"cross-validation, {cv.get('k', '?')} grouped folds ({stage / 'cv' / 'cv_metrics.json'}):")
         lines.append(f"  {scores(cv)}")
         if cv.get("shortcut"):
@@ -913,6 +925,8 @@ def summary(result: dict, stage: Path) -> str:
                          f"the normal patients' {t.get('n_normal_patient_slices', '?')}: "
                          f"{num(t, 'infection_auc_vs_normal')}, against the same patients' "
                          f"{t.get('n_unlabelled_slices', '?')} other slices: {num(t, 'infection_auc_within_patients')}")
+            if "all_slices" in t:
+                lines += infection(t)
         else:
             lines.append(f"test {t.get('test_dir', '')}, {t.get('n', '?')} images{where}:")
             lines.append(f"  {scores(t)} (a calibrated model by chance: {num(t, 'ece_if_calibrated')}, "

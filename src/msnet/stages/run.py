@@ -32,6 +32,11 @@ def run_pipeline(cfg: Config, overwrite: bool = False, partial: bool = False) ->
         log.info("stage 1/4: fine-tuning %s", cfg.backbone.name)
         finetune(cfg, overwrite=overwrite)
     timings["finetune_s"] = time.perf_counter() - t0
+    too_small = cohort_too_small(cfg)
+    if too_small:  # no aggregator can be trained and tested on it: the slice head's scores are the result
+        log.warning("%s", too_small)
+        atomic_write_text(cfg.run_path / "timings.json", json.dumps(timings, indent=2))
+        return slice_head_report(cfg, too_small)
     t1 = time.perf_counter()
     log.info("stage 2/4: extracting features")
     report = extract(cfg, overwrite=overwrite)
@@ -49,6 +54,86 @@ def run_pipeline(cfg: Config, overwrite: bool = False, partial: bool = False) ->
     log.info("model bundle: %s", bundle)
     atomic_write_text(cfg.run_path / "timings.json", json.dumps(timings, indent=2))
     return path
+
+
+MIN_PATIENTS_PER_CLASS = 4
+"""Fewer patients of a class than this cannot fill MS-Net's training, validation and test splits."""
+KEY_SLICES = 5
+KEY_SLICE_DISTANCE = 5
+"""Key slices of the slice-head report lie at least this many slices apart (one per region)."""
+
+
+def cohort_too_small(cfg: Config) -> str | None:
+    """Why the cohort cannot train and test an aggregator (fewer than :data:`MIN_PATIENTS_PER_CLASS` patients of
+    a class, or none of a class), or None."""
+    from msnet.data.cohorts import read_cohort
+
+    if not cfg.data.cohort:
+        return None
+    rows = read_cohort(cfg.resolve(cfg.data.cohort), only_ok=True)
+    counts = {c: sum(r["label"] == c for r in rows) for c in cfg.data.classes}
+    if min(counts.values()) >= MIN_PATIENTS_PER_CLASS:
+        return None
+    return (f"{len(rows)} patients ({', '.join(f'{c}: {n}' for c, n in counts.items())}) cannot train and test "
+            f"MS-Net or any patient-level aggregator (at least {MIN_PATIENTS_PER_CLASS} patients of each class are "
+            "needed for its training, validation and test splits); the run stops after the slice head: its "
+            "per-slice infection scores, each patient scored by a slice head that never saw it, are the result")
+
+
+def key_slices(scores, k: int = KEY_SLICES, distance: int = KEY_SLICE_DISTANCE) -> list[int]:
+    """The ``k`` highest-scoring slices at least ``distance`` slices apart (non-maximum suppression along z).
+
+    >>> key_slices([0.1, 0.9, 0.8, 0.2, 0.7, 0.1], k=2, distance=2)
+    [1, 4]
+    """
+    import numpy as np
+
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    picked: list[int] = []
+    for i in order:
+        if all(abs(int(i) - j) >= distance for j in picked):
+            picked.append(int(i))
+        if len(picked) == k:
+            break
+    return picked
+
+
+def slice_head_report(cfg: Config, why: str) -> Path:
+    """``RUN/slice_head/report.md`` (+ ``report.json``): each patient's mean infection score and key slices
+    from the stage-1 cross-validation's out-of-fold slice scores (``msnet finetune CONFIG --cv``)."""
+    import numpy as np
+
+    from msnet.files import read_csv_rows
+
+    out = cfg.run_path / "slice_head"
+    scores_csv = cfg.run_path / "finetune" / "cv" / "slice_scores.csv"
+    patients: dict[str, dict] = {}
+    if scores_csv.is_file():
+        for r in read_csv_rows(scores_csv):
+            p = patients.setdefault(r["patient_id"], {"label": r["label"], "scores": [], "labels": []})
+            p["scores"].append(float(r["infection_score"]))
+            p["labels"].append(r["slice_label"])
+    result = {"why": why, "source": str(scores_csv) if patients else None, "out_of_fold": bool(patients),
+              "patients": {pid: {"label": p["label"], "n_slices": len(p["scores"]),
+                                 "mean_infection_score": round(float(np.mean(p["scores"])), 4),
+                                 "key_slices": [{"slice_index": i, "score": round(p["scores"][i], 4),
+                                                 "labelled_infected": p["labels"][i] == "1"}
+                                                for i in key_slices(p["scores"])]}
+                           for pid, p in patients.items()}}
+    lines = ["# Slice head only", "", why + ".", ""]
+    if patients:
+        lines += [f"Out-of-fold slice scores from `{scores_csv}` (slice index: canonical order, 0 = most superior).", "",
+                  "| patient | label | mean infection score | key slices (score, * = labelled infected) |",
+                  "|---|---|---|---|"]
+        for pid, p in result["patients"].items():
+            keys = ", ".join(f"{k['slice_index']} ({k['score']:.2f}{'*' if k['labelled_infected'] else ''})"
+                             for k in p["key_slices"])
+            lines.append(f"| {pid} | {p['label']} | {p['mean_infection_score']:.3f} | {keys} |")
+    else:
+        lines.append("No out-of-fold slice scores: run `msnet finetune CONFIG --cv` (a linear probe on a CT cohort).")
+    atomic_write_text(out / "report.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return out / "report.md"
 
 
 def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None) -> Path:
@@ -90,7 +175,9 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
                   "features": (f"channel mean and {'covariance' if binfo.get('pool_covariance') else 'sd'} of stages "
                                f"{list(binfo['pool_stages'])}"
                                + (", over the image and inside its lungs" if binfo.get("pool_lungs") else "")
-                               if binfo.get("pool_stages") else "average-pooled last feature map")},
+                               if binfo.get("pool_stages") else "average-pooled last feature map"),
+                  **({"pretrained_weights": binfo["provenance"]} if binfo.get("provenance") else {}),
+                  **({"plane": "ras"} if cfg.backbone.name.startswith("astra") else {})},
         aggregator={"name": aggregator, "config": ainfo["config"], "fold": ainfo.get("fold", 0),
                     "feature_dtype": ainfo.get("feature_dtype", "float32")},
         training_data={"cohort": str(cfg.resolve(cfg.data.cohort)) if cfg.data.cohort else "",
