@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 
 from msnet.errors import MsnetError
 
@@ -29,6 +30,37 @@ bench_app = typer.Typer(no_args_is_help=True, help="Performance, as ratios measu
 app.add_typer(bench_app, name="bench")
 
 log = logging.getLogger("msnet")
+CONFIGS = Path(__file__).parent / "configs"
+
+
+def _shipped_configs() -> str:
+    """The shipped configs' names, read from the package's configs folder."""
+    return ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+
+
+CONFIG_HELP = f"YAML config, or the name of a shipped one ({_shipped_configs()})."
+
+
+def _value_label(self, ctx) -> str | None:
+    """What --help shows after an option or argument: nothing after a flag (it takes no value); else the
+    value it takes, in capitals (PATH, TEXT, INTEGER), once for a repeatable option."""
+    if self.metavar is not None:  # an argument's metavar is its name, shown already
+        return None if isinstance(self, typer.core.TyperArgument) else self.metavar
+    if getattr(self, "is_flag", False):
+        return None
+    label = self.display_type(ctx).strip("<>")
+    label = label.removeprefix("list[").removesuffix("]")
+    return {"str": "TEXT", "int": "INTEGER", "float": "NUMBER"}.get(label, label.upper())
+
+
+def _plain_help() -> None:
+    """Typer's help shows type tags such as <bool> and <list[str]>, which make flags look as if they took
+    a value; show PATH, TEXT, INTEGER instead, and nothing after a flag."""
+    typer.core.TyperOption.display_type_rich = _value_label
+    typer.core.TyperArgument.display_type_rich = _value_label
+
+
+_plain_help()
 
 
 @app.callback()
@@ -203,7 +235,7 @@ def synth(
 
 @app.command()
 def finetune(
-    config: Path = typer.Argument(..., help="YAML config."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help=CONFIG_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set finetune.epochs=2."),
     test: Optional[Path] = typer.Option(None, "--test", help="Held-out folder of the same layout to test on."),
     cv: bool = typer.Option(False, "--cv", help="First cross-validate the recipe on source-grouped folds of "
@@ -226,7 +258,7 @@ def finetune(
 
 @app.command()
 def extract(
-    config: Path = typer.Argument(..., help="YAML config."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help=CONFIG_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set extract.batch_size=16."),
     overwrite: bool = typer.Option(False, help="Recompute cached features."),
     strict: bool = typer.Option(False, help="Stop at the first study that fails."),
@@ -248,7 +280,7 @@ def extract(
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML config."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help=CONFIG_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set train.epochs=10."),
     folds: Optional[int] = typer.Option(None, "--folds", help="Patient-level stratified k-fold CV."),
     overwrite: bool = typer.Option(False, help="Retrain finished aggregators."),
@@ -286,11 +318,13 @@ def evaluate(
 
 @app.command("run")
 def run_all(
-    config: Path = typer.Argument(..., help="YAML config."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help=CONFIG_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override, e.g. --set train.epochs=10."),
     overwrite: bool = typer.Option(False, help="Redo every stage."),
 ) -> None:
-    """All stages (finetune, extract, train, evaluate), reusing finished work."""
+    """All stages (finetune, extract, train, evaluate), reusing finished work, then the bundle.
+
+    CONFIG: a YAML file or a shipped config (`msnet run cpu` on a CPU, `msnet run paper` on a GPU)."""
     from msnet.config import load_config
     from msnet.stages.run import run_pipeline
 
@@ -329,7 +363,8 @@ def predict(
     bundle: Path = typer.Argument(..., help="Model bundle folder (RUN/bundle)."),
     studies: List[str] = typer.Argument(..., help="DICOM folders, .nii/.nii.gz, image folders, .zip of any, "
                                         "DICOMweb study URLs."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per study (docs/prediction.schema.json)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per study, a prediction or, for a study "
+                                  "that failed, its error (docs/prediction.schema.json)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write predictions.jsonl/.csv/.json and status.csv here, "
                                        "study by study; a re-run skips finished studies."),
     explain_dir: Optional[Path] = typer.Option(None, "--explain", help="Write Grad-CAM key-slice strips and score plots here."),
@@ -356,8 +391,13 @@ def predict(
         if json_out:
             typer.echo(_json(r))
 
+    def show_error(s: dict) -> None:  # --json: the failure as its own line, in order; else listed once at the end
+        if json_out:
+            typer.echo(_json({"study_id": s["study_id"], "study": s["study"], "status": "failed", "error": s["error"]}))
+
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
-                                   on_study=on_study, runtime=runtime, device=device, int8=int8, onnx_dir=onnx_dir)
+                                   on_error=show_error, on_study=on_study, runtime=runtime, device=device, int8=int8,
+                                   onnx_dir=onnx_dir)
     if not json_out:
         from rich.console import Console
         from rich.table import Table
@@ -375,7 +415,7 @@ def predict(
             for w in r["warnings"]:
                 _stderr_console().print(f"[yellow]warning:[/] {r['study_id']}: {w}", highlight=False)
     failed = [s for s in status if s["status"] != "ok"]
-    for s in failed:
+    for s in failed if not json_out else []:
         _print_error("failed: ", str(s["error"]))
     if failed:
         raise typer.Exit(1)
@@ -479,7 +519,8 @@ def bench_read(
 @bench_app.command("predict")
 def bench_predict(
     config: str = typer.Option("cpu", help="paper (SE-ResNet50, 224 px) or cpu (EfficientNet-Lite0)."),
-    study: Optional[Path] = typer.Option(None, help="DICOM study (default: COVID-CT-MD P001 from ../shared/data)."),
+    study: Optional[Path] = typer.Option(None, help="DICOM study folder to time (needed outside the development "
+                                         "checkout, e.g. a COVID-CT-MD scan)."),
     threads: int = typer.Option(2, help="Threads for every runtime."),
     repeats: int = typer.Option(1, help="Timed repetitions (best is kept)."),
     int8: bool = typer.Option(True, help="Include the static int8 ONNX path."),
@@ -493,7 +534,8 @@ def bench_predict(
 @bench_app.command("eager")
 def bench_eager(
     config: str = typer.Option("paper", help="paper (SE-ResNet50, 224 px) or cpu (EfficientNet-Lite0)."),
-    study: Optional[Path] = typer.Option(None, help="DICOM study (default: COVID-CT-MD P001 from ../shared/data)."),
+    study: Optional[Path] = typer.Option(None, help="DICOM study folder to time (needed outside the development "
+                                         "checkout, e.g. a COVID-CT-MD scan)."),
     threads: int = typer.Option(2, help="PyTorch threads."),
     batch_size: int = typer.Option(16, help="Slices per forward pass."),
     repeats: int = typer.Option(1, help="Timed repetitions (best is kept)."),

@@ -713,7 +713,7 @@ def _check_study(row: dict, strict: bool) -> int | None:
             raise
         err = exc if isinstance(exc, MsnetError) else MsnetError(f"cannot read study ({type(exc).__name__}: {exc})",
                                                                 path=row["path"])
-        logger.warning("study %s failed: %s", row["patient_id"], err)
+        logger.debug("study %s failed: %s", row["patient_id"], err)  # listed once, in the summary
         row.update(status="failed", error=str(err))
         return None
 

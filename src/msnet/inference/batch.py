@@ -157,7 +157,8 @@ def _drop(futures) -> None:
 
 
 def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path | None = None,
-                 explain_dir: Path | None = None, on_result=None, on_study=None, prefetch: int | None = None,
+                 explain_dir: Path | None = None, on_result=None, on_error=None, on_study=None,
+                 prefetch: int | None = None,
                  readers: int | None = None, **predictor_kwargs) -> tuple[list[dict], list[dict]]:
     """Predict every study (paths or DICOMweb URLs); a bad one is recorded (status ``failed`` with the
     message) and skipped.
@@ -165,12 +166,15 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     Returns (prediction dicts, status rows). ``on_study(volume, prediction_dict)`` runs for each study
     before it counts as done (e.g. writing SR + KOS back to the PACS; a MsnetError there fails the
     study); ``on_result(prediction_dict)`` is called as each study finishes (the CLI prints there).
+    ``on_error(status_row)`` is called as each study fails to be read or diagnosed (the failure is not
+    logged: the caller reports it once).
     With ``out``, studies a previous run finished are not redone. ``prefetch``: studies read ahead
     while the model works (default 1 on a GPU, where reading and the model use different hardware;
     0 on the CPU, where they would share the same cores). ``readers``: processes that read studies
     ahead and run their checks and lung gate (default on a GPU: half the host's cores, 2 to 8; there
     that host work, not the model, bounds the rate: benchmarks/gpu_from_files.py).
     """
+    from rich.console import Console  # the bar on stderr: stdout keeps only the JSON lines of --json
     from rich.progress import track
 
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, **predictor_kwargs)
@@ -194,7 +198,7 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     inline = prefetch <= 0 and readers <= 0 and predictor.stream
     reads = ((s, None, 0.0, None, None) for s in studies) if inline else _reads(studies, set(done), prefetch, readers)
     for study, vol, read_s, error, checked in track(reads, total=len(studies), description="predicting", transient=True,
-                                           disable=len(studies) < 2):
+                                                    console=Console(stderr=True), disable=len(studies) < 2):
         key = str(study)
         if key in done:
             r = done[key]
@@ -212,9 +216,11 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
                     on_study(pred.extra["volume"], r)
                 del pred
             except MsnetError as exc:
-                log.error("%s", exc)
+                log.debug("%s", exc)
                 status.append({"study": key, "study_id": key.rstrip("/").split("/")[-1].removesuffix(".zip"),
                                "status": "failed", "error": str(exc)})
+                if on_error is not None:
+                    on_error(status[-1])
                 if out is not None:
                     _write_tables(out, predictor.classes, results, status)
                 continue

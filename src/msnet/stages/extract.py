@@ -266,7 +266,7 @@ def extract(cfg: Config, overwrite: bool = False, strict: bool = False) -> Extra
             done.append({**{k: r.get(k, "") for k in ("patient_id", "label", "subset", "path")},
                          "file": f"{r['patient_id']}.npy", "status": "failed", "error": str(exc)})
             report.failures.append(str(exc))
-            log.error("%s", exc)
+            log.debug("%s", exc)  # listed once, in the report's summary
     if world > 1:
         done = _gather_ranks(out, done, rows, rank, world)
     report.n_ok = sum(r["status"] == "ok" for r in done)
