@@ -157,12 +157,11 @@ CONFIGS = ("paper", "cpu")
 
 
 def default_study() -> Path:
-    """P001 of COVID-CT-MD in the shared data folder beside the repository."""
-    from msnet.inference.export import SHARED_DATA, SHARED_SCANS
+    """The study timed when none is given: a real scan of the development checkout, if there is one."""
+    from msnet.inference.export import SHARED_SCANS
 
     if not SHARED_SCANS[0].is_dir():
-        raise MsnetError("the shared real CT data is missing", SHARED_DATA,
-                         "pass --study PATH (a DICOM study folder), or put the shared data beside the repository")
+        raise MsnetError("no study to time", fix="pass --study PATH (a DICOM study folder, e.g. a COVID-CT-MD scan)")
     return SHARED_SCANS[0]
 
 
