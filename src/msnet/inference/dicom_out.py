@@ -11,7 +11,10 @@
 - :func:`store_stow` (DICOMweb STOW-RS) and :func:`store_cstore` (DIMSE C-STORE).
 
 Every object goes into the source study (same StudyInstanceUID; patient and study modules copied
-from the source header, as DICOM requires) in a new series with its own UIDs. The objects are built
+from the source header, as DICOM requires) in a new series with its own UIDs. Those UIDs are derived
+from the study, the analysed series, the bundle's hash and the object's kind (:func:`result_uids`),
+so writing the result of the same bundle on the same study again gives the same objects: an archive
+that receives them twice keeps one SR and one KO, never a duplicate pair. The objects are built
 with highdicom, which validates them on construction. The input is explicit: a DICOM-read
 :class:`msnet.io.CTVolume` (its ``sop_instance_uids`` and ``dicom_headers``), the class, the
 probabilities, the key slice indices (canonical order) and the model's identity.
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,6 +46,9 @@ SR_SERIES_NUMBER, KO_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902, 9903
 RESEARCH_ONLY = "Research use only, not for diagnosis: not a medical device; not to be used to guide patient care."
 LOCAL_SCHEME = "99MSNET"
 """Private coding scheme (PS3.16: designators starting with 99 are local) for what no standard code names."""
+_UID_NAMESPACE = uuid.UUID("6f1c3a52-7f0e-5b8e-9a57-3d1b2c4e8a10")
+"""Namespace of the name-based UUIDs behind the result objects' UIDs (fixed: changing it would make
+every result a new object)."""
 _SNOMED = {  # the default classes as SNOMED CT concepts; other class names get a local code
     "COVID-19": ("840539006", "COVID-19"),
     "CAP": ("385093006", "Community acquired pneumonia"),
@@ -51,11 +58,13 @@ _SNOMED = {  # the default classes as SNOMED CT concepts; other class names get 
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What the SR names as the algorithm: the bundle's model name, the msnet version, the bundle's hash."""
+    """What the SR names as the algorithm: the bundle's model name, the msnet version, the bundle's hash,
+    and the model card's intended use (written into the SR as text)."""
 
     name: str
     version: str
     bundle_hash: str
+    intended_use: str = ""
 
 
 def model_identity(bundle: str | Path) -> ModelIdentity:
@@ -65,7 +74,41 @@ def model_identity(bundle: str | Path) -> ModelIdentity:
     bundle = Path(bundle)
     card = json.loads((bundle / "metadata.json").read_text())
     version = str(card.get("versions", {}).get("msnet") or card.get("version") or "unknown")
-    return ModelIdentity(str(card.get("name") or bundle.name), version, bundle_sha256(bundle))
+    return ModelIdentity(str(card.get("name") or bundle.name), version, bundle_sha256(bundle),
+                         str(card.get("intended_use") or ""))
+
+
+@dataclass(frozen=True)
+class ResultUIDs:
+    """The UIDs of one result object: its series and its SOP instance."""
+
+    series: str
+    instance: str
+
+
+def result_uids(volume, model: ModelIdentity, kind: str) -> ResultUIDs:
+    """The UIDs of the ``kind`` object ("sr", "ko", "sc") for this study and bundle: the same every time,
+    so a result written twice is the same object, not a second one. Each is a ``2.25.`` UID (PS3.5
+    B.2) whose UUID is a name-based (version 5) UUID of the StudyInstanceUID, the analysed
+    SeriesInstanceUID, the bundle's hash and the kind. (``pydicom.uid.generate_uid(prefix=None, ...)``
+    would not do: without a prefix it ignores its entropy sources and returns a random UUID.)
+
+    >>> from types import SimpleNamespace as NS
+    >>> vol = NS(dicom_headers={"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.4"})
+    >>> m = ModelIdentity("m", "1", "ab" * 32)
+    >>> result_uids(vol, m, "sr") == result_uids(vol, m, "sr") != result_uids(vol, m, "ko")
+    True
+    >>> result_uids(vol, m, "sr").series.startswith("2.25.")
+    True
+    """
+    header = volume.dicom_headers
+    sources = [str(header.get("StudyInstanceUID", "") or ""), str(header.get("SeriesInstanceUID", "") or ""),
+               model.bundle_hash, kind]
+
+    def uid(what: str) -> str:
+        return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join([*sources, what])).int}"
+
+    return ResultUIDs(uid("series"), uid("instance"))
 
 
 def class_concept(name: str):
@@ -80,6 +123,20 @@ def class_concept(name: str):
         value, meaning = _SNOMED[name]
         return CodedConcept(value, "SCT", meaning)
     return CodedConcept(_local_code("C", name), LOCAL_SCHEME, name[:64])
+
+
+def warning_concept():
+    """The concept name of a warning's TEXT item in the SR (local code)."""
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept("WARNING", LOCAL_SCHEME, "Warning")
+
+
+def intended_use_concept():
+    """The concept name of the intended-use TEXT item in the SR (local code)."""
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept("INTENDED-USE", LOCAL_SCHEME, "Intended use")
 
 
 def probability_concept(name: str):
@@ -195,10 +252,31 @@ def _redact(text: str, volume) -> str:
 # ------------------------------------------------------------------ writers
 
 
+def key_slice_text(volume, key_slices: Sequence[int]) -> str:
+    """The key slices as the JSON, the page and the strip number them: the slice index, 0 = the most
+    superior slice (canonical order, head first), with its z position.
+
+    >>> from types import SimpleNamespace as NS
+    >>> key_slice_text(NS(z_mm=[10.0, 8.0, 6.0], n_slices=3), [2, 0])
+    'Key slices by slice index (0 = most superior slice, head first; 0-2 in this study): 2 (z 6.0 mm), 0 (z 10.0 mm)'
+    """
+    z = [] if getattr(volume, "z_mm", None) is None else list(volume.z_mm)
+    n = int(getattr(volume, "n_slices", len(z)))
+    parts = [f"{int(i)} (z {float(z[int(i)]):.1f} mm)" if len(z) == n and 0 <= int(i) < n else str(int(i))
+             for i in key_slices]
+    return f"Key slices by slice index (0 = most superior slice, head first; 0-{n - 1} in this study): " + ", ".join(parts)
+
+
 def write_sr(volume, prediction: str, probabilities: dict[str, float], key_slices: Sequence[int],
-             out_dir: str | Path, model: ModelIdentity, filename: str = "msnet-sr.dcm") -> Path:
-    """Write the Comprehensive SR (TID 1500) stating the diagnosis; returns its path."""
-    import highdicom as hd
+             out_dir: str | Path, model: ModelIdentity, filename: str = "msnet-sr.dcm",
+             warnings: Sequence[str] = ()) -> Path:
+    """Write the Comprehensive SR (TID 1500) stating the diagnosis; returns its path.
+
+    Besides the finding and the probabilities, a "Qualitative Evaluations" container holds, as text:
+    the result with the research-use disclaimer, every warning of the prediction (``warnings``: the
+    same list as the JSON's, e.g. a synthetic-only bundle, partial lung coverage, slice gaps), the
+    model card's intended use and the key slices with their slice index (see :func:`key_slice_text`).
+    """
     from highdicom.sr import (AlgorithmIdentification, CodedConcept, ComprehensiveSR, ContainerContentItem,
                               FindingSite, Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations,
                               ObservationContext, RelationshipTypeValues, SourceImageForMeasurementGroup,
@@ -211,10 +289,15 @@ def write_sr(volume, prediction: str, probabilities: dict[str, float], key_slice
                          volume.source, "pass the prediction's own probabilities")
     algorithm = AlgorithmIdentification(name=model.name[:64], version=model.version[:64],
                                         parameters=[f"bundle sha256 {model.bundle_hash}"])
+    uids = result_uids(volume, model, "sr")
+    tracking = result_uids(volume, model, "sr-tracking").instance
+
+    def text(name, value: str):
+        return TextContentItem(name=name, relationship_type=RelationshipTypeValues.CONTAINS, value=value[:1024])
 
     def build():
         group = MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(uid=hd.UID(), identifier="msnet study diagnosis"),
+            tracking_identifier=TrackingIdentifier(uid=tracking, identifier="msnet study diagnosis"),
             finding_type=class_concept(prediction),
             algorithm_id=algorithm,
             finding_sites=[FindingSite(codes.SCT.Lung)],
@@ -230,14 +313,17 @@ def write_sr(volume, prediction: str, probabilities: dict[str, float], key_slice
         )
         note = ContainerContentItem(name=CodedConcept("C0034375", "UMLS", "Qualitative Evaluations"),
                                     relationship_type=RelationshipTypeValues.CONTAINS)
-        note.ContentSequence = [TextContentItem(
-            name=codes.DCM.Comment, relationship_type=RelationshipTypeValues.CONTAINS,
-            value=(f"msnet result: {prediction} (probability {probabilities[prediction]:.3f}); "
-                   f"model {model.name} {model.version}. {RESEARCH_ONLY}")[:1024])]
+        note.ContentSequence = [
+            text(codes.DCM.Comment, f"msnet result: {prediction} (probability {probabilities[prediction]:.3f}); "
+                                    f"model {model.name} {model.version}. {RESEARCH_ONLY}"),
+            *[text(warning_concept(), f"Warning: {w}") for w in warnings],
+            *([text(intended_use_concept(), f"Intended use: {model.intended_use}")] if model.intended_use else []),
+            text(codes.DCM.Comment, key_slice_text(volume, key_slices)),
+        ]
         report[0].ContentSequence.append(note)
         sr = ComprehensiveSR(
-            evidence=refs, content=report[0], series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True)
+            evidence=refs, content=report[0], series_instance_uid=uids.series, series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=uids.instance, instance_number=1, manufacturer=MANUFACTURER, is_complete=True)
         sr.SeriesDescription = "msnet diagnosis (research use only)"
         _identify_local_scheme(sr)
         return sr
@@ -248,19 +334,19 @@ def write_sr(volume, prediction: str, probabilities: dict[str, float], key_slice
 def write_kos(volume, prediction: str, key_slices: Sequence[int], out_dir: str | Path, model: ModelIdentity,
               filename: str = "msnet-ko.dcm") -> Path:
     """Write the Key Object Selection document referencing the key slices; returns its path."""
-    import highdicom as hd
     from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
     from pydicom.sr.codedict import codes
 
     refs = _references(volume, key_slices)
+    uids = result_uids(volume, model, "ko")
 
     def build():
         content = KeyObjectSelection(
             document_title=codes.DCM.OfInterest, referenced_objects=refs, observer_device_context=_device(model),
             description=f"msnet key slices for {prediction} (research use only, not for diagnosis)"[:1024])
         ko = KeyObjectSelectionDocument(
-            evidence=refs, content=content, series_instance_uid=hd.UID(), series_number=KO_SERIES_NUMBER,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER)
+            evidence=refs, content=content, series_instance_uid=uids.series, series_number=KO_SERIES_NUMBER,
+            sop_instance_uid=uids.instance, instance_number=1, manufacturer=MANUFACTURER)
         ko.SeriesDescription = "msnet key slices (research use only)"
         return ko
 
@@ -276,12 +362,13 @@ def write_secondary_capture(volume, png: str | Path, out_dir: str | Path, model:
 
     _check_source(volume)
     pixels = np.asarray(Image.open(png).convert("RGB"))
+    uids = result_uids(volume, model, "sc")
 
     def build():
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=_references(volume, [0])[0], pixel_array=pixels, photometric_interpretation="RGB",
-            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=hd.UID(),
-            series_number=SC_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+            bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=uids.series,
+            series_number=SC_SERIES_NUMBER, sop_instance_uid=uids.instance, instance_number=1,
             manufacturer=MANUFACTURER, patient_orientation=("L", "P"),
             transfer_syntax_uid="1.2.840.10008.1.2.1")
         sc.SeriesDescription = "msnet key slices, Grad-CAM (research use only)"
@@ -299,7 +386,8 @@ def write_results(volume, prediction: Any, out_dir: str | Path, model: ModelIden
     d = prediction.to_dict() if hasattr(prediction, "to_dict") else prediction
     keys = [int(k["slice_index"]) for k in d["key_slices"]]
     folder = Path(out_dir) / _safe_name(str(d.get("study_id") or volume.study_id))
-    files = [write_sr(volume, d["prediction"], d["probabilities"], keys, folder, model),
+    files = [write_sr(volume, d["prediction"], d["probabilities"], keys, folder, model,
+                      warnings=list(d.get("warnings") or [])),
              write_kos(volume, d["prediction"], keys, folder, model)]
     if explanation_png is not None:
         files.append(write_secondary_capture(volume, explanation_png, folder, model))
