@@ -94,11 +94,9 @@ def service_url(url: str) -> str:
     return (m["base"] if m else url.strip()).rstrip("/")
 
 
-def client(base_url: str):
-    """A ``dicomweb_client.DICOMwebClient`` with the environment's credentials; its own retries off
-    (:func:`retrying` does them, for connection errors too)."""
+def _session():
+    """A requests session with the environment's credentials (and the headers to send with it)."""
     import requests
-    from dicomweb_client.api import DICOMwebClient
 
     session = requests.Session()
     headers = {}
@@ -108,13 +106,81 @@ def client(base_url: str):
         headers["Authorization"] = f"Bearer {token}"
     elif user:
         session.auth = (user, os.environ.get("MSNET_DICOMWEB_PASSWORD", ""))
+    return session, headers
+
+
+def not_dicomweb(url: str) -> MsnetError | None:
+    """Why ``url``'s service is not a DICOMweb endpoint, as an error to raise; None when it answers a QIDO-RS
+    search (``GET BASE/studies?limit=1``) as DICOMweb does: 204, or 200 with a JSON list of DICOM JSON
+    objects. An Orthanc REST URL answers a list of Orthanc ids, a viewer or another web page HTML.
+
+    e.g. not_dicomweb("http://pacs:8042")   # Orthanc's REST API
+    MsnetError('http://pacs:8042: this is not a DICOMweb endpoint (... Orthanc REST API ...)')
+    """
+    import requests
+
+    base = service_url(url)
+    session, headers = _session()
+    try:
+        r = session.get(f"{base}/studies", params={"limit": "1"}, timeout=TIMEOUT_S,
+                        headers={**headers, "Accept": "application/dicom+json"})
+    except requests.RequestException:
+        return None  # unreachable: the caller's own error says so
+    if r.status_code in (401, 403):
+        return None
+    server = r.headers.get("Server", "")
+    kind = r.headers.get("Content-Type", "").split(";")[0].strip() or "no content type"
+    if r.status_code == 204:
+        return None
+    if r.status_code == 200:
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if isinstance(body, list) and all(isinstance(x, dict) for x in body):
+            return None
+        what = ("a list of Orthanc ids: the Orthanc REST API" if isinstance(body, list) and body
+                and all(isinstance(x, str) for x in body) else f"{kind}, not DICOM JSON")
+    else:
+        what = f"HTTP {r.status_code} to a QIDO-RS search, {kind}"
+    if "Orthanc REST API" in what or "orthanc" in server.lower() or _is_orthanc(session, headers, base):
+        origin = re.match(r"^https?://[^/]+", base)[0]
+        fix = (f"use the URL of Orthanc's DICOMweb plugin, e.g. {origin}/dicom-web (package orthanc-dicomweb, "
+               "\"DicomWeb\": {\"Enable\": true, \"Root\": \"/dicom-web/\"} in its configuration); Orthanc's own "
+               "REST API and its web viewers are not DICOMweb")
+    else:
+        fix = f"use the server's DICOMweb (WADO-RS/STOW-RS) base URL, not a viewer's or REST API's: {_URL_FORM}"
+    return MsnetError(f"this is not a DICOMweb endpoint ({what})", base, fix)
+
+
+def _is_orthanc(session, headers: dict, base: str) -> bool:
+    """Whether the server at ``base`` is an Orthanc (its REST API's ``/system`` names its version)."""
+    import requests
+
+    origin = re.match(r"^https?://[^/]+", base)
+    try:
+        r = session.get(f"{origin[0]}/system", headers=headers, timeout=TIMEOUT_S)
+        body = r.json() if r.status_code == 200 else {}
+    except (requests.RequestException, ValueError, TypeError):
+        return False
+    return isinstance(body, dict) and "ApiVersion" in body and "DicomAet" in body
+
+
+def client(base_url: str):
+    """A ``dicomweb_client.DICOMwebClient`` with the environment's credentials; its own retries off
+    (:func:`retrying` does them, for connection errors too)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    session, headers = _session()
     web = DICOMwebClient(base_url, session=session, headers=headers, timeout=TIMEOUT_S)
     web.set_http_retry_params(retry=False)
     return web
 
 
 def retrying(what: str, url: str, fn: Callable[[], T], attempts: int | None = None) -> T:
-    """``fn()``, tried again on network failures and 5xx/408/429 answers; other answers fail at once."""
+    """``fn()``, tried again on network failures and 5xx/408/429 answers; other answers fail at once.
+    An answer that DICOMweb would not give (HTML or other JSON where DICOM JSON was due, 404/405/400
+    from a server that does not answer a QIDO-RS search) fails as "this is not a DICOMweb endpoint"."""
     import requests
 
     attempts = attempts or ATTEMPTS
@@ -122,8 +188,16 @@ def retrying(what: str, url: str, fn: Callable[[], T], attempts: int | None = No
     for k in range(attempts):
         try:
             return fn()
+        except (ValueError, KeyError, TypeError) as exc:  # the answer could not be parsed as DICOMweb's
+            raise (not_dicomweb(url) or MsnetError(
+                f"{what}: the server's answer is not DICOMweb ({type(exc).__name__}: {exc})", url,
+                "check that the URL is the server's DICOMweb base URL")) from exc
         except requests.HTTPError as exc:
             code = exc.response.status_code if exc.response is not None else 0
+            if code in (400, 404, 405, 406, 415):
+                wrong = not_dicomweb(url)
+                if wrong is not None:
+                    raise wrong from exc
             if code == 404:
                 raise MsnetError(f"{what}: not found on the server (HTTP 404)", url,
                                  "check the UIDs in the URL (QIDO: GET BASE/studies?PatientID=...)") from exc

@@ -118,12 +118,15 @@ def result_writer(bundle: Path, dicom_out: Path | None, targets: StoreTargets):
     Capture) of each finished study to ``dicom_out`` and/or send them to ``targets``. Destinations are
     checked before any study is read."""
     from msnet.inference.dicom_out import parse_aet_target
-    from msnet.io.dicomweb import service_url
+    from msnet.io.dicomweb import not_dicomweb, service_url
 
     if targets.aet:  # a typo in a destination fails before any work
         parse_aet_target(targets.aet)
     if targets.url:
         service_url(targets.url)
+        wrong = not_dicomweb(targets.url)  # a server that is down is no error yet: the study is stored after
+        if wrong is not None:
+            raise wrong
 
     def on_study(volume, prediction: dict) -> None:
         with _out_folder(dicom_out) as folder:
