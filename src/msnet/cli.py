@@ -377,8 +377,13 @@ def predict(
     store: Optional[str] = typer.Option(None, "--store", help="Send them by STOW-RS to this DICOMweb URL (credentials: MSNET_DICOMWEB_* variables)."),
     store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send them by C-STORE to AET@HOST:PORT."),
     ae_title: str = typer.Option("MSNET", "--ae-title", help="Calling AE title for --store-aet."),
+    key_gap_mm: float = typer.Option(10.0, "--key-gap-mm", help="Least distance along z between two key slices."),
 ) -> None:
-    """Diagnose studies with a trained bundle; optionally write the results as DICOM into the source study."""
+    """Diagnose studies with a trained bundle; optionally write the results as DICOM into the source study.
+
+    Slices are numbered by their index in the study, 0 = the most superior (head first), in the JSON, the
+    Grad-CAM strip, the SR and the web viewer alike. A result that cannot be stored is still printed (and
+    written to --out); the study then counts as failed."""
     from msnet.inference.batch import predict_many
 
     on_study = None
@@ -397,7 +402,7 @@ def predict(
 
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
                                    on_error=show_error, on_study=on_study, runtime=runtime, device=device, int8=int8,
-                                   onnx_dir=onnx_dir)
+                                   onnx_dir=onnx_dir, key_slice_gap_mm=key_gap_mm)
     if not json_out:
         from rich.console import Console
         from rich.table import Table
@@ -455,7 +460,7 @@ def serve(
 
 @app.command()
 def listen(
-    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    bundle: Optional[Path] = typer.Argument(None, help="Model bundle folder (not needed with --status)."),
     ae_title: str = typer.Option("MSNET", "--ae-title", help="This listener's AE title (called AE title)."),
     port: int = typer.Option(11112, help="DICOM port."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 for the network)."),
@@ -464,27 +469,41 @@ def listen(
     store: Optional[str] = typer.Option(None, "--store", help="Send SR + KOS by STOW-RS to this DICOMweb URL."),
     store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send SR + KOS by C-STORE to AET@HOST:PORT."),
     dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also keep SR + KOS per study here."),
-    spool: Path = typer.Option(Path("msnet-spool"), help="Private folder for received images (removed after each study)."),
+    spool: Path = typer.Option(Path("msnet-spool"), help="Private folder for received studies and results not stored yet."),
     log_file: Optional[Path] = typer.Option(None, "--log", help="JSON-lines outcome log (default SPOOL/outcomes.jsonl)."),
     max_studies: int = typer.Option(8, help="Studies held at once (receiving, waiting, running); more are refused (0xA700)."),
+    retry_seconds: float = typer.Option(30.0, "--retry-seconds", help="First wait before a failed store is tried "
+                                        "again (doubled each time, at most 15 min); results are kept until stored."),
+    status: bool = typer.Option(False, "--status", help="Print what SPOOL holds (studies queued, results not stored "
+                                "yet) as JSON, and exit."),
     device: str = typer.Option("auto", help="auto, cpu, cuda …"),
 ) -> None:
-    """DICOM C-STORE listener: CT studies in, diagnosis out as SR + Key Object Selection (stops cleanly on SIGTERM)."""
+    """DICOM C-STORE listener: CT studies in, diagnosis out as SR + Key Object Selection (stops cleanly on SIGTERM;
+    results the archive could not take are kept in SPOOL and tried again)."""
+    from msnet.service.listener import Listener, ListenerSettings, spool_status
+
+    if status:
+        typer.echo(json.dumps(spool_status(spool), indent=2))
+        return
+    if bundle is None:
+        raise MsnetError("no model bundle given", fix="msnet listen BUNDLE [options] (or msnet listen --status)")
     from msnet.inference.dicom_out import parse_aet_target
     from msnet.inference.predictor import Predictor
-    from msnet.io.dicomweb import service_url
-    from msnet.service.listener import Listener, ListenerSettings
+    from msnet.io.dicomweb import not_dicomweb, service_url
     from msnet.service.pacs import StoreTargets
 
     if store_aet:
         parse_aet_target(store_aet)
     if store:
         service_url(store)
+        wrong = not_dicomweb(store)  # a wrong URL fails now; an archive that is down is only tried later
+        if wrong is not None:
+            raise wrong
     if not (store or store_aet or dicom_out):
         log.warning("no --store, --store-aet or --dicom-out: results go to the outcome log only")
     settings = ListenerSettings(spool=spool, ae_title=ae_title, host=host, port=port, allowed_aets=tuple(allow or ()),
                                 quiet_s=quiet_seconds, max_studies=max_studies, log_path=log_file, dicom_out=dicom_out,
-                                targets=StoreTargets(store, store_aet, ae_title))
+                                targets=StoreTargets(store, store_aet, ae_title), retry_s=retry_seconds)
     Listener(Predictor(bundle, device=device), bundle, settings).serve_forever()
 
 

@@ -41,7 +41,10 @@ def _finished(out: Path) -> dict[str, dict]:
         except ValueError:
             continue
         if isinstance(rec, dict) and "study" in rec and "prediction" in rec:
-            done[rec["study"]] = rec["prediction"]
+            if rec.get("stored") is False:  # diagnosed, but its result still has to be stored: redo it
+                done.pop(rec["study"], None)
+            else:
+                done[rec["study"]] = rec["prediction"]
     return done
 
 
@@ -156,6 +159,21 @@ def _drop(futures) -> None:
             _mapped(fut.result())
 
 
+def _store(on_study, volume, r: dict) -> str:
+    """Run ``on_study`` (write and store the result); '' when done, else the error, naming the study and
+    saying that its diagnosis was made and kept."""
+    if on_study is None:
+        return ""
+    try:
+        on_study(volume, r)
+    except MsnetError as exc:
+        text = (f"study {r['study_id']}: diagnosed ({r['prediction']}, kept in the output) but its result was "
+                f"not stored: {exc}")
+        log.debug("%s", text)
+        return text
+    return ""
+
+
 def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path | None = None,
                  explain_dir: Path | None = None, on_result=None, on_error=None, on_study=None,
                  prefetch: int | None = None,
@@ -163,11 +181,13 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     """Predict every study (paths or DICOMweb URLs); a bad one is recorded (status ``failed`` with the
     message) and skipped.
 
-    Returns (prediction dicts, status rows). ``on_study(volume, prediction_dict)`` runs for each study
-    before it counts as done (e.g. writing SR + KOS back to the PACS; a MsnetError there fails the
-    study); ``on_result(prediction_dict)`` is called as each study finishes (the CLI prints there).
-    ``on_error(status_row)`` is called as each study fails to be read or diagnosed (the failure is not
-    logged: the caller reports it once).
+    Returns (prediction dicts, status rows). ``on_result(prediction_dict)`` is called as soon as a
+    study is diagnosed (the CLI prints there); then ``on_study(volume, prediction_dict)`` runs (e.g.
+    writing SR + KOS back to the PACS). A MsnetError there fails the study (status ``failed``, an
+    error naming the study) but keeps its diagnosis: it is in the returned predictions, and in
+    ``out`` marked ``"stored": false`` so that a re-run diagnoses and stores it again.
+    ``on_error(status_row)`` is called as each study fails to be read, diagnosed or stored (the failure
+    is not logged: the caller reports it once).
     With ``out``, studies a previous run finished are not redone. ``prefetch``: studies read ahead
     while the model works (default 1 on a GPU, where reading and the model use different hardware;
     0 on the CPU, where they would share the same cores). ``readers``: processes that read studies
@@ -212,8 +232,7 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
                     pred = predictor.predict_read(vol, read_s, explain_dir=explain_dir, checked=checked)
                 del vol
                 r = pred.to_dict()
-                if on_study is not None:
-                    on_study(pred.extra["volume"], r)
+                volume = pred.extra["volume"]
                 del pred
             except MsnetError as exc:
                 log.debug("%s", exc)
@@ -224,8 +243,22 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
                 if out is not None:
                     _write_tables(out, predictor.classes, results, status)
                 continue
+            # the diagnosis is out (printed) before anything is stored: a failed store never loses it
+            if on_result is not None:
+                on_result(r)
+            stored_error = _store(on_study, volume, r)
+            del volume
             if out is not None:
-                _append_line(out / JSONL, json.dumps({"study": key, "prediction": r}, allow_nan=False))
+                line = {"study": key, "prediction": r} | ({"stored": False} if stored_error else {})
+                _append_line(out / JSONL, json.dumps(line, allow_nan=False))
+            results.append(r)
+            status.append({"study": key, "study_id": r["study_id"], "status": "failed" if stored_error else "ok",
+                           "error": stored_error})
+            if stored_error and on_error is not None:
+                on_error(status[-1])
+            if out is not None:
+                _write_tables(out, predictor.classes, results, status)
+            continue
         results.append(r)
         status.append({"study": key, "study_id": r["study_id"], "status": "ok", "error": ""})
         if on_result is not None:

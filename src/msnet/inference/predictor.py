@@ -94,6 +94,36 @@ def gate(vol) -> tuple[list[str], object]:
     return warnings, lungs
 
 
+KEY_SLICE_GAP_MM = 10.0
+"""Default least distance along z between two key slices (non-maximum suppression)."""
+
+
+def pick_key_slices(scores: np.ndarray, top_k: int = 5, z_mm: np.ndarray | None = None,
+                    min_gap_mm: float = KEY_SLICE_GAP_MM) -> np.ndarray:
+    """Key slices: the highest-scoring slices, each at least ``min_gap_mm`` along z from every key slice
+    chosen before it (greedy non-maximum suppression), so that they show different parts of the lungs
+    rather than one finding five times. A slice with score 0 is never one; at least one is returned.
+    ``z_mm``: the slices' positions (None, e.g. for grey-level image folders: no suppression).
+
+    >>> pick_key_slices(np.array([0.1, 0.9, 1.0, 0.8, 0.0, 0.5]), 3, z_mm=np.array([0, -2, -4, -6, -8, -10.0]),
+    ...                 min_gap_mm=4)
+    array([2, 5, 0])
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    want = max(1, min(int(top_k), int((scores > 0).sum())))
+    if z_mm is None or len(z_mm) != len(scores) or not np.all(np.isfinite(z_mm)) or min_gap_mm <= 0:
+        return order[:want]
+    z = np.asarray(z_mm, dtype=np.float64)
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == want or (chosen and scores[i] <= 0):
+            break
+        if all(abs(z[i] - z[j]) >= min_gap_mm - 1e-6 for j in chosen):
+            chosen.append(int(i))
+    return np.asarray(chosen, dtype=np.int64)
+
+
 class _StreamEnded(Exception):
     """The streamed read ended before every slice was decoded (the read's result says why)."""
 
@@ -108,10 +138,12 @@ class Predictor:
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", runtime: str = "torch",
                  batch_size: int = 16, threads: int | None = None, compile: bool = False, int8: bool = False,
-                 onnx_dir: str | Path | None = None, dtype: str | None = None, stream: bool = True) -> None:
+                 onnx_dir: str | Path | None = None, dtype: str | None = None, stream: bool = True,
+                 key_slice_gap_mm: float = KEY_SLICE_GAP_MM) -> None:
         from msnet.device import pick_device
 
         self.stream = bool(stream)
+        self.key_slice_gap_mm = float(key_slice_gap_mm)
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
@@ -259,8 +291,9 @@ class Predictor:
         pred = int(probs.argmax())
         if scores.max() > 0:
             scores = scores / scores.max()
-        # key slices: the highest-scoring ones; a slice that drove nothing (score 0) is never one
-        order = np.argsort(-scores, kind="stable")[: max(1, min(top_k, int((scores > 0).sum())))]
+        # key slices: the highest-scoring ones, spread along z; a slice that drove nothing (score 0) is never one
+        z = np.asarray(vol.z_mm, dtype=np.float64) if vol.kind == "hu" and len(vol.z_mm) == len(scores) else None
+        order = pick_key_slices(scores, top_k, z, self.key_slice_gap_mm)
         timing["total"] = time.perf_counter() - t0
         result = Prediction(
             study_id=vol.study_id, prediction=self.classes[pred],
