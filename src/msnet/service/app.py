@@ -398,8 +398,30 @@ def warn_if_exposed(host: str, api_key: str | None) -> bool:
     return False
 
 
+class HideViewerTokens(logging.Filter):
+    """Access-log filter: a viewer token in a logged path becomes ``<token>`` (the token is the key to a
+    study's images; a log must not hand it on).
+
+    >>> import logging
+    >>> r = logging.LogRecord("uvicorn.access", 20, "", 0, '%s - "%s %s HTTP/%s" %d',
+    ...                       ("127.0.0.1:5", "GET", "/v1/studies/AbC_1-x/slices/3.png?window=lung", "1.1", 200), None)
+    >>> HideViewerTokens().filter(r), r.getMessage()
+    (True, '127.0.0.1:5 - "GET /v1/studies/<token>/slices/3.png?window=lung HTTP/1.1" 200')
+    """
+
+    _TOKEN = re.compile(r"(/v1/studies/)[^/?#\s]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._TOKEN.sub(r"\1<token>", a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = self._TOKEN.sub(r"\1<token>", record.msg)
+        return True
+
+
 def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
-    """The uvicorn server for ``app`` with the guarded protocol (header deadline, connection limit).
+    """The uvicorn server for ``app`` with the guarded protocol (header deadline, connection limit); its
+    access log never shows a viewer token (:class:`HideViewerTokens`).
 
     e.g. make_server(create_app("runs/cpu/bundle"), port=8000).run()
     """
@@ -408,6 +430,9 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_lev
     guard = app.state.guard
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guard.protocol_class(),
                             limit_concurrency=None, timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, HideViewerTokens) for f in access.filters):
+        access.addFilter(HideViewerTokens())
     return uvicorn.Server(config)
 
 

@@ -7,6 +7,9 @@ token, returned in the predict answer as ``viewer.token``:
                                                    slice scores, key slices, window presets, the CAM class
     GET /v1/studies/{token}/slices/{i}.png?window=lung|mediastinum|as_read
                                                    slice i through a window, as an 8-bit PNG (never raw HU)
+    GET /v1/studies/{token}/slices/{i}.png?level=L&width=W
+                                                   the same through any window (HU studies; what the
+                                                   page asks for while window/level is dragged)
     GET /v1/studies/{token}/cam/{i}.png            Grad-CAM of slice i for the predicted class, an RGBA
                                                    heat map of the slice's size (computed on demand,
                                                    in the inference pool, then cached)
@@ -46,7 +49,9 @@ log = logging.getLogger(__name__)
 PRESETS = {"lung": P.LUNG, "mediastinum": P.MEDIASTINUM}
 """Display windows (level, width) in HU; ``as_read`` is the bundle's own input window(s)."""
 AS_READ = "as_read"
-CAM_THRESHOLD = 0.15  # Grad-CAM values below this are transparent (as in the key-slice strip)
+CUSTOM = "custom"
+LEVEL_RANGE_HU, WIDTH_RANGE_HU = (-1500.0, 3000.0), (1.0, 4000.0)
+"""Bounds of a free window (level, width) the page may ask for."""
 _TOKEN_BYTES = 18
 _OVERHEAD = 4096  # bookkeeping per study, counted in its size
 
@@ -67,6 +72,7 @@ class ViewerStudy:
     key_slices: list[dict]
     cam_size: int
     cams: dict[int, np.ndarray] = field(default_factory=dict)
+    cam_scale: float | None = None  # the study's one Grad-CAM scale (explain.study_scale over the key slices)
     lungs: Any = None  # the lungs' LungStats when the model crops to them (found on the first Grad-CAM)
     crop: tuple[int, int, int, int] | None = None  # then the crop box (row0, row1, col0, col1)
     crop_known: bool = False
@@ -194,6 +200,7 @@ def describe(store: ViewerStore, study: ViewerStudy, full: bool = False) -> dict
            "height": int(study.slices.shape[1]),
            "pixel_spacing_mm": [study.spacing_mm[1], study.spacing_mm[2]], "z_mm": study.z_mm,
            "windows": study.windows(), "cam_class": study.target_name,
+           "presets": {k: list(v) for k, v in PRESETS.items()} if study.kind == "hu" else {},
            "expires_in_s": round(store.expires_in(study), 1)}
     if full:
         out.update(study_id=study.study_id, slice_scores=study.slice_scores, key_slices=study.key_slices)
@@ -212,14 +219,17 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def slice_png(study: ViewerStudy, index: int, window: str, spec: P.PreprocessSpec) -> bytes:
+def slice_png(study: ViewerStudy, index: int, window: str, spec: P.PreprocessSpec,
+              level_width: tuple[float, float] | None = None) -> bytes:
     """Slice ``index`` through a display window as PNG: grey for one window, RGB for the model's three.
 
     ``as_read`` shows the slice through the bundle's own input window(s), as the model reads it
-    (before resizing); grey-level studies have only ``as_read``.
+    (before resizing); grey-level studies have only ``as_read``. ``level_width``: any window (HU).
     """
     one = study.slices[index : index + 1]
-    if window == AS_READ:
+    if level_width is not None:
+        unit = P.to_unit(one, study.kind, [level_width])[0]
+    elif window == AS_READ:
         unit = P.to_unit(one, study.kind, spec.windows)[0]
     else:
         unit = P.to_unit(one, study.kind, [PRESETS[window]])[0]
@@ -240,37 +250,58 @@ def model_crop(study: ViewerStudy, spec: P.PreprocessSpec) -> tuple[int, int, in
     return study.crop
 
 
-def compute_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:
-    """Grad-CAM (cam_size, cam_size) uint8 of slice ``index`` for the study's predicted class, on the
-    slice as the model saw it (lung crop included); cached."""
-    cached = study.cams.get(index)
-    if cached is not None:
-        return cached
-    from msnet.inference.explain import grad_cam
+def _weighted_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:
+    from msnet.inference.explain import weighted_cam
 
     spec = predictor.encoder.spec
     one = study.slices[index : index + 1].astype(np.float32)
     if model_crop(study, spec) is not None:
         one = P.lung_crop(one, study.lungs)  # the same box as the model's (preprocess.model_slices)
-    unit = spec.unit(one, study.kind)[0]
-    cam = grad_cam(predictor, unit, study.features, index, study.target)
-    out = (np.clip(cam, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    spacing = (study.spacing_mm[1], study.spacing_mm[2]) if study.kind == "hu" else None
+    return weighted_cam(predictor, one[0], study.kind, study.features, index, study.target,
+                        float(study.slice_scores[index]), spacing)
+
+
+def compute_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:
+    """Grad-CAM (cam_size, cam_size) uint8 of slice ``index`` for the study's predicted class, on the
+    slice as the model saw it (lung crop included), on the study's one scale and inside the lungs, as in
+    the key-slice strip (:mod:`msnet.inference.explain`); cached. The first map asked for also computes
+    the key slices' maps, which set the scale."""
+    from msnet.inference.explain import study_cam, study_scale
+
+    cached = study.cams.get(index)
+    if cached is not None:
+        return cached
+
+    def as_uint8(weighted: np.ndarray) -> np.ndarray:
+        return (study_cam(weighted, study.cam_scale) * 255.0 + 0.5).astype(np.uint8)
+
+    if study.cam_scale is None:
+        keys = [int(k["slice_index"]) for k in study.key_slices] or [index]
+        weighted = {k: _weighted_cam(study, k, predictor) for k in keys}
+        study.cam_scale = study_scale(list(weighted.values()))
+        for k, w in weighted.items():
+            study.cams[k] = as_uint8(w)
+        if index in study.cams:
+            return study.cams[index]
+    out = as_uint8(_weighted_cam(study, index, predictor))
     study.cams[index] = out
     return out
 
 
-_JET: np.ndarray | None = None
+_JET: np.ndarray | None = None  # the overlay's 256 RGBA colours, made on first use
 
 
 def cam_png(study: ViewerStudy, cam: np.ndarray) -> bytes:
-    """A Grad-CAM map as an RGBA heat map (jet colours) of the slice's size; weak values transparent."""
+    """A Grad-CAM map as an RGBA heat map of the slice's size: jet colours, opacity rising smoothly with
+    the value (:func:`msnet.inference.explain.cam_rgba`, as in the key-slice strip)."""
     global _JET
     from PIL import Image
 
-    if _JET is None:
-        from matplotlib import colormaps
+    from msnet.inference.explain import cam_rgba
 
-        _JET = (colormaps["jet"](np.arange(256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    if _JET is None:
+        _JET = (cam_rgba(np.arange(256) / 255.0, opacity=1.0) * 255.0 + 0.5).astype(np.uint8)
     h, w = study.slices.shape[1:]
     if study.crop is None:
         big = np.asarray(Image.fromarray(cam).resize((w, h), Image.BILINEAR))
@@ -280,9 +311,7 @@ def cam_png(study: ViewerStudy, cam: np.ndarray) -> bytes:
         big = np.zeros((h, w), np.uint8)
         sr0, sr1, sc0, sc1 = max(0, r0), min(h, r1), max(0, c0), min(w, c1)
         big[sr0:sr1, sc0:sc1] = part[sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0]
-    alpha = np.clip((big / 255.0 - CAM_THRESHOLD) / 0.35, 0.0, 1.0)
-    rgba = np.concatenate([_JET[big], (alpha * 255.0 + 0.5).astype(np.uint8)[..., None]], axis=-1)
-    return _png(rgba)
+    return _png(_JET[big])
 
 
 # ------------------------------------------------------------------ routes
@@ -319,12 +348,22 @@ def add_routes(app: FastAPI, check_key: Callable) -> None:
 
     @app.get("/v1/studies/{token}/slices/{index}.png", dependencies=[Depends(check_key)], responses=errors,
              response_class=PngResponse, tags=["viewer"])
-    def viewer_slice(request: Request, token: str, index: int, window: str = "lung"):
-        """Slice ``index`` (canonical order, head first) through a window preset, as a PNG."""
+    def viewer_slice(request: Request, token: str, index: int, window: str = "lung", level: float | None = None,
+                     width: float | None = None):
+        """Slice ``index`` (canonical order, head first) through a window preset, or through any window
+        given as ``level`` and ``width`` in HU, as a PNG."""
         study = find(request, token, index)
-        if window not in study.windows():
+        level_width = None
+        if level is not None or width is not None:
+            if study.kind != "hu" or level is None or width is None:
+                raise HTTPException(422, "a free window needs both level and width, and a study in HU")
+            if not (LEVEL_RANGE_HU[0] <= level <= LEVEL_RANGE_HU[1] and WIDTH_RANGE_HU[0] <= width <= WIDTH_RANGE_HU[1]):
+                raise HTTPException(422, f"window out of range: level {LEVEL_RANGE_HU[0]:g} to {LEVEL_RANGE_HU[1]:g} HU, "
+                                         f"width {WIDTH_RANGE_HU[0]:g} to {WIDTH_RANGE_HU[1]:g} HU")
+            level_width = (float(level), float(width))
+        elif window not in study.windows():
             raise HTTPException(422, f"unknown window {window!r} for this study: use one of {', '.join(study.windows())}")
-        data = slice_png(study, index, window, request.app.state.predictor.encoder.spec)
+        data = slice_png(study, index, window, request.app.state.predictor.encoder.spec, level_width)
         return _png_response(data, request.app.state.viewer, study)
 
     @app.get("/v1/studies/{token}/cam/{index}.png", dependencies=[Depends(check_key)], responses=errors,
