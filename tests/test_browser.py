@@ -203,7 +203,7 @@ def test_viewer_scroll_windows_and_gradcam_overlay(server, browser, tmp_path):
     drawn(f"lung:{key}:0")
     assert int(slider.get_attribute("value")) == key
     text = browser.find_element(By.ID, "slice-info").text
-    assert f"index {key}" in text and " mm" in text and "score " in text and "key slice #1" in text
+    assert f"slice {key} of 0–" in text and " mm" in text and "score " in text and "key slice #1" in text
     at_key = pixels()
     assert key == 0 or differ(head, at_key) > 0
     # mouse wheel: one notch down, one up
@@ -262,3 +262,105 @@ def test_viewer_scroll_windows_and_gradcam_overlay(server, browser, tmp_path):
         assert img.size[0] >= 1000 and len(set(img.convert("L").getdata())) > 50  # a page, not a blank
     if VIEWER_SCREENSHOT:
         shutil.copyfile(shot, VIEWER_SCREENSHOT)
+
+
+SCREENSHOT_DIR = os.environ.get("MSNET_VIEWER_SCREENSHOT_DIR")
+"""Where to copy the two window sizes' screenshots of the viewer test, to look at them."""
+
+
+def test_viewer_fits_the_window_zooms_pans_and_windows_freely(server, browser, tmp_path):
+    """At 1366 x 900 and at 1024 x 768: the page needs no sideways scrolling, the image is larger than the
+    old fixed 512 px where the window allows and never taller than the window, orientation markers and
+    the keyboard help show; zoom, pan, free window/level by dragging and the presets change the picture
+    and come back exactly; a screenshot is kept at each size."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    study_zip = _zip_study(tmp_path, size=256, seed=4, slices=(14, 16))
+    for width, height in ((1366, 900), (1024, 768)):
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        browser.get(server + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        browser.find_element(By.ID, "file").send_keys(str(study_zip))
+        browser.find_element(By.ID, "analyse").click()
+        wait.until(EC.visibility_of_element_located((By.ID, "viewer")))
+        canvas = browser.find_element(By.ID, "slice-canvas")
+        stage = browser.find_element(By.ID, "stage")
+        key = int(browser.find_elements(By.CSS_SELECTOR, "#key-marks .mark")[0].get_attribute("data-index"))
+        wait.until(lambda d: canvas.get_attribute("data-drawn") == f"lung:{key}:0")
+
+        def pixels() -> list[int]:
+            return browser.execute_script(
+                "const c = arguments[0]; const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                "const out = []; for (let j = 0; j < d.length; j += 16) out.push(d[j]); return out;", canvas)
+
+        def differ(a: list[int], b: list[int]) -> int:
+            return sum(abs(x - y) for x, y in zip(a, b))
+
+        def info() -> str:
+            return browser.find_element(By.ID, "slice-info").text
+
+        inner_w, inner_h, scroll_w = browser.execute_script(
+            "return [innerWidth, innerHeight, document.documentElement.scrollWidth]")
+        assert scroll_w <= inner_w, (width, scroll_w, inner_w)
+        box = browser.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.width, r.height]", stage)
+        assert box[1] <= inner_h - 150 and box[0] >= 300, box
+        if width == 1366:
+            assert box[0] > 600, box  # larger than the old fixed 512 px
+        letters = {e.text for e in browser.find_elements(By.CSS_SELECTOR, "#orientation span") if e.is_displayed()}
+        assert letters == {"A", "P", "R", "L"}
+
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", stage)
+        stage.click()
+        plain = pixels()
+        ActionChains(browser).send_keys("?").perform()
+        assert browser.find_element(By.ID, "viewer-help").is_displayed()
+        assert "window/level" in browser.find_element(By.ID, "viewer-help").text
+        ActionChains(browser).send_keys(Keys.ESCAPE).perform()
+        assert not browser.find_element(By.ID, "viewer-help").is_displayed()
+        # zoom in, pan, reset: back to the same picture
+        ActionChains(browser).send_keys("+", "+").perform()
+        wait.until(lambda d: "zoom 1.6×" in info())
+        zoomed = pixels()
+        assert differ(zoomed, plain) > 1000
+        ActionChains(browser).key_down(Keys.SHIFT).click_and_hold(stage).move_by_offset(40, 25).release() \
+            .key_up(Keys.SHIFT).perform()
+        wait.until(lambda d: differ(pixels(), zoomed) > 1000)
+        ActionChains(browser).send_keys("0").perform()
+        wait.until(lambda d: pixels() == plain)
+        # free window/level: drag right 50 px (wider by 200 HU) and up 25 px (level up by 100 HU)
+        ActionChains(browser).click_and_hold(stage).move_by_offset(25, -10).move_by_offset(25, -15).release().perform()
+        wait.until(lambda d: canvas.get_attribute("data-drawn") == f"custom:{key}:0")
+        assert "W 1700 L -500" in info()
+        assert not [b for b in browser.find_elements(By.CSS_SELECTOR, "#windows button")
+                    if b.get_attribute("aria-pressed") == "true"]
+        assert differ(pixels(), plain) > 1000
+        if width == 1024:  # a screenshot with a free window and zoom at the small size
+            ActionChains(browser).send_keys("+").perform()
+            wait.until(lambda d: "zoom 1.3×" in info())
+        else:  # and one with the Grad-CAM overlay at the large size
+            browser.find_element(By.ID, "cam-on").click()
+            wait.until(lambda d: canvas.get_attribute("data-drawn") == f"custom:{key}:1")
+            browser.find_element(By.ID, "cam-on").click()
+            wait.until(lambda d: canvas.get_attribute("data-drawn") == f"custom:{key}:0")
+            browser.find_element(By.ID, "cam-on").click()
+            wait.until(lambda d: canvas.get_attribute("data-drawn") == f"custom:{key}:1")
+        shot = tmp_path / f"viewer-{width}x{height}.png"
+        browser.execute_script("window.scrollTo(0, 0); document.getElementById('viewer').scrollIntoView()")
+        assert browser.save_screenshot(str(shot))
+        with Image.open(shot) as img:
+            assert img.size == (width, height) and len(set(img.convert("L").getdata())) > 50
+        if SCREENSHOT_DIR:
+            Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shot, Path(SCREENSHOT_DIR) / shot.name)
+        if width == 1366:
+            browser.find_element(By.ID, "cam-on").click()
+        stage.click()
+        ActionChains(browser).send_keys("0").perform()  # reset: the lung preset again, the same picture
+        wait.until(lambda d: canvas.get_attribute("data-drawn") == f"lung:{key}:0")
+        wait.until(lambda d: pixels() == plain)

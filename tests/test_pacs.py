@@ -104,37 +104,53 @@ class Orthanc:
         return out
 
 
+class OrthancProcess(Orthanc):
+    """An Orthanc server process that a test can stop and start again (same ports, same storage)."""
+
+    def __init__(self, root: Path):
+        super().__init__(f"http://127.0.0.1:{_free_port()}", _free_port())
+        self.root, self.proc, self.logfile = root, None, None
+        config = {"Name": "msnet-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+                  "HttpPort": int(self.http.rsplit(":", 1)[1]), "DicomPort": self.dicom_port, "DicomAet": "ORTHANC",
+                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)],
+                  "StableAge": 1, "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        (root / "orthanc.json").write_text(json.dumps(config))
+
+    def start(self) -> None:
+        self.logfile = open(self.root / "orthanc.log", "a")
+        self.proc = subprocess.Popen([ORTHANC, str(self.root / "orthanc.json")], stdout=self.logfile,
+                                     stderr=subprocess.STDOUT, cwd=self.root)
+
+        def up():
+            if self.proc.poll() is not None:
+                pytest.fail(f"Orthanc exited: {(self.root / 'orthanc.log').read_text()[-2000:]}")
+            try:
+                return self.get("/system").json()
+            except Exception:
+                return None
+
+        _wait_for(up, 30, "Orthanc to start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        if self.logfile is not None:
+            self.logfile.close()
+        self.proc = self.logfile = None
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """Orthanc on free loopback ports, temp storage, DICOMweb on, remote access off."""
     require_system_tool(Path(ORTHANC).is_file() and PLUGIN.is_file() and bool(_dcmtk("dsrdump")) and bool(_dcmtk("storescu")),
                         f"Orthanc with its DICOMweb plugin and dcmtk are needed: {INSTALL}")
-    root = tmp_path_factory.mktemp("orthanc")
-    http_port, dicom_port = _free_port(), _free_port()
-    config = {"Name": "msnet-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-              "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "Plugins": [str(PLUGIN)], "StableAge": 1,
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (root / "orthanc.json").write_text(json.dumps(config))
-    logfile = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=logfile, stderr=subprocess.STDOUT, cwd=root)
-    server = Orthanc(f"http://127.0.0.1:{http_port}", dicom_port)
-
-    def up():
-        if proc.poll() is not None:
-            pytest.fail(f"Orthanc exited: {(root / 'orthanc.log').read_text()[-2000:]}")
-        try:
-            return server.get("/system").json()
-        except Exception:
-            return None
-
+    server = OrthancProcess(tmp_path_factory.mktemp("orthanc"))
     try:
-        _wait_for(up, 30, "Orthanc to start")
+        server.start()
         yield server
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        logfile.close()
+        server.stop()
 
 
 def _canonical_uids(folder: Path) -> list[str]:
@@ -187,8 +203,18 @@ def _check_results(orthanc: Orthanc, study_uid: str, source: Path, pred: dict, n
              for i in items if i.ValueType == "NUM"}
     assert probs.keys() == pred["probabilities"].keys()
     np.testing.assert_allclose([probs[c] for c in probs], [pred["probabilities"][c] for c in probs], atol=1e-6)
-    text = " ".join(str(i.TextValue) for i in items if i.ValueType == "TEXT")
+    texts = [str(i.TextValue) for i in items if i.ValueType == "TEXT"]
+    text = " ".join(texts)
     assert "research use only" in text.lower() and pred["prediction"] in text
+    # everything the JSON warns about, and the model card's intended use, as text items of their own
+    warned = [t.removeprefix("Warning: ") for i, t in zip([i for i in items if i.ValueType == "TEXT"], texts)
+              if _meaning(i) == "Warning"]
+    if isinstance(pred.get("warnings"), list):
+        assert warned == pred["warnings"]
+    assert any(t.startswith("Intended use: Research use only") for t in texts)
+    numbering = next(t for t in texts if t.startswith("Key slices by slice index (0 = most superior slice"))
+    assert [int(part.split(" (")[0]) for part in numbering.split(": ", 1)[1].split(", ")] == \
+        [k["slice_index"] for k in pred["key_slices"]]
     sr_refs = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in items if i.ValueType == "IMAGE"}
     assert sr_refs == keys
 
@@ -236,10 +262,15 @@ def test_predict_dicomweb_url_stores_sr_and_ko_in_the_study(which, tiny_bundle, 
     url = f"{orthanc.dicomweb}/studies/{study_uid}"
     out = tmp_path / "dicom"
     explain = ["--explain", str(tmp_path / "explain")] if which == "synthetic" else []  # + Secondary Capture
-    res = CliRunner().invoke(app, ["predict", str(tiny_bundle), url, "--json", "--store", orthanc.dicomweb,
-                                   "--dicom-out", str(out), *explain])
-    assert res.exit_code == 0, res.output
-    pred = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("{")))
+    runs = []
+    for _ in range(2):  # the same study stored twice: the archive still holds one SR and one KO
+        res = CliRunner().invoke(app, ["predict", str(tiny_bundle), url, "--json", "--store", orthanc.dicomweb,
+                                       "--dicom-out", str(out), *explain])
+        assert res.exit_code == 0, res.output
+        runs.append(json.loads(next(line for line in res.stdout.splitlines() if line.startswith("{"))))
+    pred = runs[0]
+    assert runs[1]["prediction"] == pred["prediction"] and runs[1]["key_slices"] == pred["key_slices"]
+    assert pred["warnings"] and "synthetic" in pred["warnings"][0]  # the tiny bundle's own warning, at least
     assert pred["study_id"] == study_uid and pred["n_slices"] == len(_canonical_uids(source))
 
     # the study read over DICOMweb gives the same diagnosis as the same files read from the folder
@@ -367,4 +398,152 @@ def test_listener_receives_a_study_and_stores_sr_back(tiny_bundle, orthanc, tmp_
             "key_slices": [{"slice_index": k} for k in lines[0]["key_slices"]]}
     _check_results(orthanc, study_uid, source, pred, n_ct=0)  # the images went to msnet only
     assert patient_id not in (spool / "outcomes.jsonl").read_text() and patient_id not in output
-    assert not [p for p in spool.iterdir() if p.is_dir()]  # received files removed
+    assert not [p for p in spool.iterdir() if p.is_dir() and p.name != "outbox"]  # received files removed
+    assert not list((spool / "outbox").iterdir())  # every result stored
+
+
+def test_a_failed_store_keeps_the_diagnosis_and_names_the_study(tiny_bundle, tmp_path, monkeypatch):
+    """The archive is down: the diagnosis is printed and written first; the failure names the study; exit 1;
+    a re-run does the study again (its result was never stored)."""
+    from msnet.io import dicomweb
+
+    monkeypatch.setattr(dicomweb, "WAIT_S", 0.0)
+    source = _test_study(tiny_bundle, "CAP")
+    down = f"http://127.0.0.1:{_free_port()}/dicom-web"  # nothing listens there
+    res = CliRunner().invoke(app, ["predict", str(tiny_bundle), str(source), "--json", "--store", down,
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1, res.output
+    pred = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("{")))
+    assert pred["study_id"] == source.name and pred["n_slices"] == len(_canonical_uids(source))
+    assert f"study {source.name}: diagnosed ({pred['prediction']}" in res.output and "not stored" in res.output
+    assert "after 3 tries" in res.output
+    lines = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [(x["prediction"]["prediction"], x["stored"]) for x in lines] == [(pred["prediction"], False)]
+    status = (tmp_path / "out" / "status.csv").read_text()
+    assert "failed" in status and source.name in status
+    from msnet.inference.batch import _finished
+
+    assert _finished(tmp_path / "out") == {}  # not done: a re-run diagnoses and stores it
+
+
+def test_urls_that_are_not_dicomweb_say_so(orthanc, tmp_path):
+    """Orthanc's REST API, one of its web pages, and a plain web server: each is named as not DICOMweb, with
+    the URL to use, instead of a parse error."""
+    import http.server
+    import threading
+
+    from msnet.inference.dicom_out import store_stow
+    from msnet.io import read_study
+
+    sr = tmp_path / "x.dcm"
+    pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm")).save_as(sr)
+    with pytest.raises(MsnetError, match="not a DICOMweb endpoint") as exc:
+        read_study(f"{orthanc.http}/studies/1.2.3")
+    assert f"{orthanc.http}/dicom-web" in str(exc.value)
+    with pytest.raises(MsnetError, match="not a DICOMweb endpoint") as exc:
+        store_stow(f"{orthanc.http}/app/explorer.html", [sr])
+    assert f"{orthanc.http}/dicom-web" in str(exc.value)
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a viewer: every path answers its HTML page
+            body = b"<!doctype html><html><body>viewer</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/viewer/studies/1.2.3"
+        with pytest.raises(MsnetError, match=r"not a DICOMweb endpoint \(text/html") as exc:
+            read_study(url)
+        assert "JSONDecodeError" not in str(exc.value) and "DICOMweb" in exc.value.fix
+    finally:
+        server.shutdown()
+    assert orthanc.get("/system").json()  # nothing above disturbed the real server
+
+
+def _listener(tiny_bundle: Path, port: int, spool: Path, store: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "msnet", "listen", str(tiny_bundle), "--ae-title", "MSNET", "--port", str(port),
+           "--quiet-seconds", "1", "--store", store, "--spool", str(spool), "--device", "cpu", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def listening():
+        if proc.poll() is not None:
+            pytest.fail(f"listener exited: {proc.stdout.read()}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    _wait_for(listening, 120, "the listener to open its port")
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        output, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, output
+    return output
+
+
+def _outcomes(spool: Path) -> list[dict]:
+    path = spool / "outcomes.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_listener_keeps_results_while_the_archive_is_down_and_never_duplicates(tiny_bundle, orthanc, tmp_path):
+    """Archive down: the study is received and diagnosed, its result waits in the outbox (reported as pending,
+    kept across a restart of the listener); archive up again: the SR and KO arrive. The same study sent
+    again later gives no second SR or KO."""
+    source = _test_study(tiny_bundle, "COVID-19", 2)
+    study_uid = str(pydicom.dcmread(next(source.iterdir()), stop_before_pixels=True).StudyInstanceUID)
+    port, spool = _free_port(), tmp_path / "spool"
+    storescu = [_dcmtk("storescu"), "-aet", "TESTSCU", "-aec", "MSNET", "127.0.0.1", str(port), "+sd", str(source)]
+    status_cmd = [sys.executable, "-m", "msnet", "listen", "--status", "--spool", str(spool)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    orthanc.stop()
+    try:
+        listener = _listener(tiny_bundle, port, spool, orthanc.dicomweb, "--retry-seconds", "1")
+        try:
+            sent = subprocess.run(storescu, capture_output=True, text=True, timeout=120)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            pending = _wait_for(lambda: [x for x in _outcomes(spool) if x["status"] == "pending"], 180,
+                                "the result to be reported pending", step_s=1.0)
+        finally:
+            output = _stop(listener)
+        assert pending[0]["study_uid"] == study_uid and pending[0]["prediction"] in SNOMED
+        assert "after 3 tries" in pending[0]["error"]
+        status = json.loads(subprocess.run(status_cmd, env=env, capture_output=True, text=True, timeout=60).stdout)
+        assert [p["study_uid"] for p in status["pending"]] == [study_uid] and status["pending"][0]["attempts"] >= 1
+        assert not status["queued"] and "sent after the next start" in output
+    finally:
+        orthanc.start()
+    listener = _listener(tiny_bundle, port, spool, orthanc.dicomweb, "--retry-seconds", "1")
+    try:
+        _wait_for(lambda: any(s["modality"] == "SR" for s in orthanc.series(study_uid)), 120,
+                  "the SR to arrive in Orthanc after the restart", step_s=1.0)
+        first = {s["modality"]: s["files"][0].SOPInstanceUID for s in orthanc.series(study_uid)}
+        sent = subprocess.run(storescu, capture_output=True, text=True, timeout=120)  # the same study again
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        _wait_for(lambda: len([x for x in _outcomes(spool) if x["status"] == "ok"]) == 2, 180,
+                  "the second diagnosis to be stored", step_s=1.0)
+    finally:
+        _stop(listener)
+    lines = _outcomes(spool)
+    assert [(x["study_uid"], x["status"]) for x in lines] == [(study_uid, "pending"), (study_uid, "ok"),
+                                                              (study_uid, "ok")]
+    pred = {"prediction": lines[1]["prediction"], "probabilities": lines[1]["probabilities"],
+            "key_slices": [{"slice_index": k} for k in lines[1]["key_slices"]]}
+    _check_results(orthanc, study_uid, source, pred, n_ct=0)  # one SR and one KO, after three stores
+    assert {s["modality"]: s["files"][0].SOPInstanceUID for s in orthanc.series(study_uid)} == first
+    status = json.loads(subprocess.run(status_cmd, env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert status["pending"] == [] and status["queued"] == []

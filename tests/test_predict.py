@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from typer.testing import CliRunner
 
 from msnet.cli import app
@@ -52,8 +53,9 @@ def test_predict_cli_json_csv_zip_and_bad_study(tiny_bundle, tmp_path):
     out = tmp_path / "out"
     res = CliRunner().invoke(app, ["predict", str(tiny_bundle), str(study), str(archive), str(bad), "--json", "--out", str(out)])
     assert res.exit_code == 1  # one bad study: reported, skipped, non-zero exit at the end
-    lines = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 2
+    printed = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    lines = [x for x in printed if "prediction" in x]
+    assert len(lines) == 2 and [x["study_id"] for x in printed if x.get("status") == "failed"] == ["not-a-study"]
     assert lines[0]["prediction"] == lines[1]["prediction"]
     np.testing.assert_allclose(list(lines[0]["probabilities"].values()), list(lines[1]["probabilities"].values()), atol=1e-6)
     with open(out / "status.csv") as fh:
@@ -122,3 +124,61 @@ def test_reading_ahead_gives_the_same_results_in_the_same_order(tiny_bundle, tmp
     assert [r["probabilities"] for r in procs] == [r["probabilities"] for r in plain]
     assert [r["warnings"] for r in procs] == [r["warnings"] for r in plain]
     assert set(Path("/dev/shm").glob("msnet-study-*")) == shm  # no file left behind
+
+
+def test_key_slices_are_spread_along_z(tiny_bundle, shared_data):
+    """On a real 2 mm scan, no two key slices lie closer than the minimum gap; the first is the top-scoring
+    slice; without the gap the same scores would give neighbouring slices."""
+    from conftest import P001
+
+    from msnet.inference.predictor import Predictor, pick_key_slices
+
+    pred = Predictor(tiny_bundle, device="cpu", key_slice_gap_mm=10.0).predict(P001)
+    vol = pred.extra["volume"]
+    keys = [k["slice_index"] for k in pred.key_slices]
+    z = np.asarray(vol.z_mm, float)
+    assert len(keys) >= 2 and keys[0] == int(np.argmax(pred.slice_scores))
+    assert min(abs(z[a] - z[b]) for i, a in enumerate(keys) for b in keys[i + 1 :]) >= 10.0 - 1e-6
+    crowded = pick_key_slices(np.asarray(pred.slice_scores), len(keys), z, min_gap_mm=0)
+    assert min(abs(int(a) - int(b)) for i, a in enumerate(crowded) for b in crowded[i + 1 :]) < 5  # 10 mm = 5 slices
+
+
+def test_grad_cam_is_one_scale_for_the_study_and_stays_in_the_lungs(tiny_bundle, shared_data, tmp_path):
+    """On a real scan: the maps of the key slices and of the weakest slice share one scale (the weakest
+    slice's map is near zero), and their mass lies inside the lungs, judged by a threshold mask made here."""
+    from conftest import P001
+    from scipy import ndimage
+
+    from msnet.inference.explain import study_cam, study_scale, weighted_cam
+    from msnet.inference.predictor import Predictor
+
+    predictor = Predictor(tiny_bundle, device="cpu")
+    pred = predictor.predict(P001, explain_dir=tmp_path / "explain")
+    vol, feats = pred.extra["volume"], pred.extra["features"]
+    target = predictor.classes.index(pred.prediction)
+    scores = np.asarray(pred.slice_scores)
+    spacing = (float(vol.spacing_mm[1]), float(vol.spacing_mm[2]))
+
+    def weighted(i: int) -> np.ndarray:
+        return weighted_cam(predictor, vol.hu[i], vol.kind, feats, i, target, float(scores[i]), spacing)
+
+    keys = [k["slice_index"] for k in pred.key_slices]
+    maps = {i: weighted(i) for i in keys}
+    scale = study_scale(list(maps.values()))
+    assert pred.explanation["cam_scale"] == scale  # the strip used the same scale
+    weakest = int(np.argmin(np.where(scores > 0, scores, np.inf))) if (scores > 0).any() else 0
+    low = study_cam(weighted(weakest), scale)
+    assert low.max() <= max(0.05, 1.5 * scores[weakest]), (low.max(), scores[weakest])
+    size = predictor.spec.size
+    shown = [i for i in keys if study_cam(maps[i], scale).max() > 0.05]  # weaker key slices fade, as they should
+    assert shown and max(study_cam(maps[i], scale).max() for i in keys) == 1.0
+    for i in shown:
+        cam = study_cam(maps[i], scale)
+        hu = np.asarray(vol.hu[i])
+        body = ndimage.binary_fill_holes(ndimage.binary_opening(hu > -500, iterations=3))
+        lungs = ndimage.binary_dilation(body & (hu < -400) & ~ndimage.binary_dilation(~body, iterations=8),
+                                        iterations=10)  # aerated tissue inside the body, with a 10 px margin
+        small = np.asarray(ndimage.zoom(lungs.astype(np.float32), size / hu.shape[0], order=1)) > 0.5
+        assert (cam * small).sum() / cam.sum() > 0.9, i
+    strip = np.asarray(Image.open(pred.explanation["key_slices_png"]).convert("RGB"))
+    assert strip.shape[1] > 3 * strip.shape[0]

@@ -424,7 +424,7 @@ def test_viewer_slices_real_ct(make_client, predictor, real_chest, tmp_path):
 
 def test_viewer_gradcam_overlay(make_client, predictor, study):
     """The Grad-CAM of a key slice: an RGBA map of the slice's size for the predicted class, not the slice."""
-    from msnet.inference.explain import grad_cam
+    from msnet.inference.explain import grad_cam, study_cam, study_scale, weighted_cam
     from msnet.io import read_study
 
     c = make_client()
@@ -442,17 +442,24 @@ def test_viewer_gradcam_overlay(make_client, predictor, study):
     composite = plain[..., None] * (1 - alpha[..., None] / 255) + cam[..., :3] * (alpha[..., None] / 255)
     assert np.abs(composite - plain[..., None]).max() > 50  # the overlay changes what is seen
     assert viewer_get(c, v["token"], f"/cam/{k}.png").content == resp.content  # cached, same map
-    # the map is that slice's Grad-CAM for the predicted class (wiring: slice index and class)
+    # the map is that slice's Grad-CAM for the predicted class (wiring: slice index and class), on the
+    # study's one scale (the key slices') and inside the lungs, as in the key-slice strip
     vol = read_study(study)
     pred = predictor.predict(study)
     target = list(predictor.classes).index(out["prediction"])
-    direct = grad_cam(predictor, predictor.encoder.spec.unit(vol.hu[k : k + 1], vol.kind)[0],
-                      pred.extra["features"], k, target)
+    spacing = (float(vol.spacing_mm[1]), float(vol.spacing_mm[2]))
+    weighted = {i: weighted_cam(predictor, vol.hu[i], vol.kind, pred.extra["features"], i, target,
+                                pred.slice_scores[i], spacing) for i in [x["slice_index"] for x in out["key_slices"]]}
+    direct = study_cam(weighted[k], study_scale(list(weighted.values())))
     from PIL import Image
 
     big = np.asarray(Image.fromarray((direct * 255).astype(np.uint8)).resize(plain.shape[::-1], Image.BILINEAR))
     hot_direct, hot_served = big > 0.3 * 255, alpha > 0.4 * 255
     assert (hot_direct & hot_served).sum() / max((hot_direct | hot_served).sum(), 1) > 0.8
+    # the served map is weaker than the slice's own-maximum map wherever the lungs are not
+    own = grad_cam(predictor, predictor.encoder.spec.unit(vol.hu[k : k + 1], vol.kind)[0], pred.extra["features"], k,
+                   target)
+    assert direct.sum() < own.sum()
     assert viewer_get(c, v["token"], f"/cam/{v['n_slices']}.png").status_code == 404
 
 

@@ -5,6 +5,7 @@ connection tests."""
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import threading
 import time
@@ -244,3 +245,33 @@ def test_health_answers_while_connections_are_busy(tmp_path):
             assert r.status_code == 503 and r.headers["retry-after"] == "5"
         for s in busy:
             s.close()
+
+
+def test_access_log_never_shows_a_viewer_token(tmp_path):
+    """The real server's access log (uvicorn, as `msnet serve` runs it) records viewer requests with the
+    token replaced: a token found in a log would open that study's images to whoever reads the log."""
+    token = "Zq3_secret-token-value-1234"
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    access = logging.getLogger("uvicorn.access")
+    with _Server(ServiceSettings(tmp_dir=str(tmp_path))) as srv:
+        access.addHandler(handler)
+        try:
+            access.setLevel(logging.INFO)
+            for path in (f"/v1/studies/{token}", f"/v1/studies/{token}/slices/3.png?window=lung",
+                         f"/v1/studies/{token}/cam/3.png", "/health"):
+                httpx.get(srv.url + path, timeout=10)
+            deadline = time.monotonic() + 5
+            while len(records) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            access.removeHandler(handler)
+    assert len(records) >= 4, records
+    assert not [r for r in records if token in r], records
+    assert any("/v1/studies/<token>/slices/3.png?window=lung" in r for r in records)
+    assert any("/health" in r for r in records)
