@@ -2,7 +2,8 @@
 
 Every backbone runs the shipped `ct` recipe (`msnet finetune ct --cv`: a logistic regression on frozen
 features, infected against clean slices, each patient scored by a probe that never saw it), with only
-the backbone changed; the lung-area baseline is printed beside. Run from a folder holding `cohort/`
+the backbone changed (`astra_slab16` is the shipped one: 16 slices every 8); the lung-area baseline is
+printed beside. Run from a folder holding `cohort/`
 (`msnet index DATASET -o cohort`), with one or two threads:
 
     OMP_NUM_THREADS=2 python benchmarks/ct_backbones.py [--variants astra lite0 ...]
@@ -14,13 +15,24 @@ import argparse
 from msnet.config import apply_overrides, load_config
 from msnet.stages.ct_eval import cross_validate_cohort
 
+TWO_D = ["backbone.slab=[]"]
 VARIANTS = {
-    "astra": [],
-    "astra_sum": ["backbone.name=astra_sum"],
+    "astra": ["backbone.name=astra", *TWO_D],
+    "astra_sum": ["backbone.name=astra_sum", *TWO_D],
     "astra_slab": ["backbone.name=astra_slab", "backbone.slab=[8,8]"],
-    "astra_slab16": ["backbone.name=astra_slab", "backbone.slab=[16,8]"],
-    "astra_layer4": ["backbone.pool_stages=[4]"],
-    "lite0": ["backbone.name=efficientnet_lite0", "backbone.pool_stages=[4,5]", "preprocess.windows=[[-600,1500]]"],
+    "astra_slab16": [],  # the shipped ct config
+    "astra_layer4": ["backbone.name=astra", *TWO_D, "backbone.pool_stages=[4]"],
+    "lite0": ["backbone.name=efficientnet_lite0", *TWO_D, "backbone.pool_stages=[4,5]", "preprocess.windows=[[-600,1500]]"],
+}
+
+
+LABELS = {
+    "astra": "astra: 2-D, centre slices of the kernels",
+    "astra_sum": "astra_sum: 2-D, kernels summed over depth",
+    "astra_slab": "astra_slab: 3-D, 8 slices every 8",
+    "astra_slab16": "**astra_slab: 3-D, 16 slices every 8 (shipped `ct`)**",
+    "astra_layer4": "astra: 2-D, layer4 average instead",
+    "lite0": "efficientnet_lite0 (ImageNet), blocks 3-4",
 }
 
 
@@ -38,7 +50,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, m in rows:
         a, lung = m["all_slices"], m["lung_slices"]
-        print(f"| {name} ({m['n_features']}) | {f(a['auc_within_patients'])} | {f(a['auc_vs_normal'])} | "
+        print(f"| {LABELS[name]} ({m['n_features']}) | {f(a['auc_within_patients'])} | {f(a['auc_vs_normal'])} | "
               f"{f(a['per_class'].get('COVID-19', {}).get('auc_within_patients'))} | "
               f"{f(a['per_class'].get('CAP', {}).get('auc_within_patients'))} | {f(lung['auc_within_patients'])} | "
               f"{f(lung['auc_vs_normal'])} |")

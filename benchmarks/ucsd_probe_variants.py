@@ -27,7 +27,8 @@ slices of a cohort with slice labels (``msnet finetune --test``'s infection AUCs
 crops every image to the lungs (``preprocess.lung_crop``: the UCSD images by their 2-D lung masks,
 the DICOM slices by the HU lung mask). ``--covariance`` takes each map's channel covariance instead of
 its standard deviation (``backbone.pool_covariance``); ``--backbone NAME@SIZE`` (repeatable) other
-frozen networks and input sizes, their features side by side. ``--calibration`` then compares, in a
+frozen networks and input sizes, their features side by side (the CT-pretrained ``astra``: the mean and sd
+of its layer2 and layer3). ``--calibration`` then compares, in a
 nested CV, the logistic regression's temperature fitted on a selection fifth and on out-of-fold
 predictions (``finetune.calibration``), by the ECE on the held-out folds.
 
@@ -60,7 +61,9 @@ class Features:
         from msnet.models.backbones import create
 
         self.cfg = cfg = load_config("ucsd", [f"backbone.name={name}"] * bool(name) + [f"preprocess.size={size}"] * bool(size))
-        self.backbone = create(cfg.backbone.name, pretrained=True, pool_stages=cfg.backbone.pool_stages,
+        # the CT-native ResNet-152 has five stages (stem, layer1-4): its mid-level ones are layer2 and layer3
+        stages = [2, 3] if cfg.backbone.name.startswith("astra") else cfg.backbone.pool_stages
+        self.backbone = create(cfg.backbone.name, pretrained=True, pool_stages=stages,
                                pool_lungs=True, pool_covariance=covariance).eval()
         self.mean, self.std = self.backbone.data_config["mean"], self.backbone.data_config["std"]
         self.to_device = channels_last
@@ -193,6 +196,9 @@ def main() -> None:
                     "standard deviation (backbone.pool_covariance)")
     ap.add_argument("--features", action="append", choices=("whole", "lungs", "both"),
                     help="only these feature sets (default: all three)")
+    ap.add_argument("--each", action="store_true", help="with several --backbone: each alone too, before them side by side")
+    ap.add_argument("--classifier", action="append", choices=("logistic regression", "RBF SVM"),
+                    help="only these classifiers (repeatable; default both)")
     ap.add_argument("--calibration", action="store_true", help="then compare, in nested CV, the logistic "
                     "regression's temperature fitted on a selection fifth and on out-of-fold predictions")
     args = ap.parse_args()
@@ -208,7 +214,8 @@ def main() -> None:
     val = [r for r in rows if r["subset"] == "val"]
     members = [Features(name, int(size or 0), args.covariance)
                for name, _, size in (b.partition("@") for b in args.backbone)] or [Features(covariance=args.covariance)]
-    d = _side_by_side([ucsd_features(train + val, f, args.crop) for f in members])
+    member_sets = [ucsd_features(train + val, f, args.crop) for f in members]
+    d = _side_by_side(member_sets)
     y = np.array([r["label"] == "COVID-19" for r in train + val], int)
     tr, va = np.arange(len(train)), np.arange(len(train), len(rows))
     jpeg = np.array([r["format"] != "PNG" for r in val])
@@ -219,57 +226,65 @@ def main() -> None:
     groupings = {"patient": train, "paper": group_by_paper(train)}
     folds = {g: [[[index[r["image_path"]] for r in f] for f in manifest_folds(rs, 5, seed)]
                  for seed in range(args.seeds)] for g, rs in groupings.items()}
-    cohort = None
+    cohort, sets = None, []
     if args.ctmd:
-        sets = []
         for f in members:
             patients, c = cohort_features(args.ctmd, f, dataclasses.replace(spec_for(f.cfg, f.backbone), lung_crop=args.crop))
             sets.append(c)
         cohort = patients, _side_by_side(sets)
+    # with several backbones: each alone first (--each), then side by side
+    names = [f.cfg.backbone.name for f in members]
+    candidates = [(" + ".join(names) if len(members) > 1 else "", d, cohort)]
+    if args.each and len(members) > 1:
+        candidates = [(n, m, (cohort[0], c) if cohort else None)
+                      for n, m, c in zip(names, member_sets, sets or [None] * len(names))] + candidates
     header = ["features", "classifier", "CV patient-grouped acc / AUC", "CV paper-grouped acc / AUC",
               "val acc / F1 / AUC", "val PNG / JPEG"]
     if cohort:
         header.append("transfer: vs normal / within patients")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for fname, (X, Xm) in feature_sets(d).items():
-        if args.features and fname not in args.features:
-            continue
-        for cname, make in classifiers().items():
-            def fit(idx):
-                return make().fit(X[idx], y[idx])
+    for label, d, cohort in candidates:
+        for fname, (X, Xm) in feature_sets(d).items():
+            if args.features and fname not in args.features:
+                continue
+            for cname, make in classifiers().items():
+                if args.classifier and cname not in args.classifier:
+                    continue
+                def fit(idx):
+                    return make().fit(X[idx], y[idx])
 
-            def score(m, A, Am):
-                return (m.decision_function(A) + m.decision_function(Am)) / 2
+                def score(m, A, Am):
+                    return (m.decision_function(A) + m.decision_function(Am)) / 2
 
-            cv = {}
-            for g, assignments in folds.items():
-                acc, auc = [], []
-                for fs in assignments:
-                    for k, held in enumerate(fs):
-                        rest = np.array([i for j, f in enumerate(fs) if j != k for i in f])
-                        held = np.array(held)
-                        s = score(fit(rest), X[held], Xm[held])
-                        acc.append(np.mean((s > 0) == y[held]))
-                        auc.append(roc_auc_score(y[held], s))
-                cv[g] = f"{np.mean(acc):.3f} / {np.mean(auc):.3f}"
-            m = fit(tr)
-            s = score(m, X[va], Xm[va])
-            pred = (s > 0).astype(int)
-            hit = pred == y[va]
-            cells = [fname, cname, cv["patient"], cv["paper"],
-                     f"{hit.mean():.3f} / {f1_score(y[va], pred):.3f} / {roc_auc_score(y[va], s):.3f}",
-                     f"{hit[~jpeg].mean():.3f} / {hit[jpeg].mean():.3f}"]
-            if cohort:
-                patients, c = cohort
-                cs = feature_sets(c)[fname]
-                scores = score(m, *cs)
-                at, parts = 0, []
-                for p in patients:
-                    parts.append(dict(p, scores=scores[at:at + p["n"]]))
-                    at += p["n"]
-                t = infection_metrics(parts)
-                cells.append(f"{t['infection_auc_vs_normal']:.3f} / {t['infection_auc_within_patients']:.3f}")
-            print("| " + " | ".join(cells) + " |", flush=True)
+                cv = {}
+                for g, assignments in folds.items():
+                    acc, auc = [], []
+                    for fs in assignments:
+                        for k, held in enumerate(fs):
+                            rest = np.array([i for j, f in enumerate(fs) if j != k for i in f])
+                            held = np.array(held)
+                            s = score(fit(rest), X[held], Xm[held])
+                            acc.append(np.mean((s > 0) == y[held]))
+                            auc.append(roc_auc_score(y[held], s))
+                    cv[g] = f"{np.mean(acc):.3f} / {np.mean(auc):.3f}"
+                m = fit(tr)
+                s = score(m, X[va], Xm[va])
+                pred = (s > 0).astype(int)
+                hit = pred == y[va]
+                cells = [f"{label}: {fname}" if label else fname, cname, cv["patient"], cv["paper"],
+                         f"{hit.mean():.3f} / {f1_score(y[va], pred):.3f} / {roc_auc_score(y[va], s):.3f}",
+                         f"{hit[~jpeg].mean():.3f} / {hit[jpeg].mean():.3f}"]
+                if cohort:
+                    patients, c = cohort
+                    cs = feature_sets(c)[fname]
+                    scores = score(m, *cs)
+                    at, parts = 0, []
+                    for p in patients:
+                        parts.append(dict(p, scores=scores[at:at + p["n"]]))
+                        at += p["n"]
+                    t = infection_metrics(parts)
+                    cells.append(f"{t['infection_auc_vs_normal']:.3f} / {t['infection_auc_within_patients']:.3f}")
+                print("| " + " | ".join(cells) + " |", flush=True)
     if args.calibration:
         print("\n| features | CV grouped by | held-out ECE: selection-fifth temperature | out-of-fold temperature | "
               "no temperature | temperature: selection fifth / out-of-fold (mean ± sd) | folds where out-of-fold is lower |"

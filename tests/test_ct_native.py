@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import glob
+from pathlib import Path
 import json
 import sys
 
@@ -155,8 +156,39 @@ def test_ct_config_runs_leave_one_patient_out_on_the_real_scans(tmp_path, shared
     assert means["normal001"] < min(means["P001"], means["cap002"])
     result = finetune(cfg)
     ckpt = torch.load(cfg.run_path / "finetune" / "backbone.pt", map_location="cpu", weights_only=True)
-    assert ckpt["backbone"] == "astra" and ckpt["provenance"]["licence"].startswith("MIT")
+    assert ckpt["backbone"] == "astra_slab" and ckpt["slab"] == [16, 8] and ckpt["provenance"]["licence"].startswith("MIT")
     assert ckpt["temperature"] == pytest.approx(cv["oof_temperature"])
     text = summary({**result, "cv": cv}, cfg.run_path / "finetune")
     assert "lung area alone" in text and "leave-one-patient-out" in text
     json.dumps(cv)  # serialisable as written
+
+
+@pytest.mark.parametrize("name", ["astra", "astra_slab"])
+def test_a_ct_native_bundle_predicts_explains_and_exports(tmp_path, name) -> None:
+    """The whole pipeline with the CT-pretrained backbone (a reduced demo on phantoms: 64 px, layer2 only),
+    then its bundle on a real scan: a prediction with its key-slice strip, the weights' provenance in the
+    model card, and (2-D) ONNX fp32 / int8 export with their parity checks; a slab bundle refuses export."""
+    from msnet.inference.export import export_bundle
+    from msnet.inference.predictor import Predictor
+    from msnet.stages.run import run_demo
+
+    out = tmp_path / "demo"
+    run_demo(out, n_patients=15, size=64, slices=(8, 12), config="ct",
+             overrides=["preprocess.size=64", "backbone.pool_stages=[2]", "finetune.calibration=select",
+                        "train.aggregators=[msnet]", "train.epochs=2", f"backbone.name={name}"]
+             + (["backbone.slab=[]"] if name == "astra" else ["backbone.slab=[4,4]"]))
+    bundle = out / "run" / "bundle"
+    card = json.loads((bundle / "metadata.json").read_text())
+    weights = card["backbone"]["pretrained_weights"]
+    assert card["backbone"]["name"] == name and weights["licence"].startswith("MIT") and len(weights["sha256"]) == 64
+    assert "RAS" in card["input"]["orientation"] and card["input"]["windows_hu"] == [{"level": -400.0, "width": 1200.0}]
+    pred = Predictor(bundle, device="cpu").predict(P001, explain_dir=tmp_path / "explain")
+    assert pred.n_slices == 148 and abs(sum(pred.probabilities.values()) - 1.0) < 1e-5
+    assert sorted(p.name for p in (tmp_path / "explain").glob("*.png"))
+    if name == "astra_slab":
+        with pytest.raises(MsnetError, match="slabs"):
+            export_bundle(bundle, tmp_path / "onnx")
+        return
+    result = export_bundle(bundle, tmp_path / "onnx", int8=True, calibration=[P001], check_studies=[P001])
+    assert Path(result["backbone"]).is_file() and result["parity"]["ok"]  # within 1e-4 of torch, same classes
+    assert (tmp_path / "onnx" / "backbone_int8.onnx").is_file() and result["int8"]["n_studies"] >= 2

@@ -107,6 +107,9 @@ def export_backbone(backbone, size: int, path: str | Path) -> Path:
 
     from msnet.models.backbones import export_onnx
 
+    if getattr(backbone, "whole_study", False):
+        raise MsnetError(f"backbone {backbone.name!r} reads slabs of neighbouring slices; its ONNX export is not built",
+                         fix="run it with the torch runtime, or train the bundle with a 2-D backbone (astra) to export it")
     module = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
     if getattr(backbone, "pool_lungs", False):
         return export_onnx(_LungPooled(module).eval(), (torch.randn(2, 3, size, size), torch.ones(2, 1, size, size)),

@@ -92,6 +92,20 @@ _SQUEEZENET_CONFIG = {
 }
 
 
+def declared_hu_window(name: str) -> tuple[float, float] | None:
+    """The one HU window (level, width) a backbone's weights were trained on, where they declare one
+    (the CT-native backbones); None for ImageNet networks, which take the configured windows.
+
+    >>> declared_hu_window("astra"), declared_hu_window("resnet18")
+    ((-400.0, 1200.0), None)
+    """
+    if name in CT_NATIVE:
+        from msnet.models.astra import WINDOW
+
+        return WINDOW
+    return None
+
+
 def known_backbones() -> list[str]:
     """Names accepted by :func:`create`.
 

@@ -177,6 +177,15 @@ def infection_temperature(logits: np.ndarray, targets: np.ndarray, k_normal: int
     return best_t
 
 
+def either_way(auc: float | None) -> float | None:
+    """A baseline's AUC taken in whichever direction scores higher (a cue may rise or fall with infection).
+
+    >>> either_way(0.2), either_way(None)
+    (0.8, None)
+    """
+    return None if auc is None else float(max(auc, 1.0 - auc))
+
+
 def infection_report(patients: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Infection AUCs of per-patient slice scores (``patient_id``, ``label``, ``scores``, ``slice_labels``,
     ``lung`` (bool per slice), ``lung_area_mm2``): on all slices and on the slices that show lung, per
@@ -196,18 +205,18 @@ def infection_report(patients: Sequence[dict[str, Any]]) -> dict[str, Any]:
         m = infection_metrics(restricted(patients, keep_lung))
         base = infection_metrics(restricted(patients, keep_lung, "lung_area_mm2"))
         part = {"auc_vs_normal": m["infection_auc_vs_normal"], "auc_within_patients": m["infection_auc_within_patients"],
-                "n_infected_slices": m["n_infected_slices"], "n_normal_patient_slices": m["n_normal_patient_slices"],
-                "n_unlabelled_slices": m["n_unlabelled_slices"]}
+                **{k: v for k, v in m.items() if not k.startswith("infection_auc")}}
         for k, metric in (("vs_normal", "infection_auc_vs_normal"), ("within_patients", "infection_auc_within_patients")):
-            a = base[metric]
-            part[f"lung_area_baseline_{k}"] = None if a is None else float(max(a, 1.0 - a))
+            part[f"lung_area_baseline_{k}"] = either_way(base[metric])
         per_class = {}
+        normal = [p for p in patients if is_normal_patient(p["label"])]
         for label in sorted({p["label"] for p in patients if not is_normal_patient(p["label"])}):
-            mc = infection_metrics(restricted([p for p in patients if p["label"] == label], keep_lung))
-            bc = infection_metrics(restricted([p for p in patients if p["label"] == label], keep_lung, "lung_area_mm2"))
-            a = bc["infection_auc_within_patients"]
+            own = [p for p in patients if p["label"] == label] + normal
+            mc, bc = infection_metrics(restricted(own, keep_lung)), infection_metrics(restricted(own, keep_lung, "lung_area_mm2"))
             per_class[label] = {"auc_within_patients": mc["infection_auc_within_patients"],
-                                "lung_area_baseline": None if a is None else float(max(a, 1.0 - a))}
+                                "lung_area_baseline": either_way(bc["infection_auc_within_patients"]),
+                                "auc_vs_normal": mc["infection_auc_vs_normal"],
+                                "lung_area_baseline_vs_normal": either_way(bc["infection_auc_vs_normal"])}
         part["per_class"] = per_class
         report[name] = part
     report["patients"] = {p["patient_id"]: {"label": p["label"], "mean_score": float(np.mean(p["scores"])),
@@ -330,8 +339,7 @@ def cross_validate_cohort(cfg: Config, overwrite: bool = False) -> dict:
                   oof_temperature=infection_temperature(logits, y, k_normal))
     rows_out = slice_rows(patients)
     write_csv_atomic(out / "slice_scores.csv", SLICE_FIELDS + ["lung_area_mm2"], rows_out)
-    plot_slice_scores(rows_out, out / "slice_scores.png", f"infection score per slice, each patient left out "
-                      f"({cfg.backbone.name})")
+    plot_slice_scores(rows_out, out / "slice_scores.png", f"out-of-fold infection score ({cfg.backbone.name})")
     with atomic_path(out / OOF_FILE, suffix=".npz") as tmp:
         np.savez(tmp, logits=logits, labels=y)
     atomic_write_text(done, json.dumps(result, indent=2))
@@ -391,10 +399,11 @@ def test_cohort(cfg: Config, model, test_dir: Path, rows: Sequence[dict], slice_
     w, b = model.fc.weight.detach().cpu(), model.fc.bias.detach().cpu()
     patients = [_patient(s, 1.0 - _softmax(logits_of(s.feats, w, b) / model.temperature)[:, k_normal]) for s in studies]
     result = infection_report(patients)
-    every = result["all_slices"]
-    result.update(infection_auc_vs_normal=every["auc_vs_normal"], infection_auc_within_patients=every["auc_within_patients"],
-                  n_infected_slices=every["n_infected_slices"], n_normal_patient_slices=every["n_normal_patient_slices"],
-                  n_unlabelled_slices=every["n_unlabelled_slices"])
+    every = result["all_slices"]  # its figures at the top level too, as transfer.score_cohort gives them
+    result.update({k: v for k, v in every.items() if k not in ("per_class", "auc_vs_normal", "auc_within_patients")
+                   and not k.startswith("lung_area")},
+                  infection_auc_vs_normal=every["auc_vs_normal"], infection_auc_within_patients=every["auc_within_patients"],
+                  cohort_classes=sorted({str(r["label"]) for r in rows}))
     result.update(test_dir=str(test_dir), n=int(sum(len(p["scores"]) for p in patients)), normal_class=classes[k_normal],
                   classes=classes, slice_rows=slice_rows(patients))
     return result

@@ -89,7 +89,11 @@ def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: l
 
     from msnet.io import read_study
 
+    from msnet.models.backbones import declared_hu_window
+
     size, windows = cfg.preprocess.size, cfg.preprocess.windows
+    if declared_hu_window(cfg.backbone.name):  # the window the weights declare, as spec_for serves them
+        windows = [list(declared_hu_window(cfg.backbone.name))]
     images, labels, groups = [], [], []
     for r in track(rows, description=f"reading {desc} slices", transient=True, disable=not D.is_main()):
         pid, label = r["patient_id"], r["label"]
@@ -349,6 +353,9 @@ def build_model(cfg: Config, n_classes: int, pretrained: bool | None = None):
         freeze=cfg.backbone.freeze or None,
         **cfg.backbone.pooling(),
     )
+    if backbone.whole_study and cfg.finetune.mode != "linear_probe":
+        raise MsnetError(f"finetune.mode={cfg.finetune.mode} trains on single slices; backbone {backbone.name!r} reads "
+                         "slabs of neighbouring slices", fix="use finetune.mode=linear_probe with it, or backbone astra")
     return SliceClassifier(backbone, n_classes)
 
 
