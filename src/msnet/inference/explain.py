@@ -37,8 +37,11 @@ def grad_cam(predictor, unit_slice: torch.Tensor, feats: torch.Tensor, index: in
     """Grad-CAM map (S, S) of one preprocessed slice for class ``target``: in [0, 1] scaled to its own
     maximum (``normalise``), else the raw ReLU'd map (for :func:`study_cam`)."""
     spec = predictor.spec
-    x = P.finish(unit_slice[None], spec.mean, spec.std).to(predictor.device)
     backbone = predictor.bundle.backbone
+    if getattr(backbone, "whole_study", False):  # a slab network has no feature map of one slice
+        log.info("no Grad-CAM: backbone %s reads slabs of slices; the key slices are shown without a map", backbone.name)
+        return np.zeros(tuple(unit_slice.shape[-2:]), np.float32)
+    x = P.finish(unit_slice[None], spec.mean, spec.std).to(predictor.device)
     with torch.enable_grad():
         maps = backbone.forward_maps(x)
         fmap = maps[-1]
