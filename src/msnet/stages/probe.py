@@ -3,7 +3,7 @@
 Used by stage 1's ``finetune.mode: linear_probe`` on slice images (:mod:`msnet.stages.finetune`) and on CT
 cohorts (:mod:`msnet.stages.ct_eval`), so both fit the same model the same way.
 
->>> x = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+>>> x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
 >>> w, b = fit_probe(x, torch.tensor([0, 0, 1, 1]), 2, c=10.0)
 >>> ((x @ w.T + b).argmax(1)).tolist()
 [0, 0, 1, 1]
