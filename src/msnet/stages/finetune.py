@@ -89,7 +89,7 @@ def _cohort_slices(rows: list[dict], slice_labels: dict, cfg: Config, classes: l
 
     from msnet.io import read_study
 
-    from msnet.models.backbones import declared_hu_window
+    from msnet.models.astra import declared_hu_window
 
     size, windows = cfg.preprocess.size, cfg.preprocess.windows
     if declared_hu_window(cfg.backbone.name):  # the window the weights declare, as spec_for serves them
@@ -841,10 +841,10 @@ def test(cfg: Config, test_dir: Path) -> dict:
         if {r["label"] for r in rows} - set(classes) or on_ct_cohort(cfg):
             from msnet.files import write_csv_atomic
             from msnet.plots import plot_slice_scores
-            from msnet.stages.ct_eval import test_cohort
+            from msnet.stages.ct_eval import score_test_cohort
             from msnet.stages.transfer import SLICE_FIELDS
 
-            metrics = test_cohort(cfg, model, test_dir, rows, slice_labels)
+            metrics = score_test_cohort(cfg, model, test_dir, rows, slice_labels)
             slice_rows = metrics.pop("slice_rows")
             out = results_folder(cfg, test_dir)
             metrics["results_dir"] = str(out)
