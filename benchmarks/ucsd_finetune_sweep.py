@@ -307,7 +307,8 @@ def run_predictions(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     out-of-fold predictions on ``train`` in manifest order, its model's on ``val``, and both labels."""
     from msnet.config import load_config
     from msnet.data.cohorts import read_slice_manifest
-    from msnet.stages.finetune import _image_slices, _softmax, calibrated_probs, load_slice_classifier, manifest_folds
+    from msnet.stages.finetune import _image_slices, calibrated_probs, load_slice_classifier, manifest_folds
+    from msnet.stages.probe import softmax
 
     cfg = load_config(run / "config.yaml")
     cv = json.loads((run / "cv" / "cv_metrics.json").read_text())
@@ -319,7 +320,7 @@ def run_predictions(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     order = [pos[r["image_path"]] for f in manifest_folds(train, cfg.finetune.folds, cfg.finetune.seed) for r in f]
     temps = np.concatenate([[f["temperature"]] * f["n"] for f in cv["folds"]])
     oof, y = np.empty_like(logits), np.empty_like(labels)
-    oof[order], y[order] = _softmax(logits / temps[:, None]), labels  # oof.npz holds one fold after the other
+    oof[order], y[order] = softmax(logits / temps[:, None]), labels  # oof.npz holds one fold after the other
     val = _image_slices([r for r in rows if r["subset"] == "val"], cfg, list(cfg.data.classes), "val")
     pv = calibrated_probs(load_slice_classifier(run / "backbone.pt"), val, cfg, torch.device("cpu"))
     return oof, pv, y, val.labels.numpy()

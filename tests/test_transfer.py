@@ -121,12 +121,14 @@ def test_misaligned_slice_labels_are_refused(run_and_cohort, tmp_path):
 def test_scoring_crops_to_the_lungs_when_the_model_was_trained_so(run_and_cohort):
     """A model trained on lung-cropped slices (spec.lung_crop) is scored on lung-cropped slices too."""
     import dataclasses
+    from types import SimpleNamespace
 
     import torch
 
+    from msnet.config import Config
     from msnet.data.cohorts import read_cohort, read_slice_labels
     from msnet.preprocess import PreprocessSpec
-    from msnet.stages.transfer import score_cohort
+    from msnet.stages.ct_eval import score_test_cohort
 
     class Recorder(torch.nn.Module):
         def __init__(self):
@@ -135,7 +137,7 @@ def test_scoring_crops_to_the_lungs_when_the_model_was_trained_so(run_and_cohort
 
         def forward(self, x):
             self.seen.append(x.clone())
-            return torch.zeros(x.shape[0], 2)
+            return torch.zeros(x.shape[0], 4)
 
     _, cohort_dir = run_and_cohort
     rows = read_cohort(cohort_dir / "cohort.csv", only_ok=True)[:2]
@@ -143,9 +145,11 @@ def test_scoring_crops_to_the_lungs_when_the_model_was_trained_so(run_and_cohort
     air = {}
     for crop in (False, True):
         spec = dataclasses.replace(PreprocessSpec(size=64), lung_crop=crop)
-        model = Recorder()
-        metrics, _ = score_cohort(model, spec, ["COVID-19", "NORMAL"], rows, labels)
-        x = torch.cat(model.seen)
+        recorder = Recorder()
+        model = SimpleNamespace(classes=["COVID-19", "NORMAL"], spec=spec, backbone=recorder,
+                                fc=torch.nn.Linear(4, 2), temperature=1.0)
+        metrics = score_test_cohort(Config(), model, cohort_dir, rows, labels)
+        x = torch.cat(recorder.seen)
         # the darkest input value is air (-1000 HU and below): outside the body unless cropped away
         air[crop] = float((x <= x.min() + 0.05).float().mean())
         assert metrics["n"] == sum(len(labels[r["patient_id"]]) for r in rows)

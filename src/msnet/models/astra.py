@@ -60,6 +60,10 @@ PREFIXES = ("visual_encoder.model.encode_image.i3_resnet.", "encode_image.i3_res
 REDUCTIONS = ("centre", "sum")
 
 
+CT_NATIVE: dict[str, str | None] = {"astra": "centre", "astra_sum": "sum", "astra_slab": None}
+"""The backbone names built here: name -> how the 3-D kernels become 2-D (None: the 3-D network over slabs)."""
+
+
 def declared_hu_window(name: str) -> tuple[float, float] | None:
     """The one HU window (level, width) a backbone's weights were trained on, where they declare one (the
     CT-native backbones); None for ImageNet networks, which take the configured windows.
@@ -67,7 +71,7 @@ def declared_hu_window(name: str) -> tuple[float, float] | None:
     >>> declared_hu_window("astra_slab"), declared_hu_window("resnet18")
     ((-400.0, 1200.0), None)
     """
-    return WINDOW if name in ("astra", "astra_sum", "astra_slab") else None
+    return WINDOW if name in CT_NATIVE else None
 
 
 def to_ras_plane(x: torch.Tensor) -> torch.Tensor:
@@ -319,7 +323,7 @@ def create_backbone(name: str, pretrained: bool, weights: str | Path | None, fre
     to the plane its weights learned itself."""
     import timm
 
-    from msnet.models.backbones import _STAGES, CT_NATIVE, Backbone, load_weights  # here: backbones imports this module
+    from msnet.models.backbones import _STAGES, Backbone, load_weights  # here: backbones imports this module
 
     if in_chans != 3:
         raise MsnetError(f"backbone {name!r} takes the grey slice replicated to 3 channels, not {in_chans}",

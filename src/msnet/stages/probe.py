@@ -11,6 +11,7 @@ cohorts (:mod:`msnet.stages.ct_eval`), so both fit the same model the same way.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,3 +50,14 @@ def fit_probe(feats: torch.Tensor, y: torch.Tensor, n_classes: int, c: float = 0
         opt.step(closure)
     with torch.no_grad():
         return (w / sd).float(), (b - (w * mu / sd).sum(1)).float()
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits (n, k).
+
+    >>> softmax(np.array([[0.0, 0.0]])).tolist()
+    [[0.5, 0.5]]
+    """
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -63,6 +63,17 @@ KEY_SLICE_DISTANCE = 5
 """Key slices of the slice-head report lie at least this many slices apart (one per region)."""
 
 
+def key_slices(scores) -> list[int]:
+    """The report's :data:`KEY_SLICES` key slices, :data:`KEY_SLICE_DISTANCE` slices apart: the predictor's
+    non-maximum suppression along z, on slice indices."""
+    import numpy as np
+
+    from msnet.inference.predictor import pick_key_slices
+
+    return [int(i) for i in pick_key_slices(np.asarray(scores, float), KEY_SLICES, np.arange(len(scores), dtype=float),
+                                            KEY_SLICE_DISTANCE)]
+
+
 def cohort_too_small(cfg: Config) -> str | None:
     """Why the cohort cannot train and test an aggregator (fewer than :data:`MIN_PATIENTS_PER_CLASS` patients of
     a class, or none of a class), or None."""
@@ -78,24 +89,6 @@ def cohort_too_small(cfg: Config) -> str | None:
             f"MS-Net or any patient-level aggregator (at least {MIN_PATIENTS_PER_CLASS} patients of each class are "
             "needed for its training, validation and test splits); the run stops after the slice head: its "
             "per-slice infection scores, each patient scored by a slice head that never saw it, are the result")
-
-
-def key_slices(scores, k: int = KEY_SLICES, distance: int = KEY_SLICE_DISTANCE) -> list[int]:
-    """The ``k`` highest-scoring slices at least ``distance`` slices apart (non-maximum suppression along z).
-
-    >>> key_slices([0.1, 0.9, 0.8, 0.2, 0.7, 0.1], k=2, distance=2)
-    [1, 4]
-    """
-    import numpy as np
-
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
-    picked: list[int] = []
-    for i in order:
-        if all(abs(int(i) - j) >= distance for j in picked):
-            picked.append(int(i))
-        if len(picked) == k:
-            break
-    return picked
 
 
 def slice_head_report(cfg: Config, why: str) -> Path:

@@ -11,23 +11,19 @@ NON-COVID), and two AUCs measure it:
   patients that carry no infection label (the harder test: same scanner, same body).
 
 ``finetune --test COHORT_DIR`` runs this when ``COHORT_DIR/cohort.csv`` has labels the model
-does not know; :func:`score_cohort` is the library entry point.
+does not know (:func:`msnet.stages.ct_eval.score_test_cohort`, which adds the slices that show lung
+and the lung-area baseline).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from msnet.device import channels_last
 from msnet.errors import MsnetError
 from msnet.metrics import auc_score
-
-logger = logging.getLogger(__name__)
 
 SLICE_FIELDS = ["patient_id", "label", "slice_index", "slice_label", "infection_score"]
 NORMAL_NAMES = ("NORMAL", "NON-COVID")
@@ -109,58 +105,3 @@ def infection_metrics(patients: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mean_score_normal_patients": float(neg_normal.mean()) if neg_normal.size else None,
         "mean_score_unlabelled": float(neg_within.mean()) if neg_within.size else None,
     }
-
-
-@torch.inference_mode()
-def slice_infection_scores(model: torch.nn.Module, spec, hu: np.ndarray, kind: str, normal_index: int,
-                           device: torch.device | str = "cpu", batch_size: int = 32,
-                           temperature: float = 1.0) -> np.ndarray:
-    """1 - p(normal class) for every slice of a volume, through the model's own preprocessing ``spec``
-    and its calibration ``temperature``."""
-    model.eval()
-    out = []
-    for i in range(0, hu.shape[0], batch_size):
-        x = channels_last(spec.prepare(hu[i:i + batch_size], kind), device)
-        p = torch.softmax(model(x).float() / float(temperature), dim=1)
-        out.append(1.0 - p[:, normal_index].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def score_cohort(model: torch.nn.Module, spec, classes: Sequence[str], rows: Sequence[dict],
-                 slice_labels: dict[str, np.ndarray], device: torch.device | str = "cpu",
-                 configured_normal: str | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """Infection scores of every slice of every study in ``rows`` (cohort manifest rows) and their AUCs.
-
-    Returns (metrics, one row per slice: patient_id, label, slice_index, slice_label, infection_score).
-    A study whose slice labels do not match its slice count raises MsnetError (the labels would
-    point at other slices).
-    """
-    from rich.progress import track
-
-    from msnet.io import read_study
-    from msnet.preprocess import model_slices
-
-    normal = normal_class(classes, configured_normal)
-    k = list(classes).index(normal)
-    patients, slice_rows = [], []
-    for r in track(list(rows), description="scoring slices", transient=True):
-        pid, label = r["patient_id"], r["label"]
-        vol = read_study(r["path"], study_id=pid)
-        labels = slice_labels.get(pid)
-        if labels is not None and len(labels) != vol.n_slices:
-            raise MsnetError(f"patient {pid}: {len(labels)} slice labels for {vol.n_slices} slices",
-                             path=r["path"], fix="list every slice of the study once in slice_labels.csv "
-                                                 "(canonical order: 0 = most superior)")
-        scores = slice_infection_scores(model, spec, model_slices(vol, spec), vol.kind, k, device,
-                                        temperature=getattr(model, "temperature", 1.0))
-        patients.append({"patient_id": pid, "label": label, "scores": scores, "slice_labels": labels})
-        for i, s in enumerate(scores):
-            slice_rows.append({"patient_id": pid, "label": label, "slice_index": i,
-                               "slice_label": "" if labels is None else int(labels[i]),
-                               "infection_score": f"{float(s):.6f}"})
-    metrics = infection_metrics(patients)
-    metrics.update(classes=list(classes), normal_class=normal,
-                   cohort_classes=sorted({str(r["label"]) for r in rows}), n=len(slice_rows))
-    logger.info("infection AUC vs normal patients %s, within patients %s",
-                metrics["infection_auc_vs_normal"], metrics["infection_auc_within_patients"])
-    return metrics, slice_rows
