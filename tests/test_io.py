@@ -16,6 +16,7 @@ from pydicom.pixels import pixel_array
 from msnet.errors import MsnetError
 from msnet.io import CTVolume, describe, read_study
 from msnet.io.decode import _gdcm_direct, decode_file, decode_series, gdcm_direct_ok
+from msnet.io.jpeg import LOSSLESS_DECODERS, lossless_direct
 from msnet.io.pixeldata import parse_header, read_pixel_bytes
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
@@ -177,7 +178,12 @@ def test_gdcm_direct_matches_pylibjpeg(shared_data, path):
         info = parse_header(path)[1]
         np.testing.assert_array_equal(_gdcm_direct(str(path), read_pixel_bytes(str(path), info), info, *shape), ref)
     arr, decoder, err = decode_file(str(path), shape if gdcm_direct_ok(ds) else None)
-    assert err is None and decoder == ("gdcm-region" if gdcm_direct_ok(ds) else "gdcm") and arr.dtype == ref.dtype
+    direct = tuple(LOSSLESS_DECODERS)
+    assert err is None and (decoder in direct if gdcm_direct_ok(ds) else decoder == "gdcm") and arr.dtype == ref.dtype
+    for name in direct if gdcm_direct_ok(ds) else ():  # every direct decoder gives the same stored values
+        info = parse_header(path)[1]
+        np.testing.assert_array_equal(lossless_direct(str(path), read_pixel_bytes(str(path), info), info, *shape,
+                                                      decoders=(name,))[0], ref)
     np.testing.assert_array_equal(arr, ref)
     wrong, decoder, err = decode_file(str(path), (7, 9))  # direct read refuses: falls back to pydicom
     assert err is None and decoder == "gdcm"

@@ -1,4 +1,4 @@
-"""Pixel data to HU: GDCM / pylibjpeg decoders and a pool of worker processes writing into shared memory.
+"""Pixel data to HU: imagecodecs / GDCM / pylibjpeg decoders and a pool of worker processes writing into shared memory.
 
 Public API: :func:`decode_file` (one file), :func:`decode_series` (a series into one array),
 :func:`to_hu`, :func:`quiet_pydicom`, :func:`shutdown_pool`, :func:`stop_workers`,
@@ -30,15 +30,12 @@ What is read when (pydicom parses each file once):
    marker structure. pydicom's pixel API then decodes a minimal data set made of the recorded
    keywords and that one element, trying the decoders of ``DECODERS`` in turn (``SAFE_DECODERS``
    after a worker crash). The header is not parsed again.
-4. GDCM direct path (single-frame unsigned 16-bit JPEG Lossless, :func:`gdcm_direct_ok`): the
-   bytes read in step 3 must tile the file exactly (basic offset table, one JPEG frame, sequence
-   delimiter at the end of the file) and hold a sound frame; then GDCM opens the file by name and
-   reads it with its own reader (``ImageRegionReader``), decoding straight into a buffer. GDCM
-   reads the file itself because handing it the bytes we hold goes through its Python API as a
-   ``str``, a round trip that doubles the cost (a P001 slice: 3.9 ms when GDCM opens the file,
-   7.8 ms from bytes). So on this path the file's bytes are read twice (once here, once by GDCM),
-   but pydicom still parses the header once. If GDCM fails, the bytes of step 3 are decoded
-   through pydicom as above.
+4. Direct path (single-frame unsigned 16-bit JPEG Lossless, :func:`gdcm_direct_ok`; the common CT
+   case): the bytes read in step 3 must tile the file exactly (basic offset table, one JPEG frame,
+   sequence delimiter at the end of the file) and hold a sound frame; then the frame is decoded by
+   the fastest installed decoder of :data:`msnet.io.jpeg.LOSSLESS_DECODERS` (imagecodecs'
+   libjpeg-turbo 3, its LJPEG codec, GDCM reading the file by name with ``ImageRegionReader``),
+   the next one on failure, and pydicom's pixel API as above after them (:mod:`msnet.io.jpeg`).
 
 A file whose header pass found no pixel data element is searched for the tag's bytes (no parse),
 only to word its error. After a worker crash the series is decoded again in this process: the
@@ -71,8 +68,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from msnet.io.pixeldata import (PIXEL_DATA, PixelInfo, has_pixel_tag, parse_header, pixel_dataset, pixel_info,
-                                pixel_value, read_pixel_bytes, walk_items)
+from msnet.io.jpeg import (_GDCM_DIRECT_SYNTAXES, _frames_problem, _gdcm_direct, gdcm_direct_ok,  # noqa: F401
+                           jpeg_problem, lossless_direct)
+from msnet.io.pixeldata import (PixelInfo, has_pixel_tag, parse_header, pixel_dataset, pixel_info, pixel_value,
+                                read_pixel_bytes)
 from msnet.io.volume import AIR_HU, floor_out_of_field
 
 logger = logging.getLogger(__name__)
@@ -145,11 +144,6 @@ def _as_stored(value, dtype) -> int:
     return v
 
 
-_GDCM_DIRECT_SYNTAXES = ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70")  # JPEG Lossless
-# JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000 and HTJ2K: every frame ends with FF D9
-# (EOI / EOC), a pair that cannot occur inside the entropy-coded data
-_EOI_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81, 90, 91, 201, 202, 203)}
-_EOI = b"\xff\xd9"
 _DEFLATED = "1.2.840.10008.1.2.1.99"  # the whole data set is zlib-compressed: its size says nothing
 
 
@@ -180,138 +174,15 @@ def stored_bytes_problem(path: str, ds, rows: int, cols: int, frames: int) -> st
     return None
 
 
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_JPEG_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70)}
-
-
-def jpeg_problem(frame: bytes, rows: int, cols: int) -> str | None:
-    r"""Why a JPEG frame's marker structure is unusable (None if it is sound up to its scan).
-
-    Start-of-image, segment lengths inside the frame, a frame header (SOF) before the scan whose
-    size matches Rows x Columns, and an end-of-image marker at the end. A decoder never sees a
-    stream that fails this (GDCM aborts the whole process on some broken streams).
-
-    >>> jpeg_problem(b"\xff\xd8\xff\xd9", 2, 2)
-    'no JPEG frame header (SOF) before the scan'
-    """
-    if frame[:2] != b"\xff\xd8":
-        return "the frame does not start with a JPEG start-of-image marker"
-    if _EOI not in frame[-8:]:
-        return "truncated pixel data: no end-of-image marker"
-    pos, sof = 2, None
-    while pos + 4 <= len(frame):
-        if frame[pos] != 0xFF:
-            return "broken JPEG marker structure"
-        marker = frame[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0xD9:
-            break
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = int.from_bytes(frame[pos + 2:pos + 4], "big")
-        if length < 2 or pos + 2 + length > len(frame):
-            return "broken JPEG segment length"
-        if marker in _SOF and length >= 8:
-            sof = (int.from_bytes(frame[pos + 5:pos + 7], "big"), int.from_bytes(frame[pos + 7:pos + 9], "big"),
-                   frame[pos + 9], frame[pos + 4])
-        if marker == 0xDA:
-            if sof is None:
-                break
-            height, width, components, precision = sof
-            if (height, width) != (rows, cols):
-                return f"the JPEG frame is {width} x {height} pixels, the header says {cols} x {rows}"
-            if not 1 <= components <= 4 or not 2 <= precision <= 16:
-                return f"implausible JPEG frame header ({components} components, {precision} bits)"
-            return None
-        pos += 2 + length
-    return "no JPEG frame header (SOF) before the scan"
-
-
-def _direct_problem(data: bytes, info: PixelInfo, rows: int, cols: int) -> str | None:
-    """For GDCM's direct path, on the pixel data bytes read once: an encapsulated (7FE0,0010) OB
-    element whose items tile the rest of the file exactly (basic offset table, one JPEG frame,
-    sequence delimiter at the end of the file), and a sound frame."""
-    encapsulated = info.tag == PIXEL_DATA and info.length is None and info.vr == "OB"
-    if not encapsulated or info.implicit_vr or not info.little_endian:
-        return "no encapsulated pixel data"
-    end, items, problem = walk_items(data)
-    if end is None:
-        return problem
-    if data[end + 4:] != b"\x00\x00\x00\x00" or len(items) < 2:  # delimiter of length 0, then the end of the file
-        return "broken pixel data items"
-    return jpeg_problem(b"".join(data[start:stop] for start, stop in items[1:]), rows, cols)
-
-
-def _frames_problem(value: bytes, info: PixelInfo) -> str | None:
-    """Why the encapsulated frames are incomplete (missing frames, no end-of-image marker), or None."""
-    ts = info.transfer_syntax
-    if ts not in _EOI_SYNTAXES or info.tag != PIXEL_DATA:
-        return None
-    from pydicom.encaps import generate_frames
-
-    n, found = info.number("NumberOfFrames", 1), 0
-    rows, cols = info.number("Rows", 0), info.number("Columns", 0)
-    try:
-        for frame in generate_frames(value, number_of_frames=n):
-            if _EOI not in frame[-8:]:
-                return f"truncated pixel data: frame {found} has no end-of-image marker"
-            problem = jpeg_problem(frame, rows, cols) if ts in _JPEG_SYNTAXES else None
-            if problem:
-                return f"frame {found}: {problem}"
-            found += 1
-    except Exception as exc:  # broken item tags, a frame count the fragments do not match
-        return f"broken pixel data fragments ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    if found < n:
-        return f"truncated pixel data: {found} of {n} frames present"
-    return None
-
-
-def gdcm_direct_ok(ds) -> bool:
-    """Single-frame unsigned 16-bit grey JPEG Lossless: GDCM reads the file itself (no pydicom pass)."""
-    ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
-    return (ts in _GDCM_DIRECT_SYNTAXES and int(ds.get("SamplesPerPixel", 1)) == 1
-            and int(ds.get("BitsAllocated", 0)) == 16 and int(ds.get("PixelRepresentation", 1)) == 0
-            and int(ds.get("NumberOfFrames") or 1) == 1)
-
-
-def _gdcm_direct(path: str, data: bytes, info: PixelInfo, rows: int, cols: int) -> np.ndarray:
-    """GDCM opens the file itself and decodes it straight into a buffer (no str round trip, no
-    pydicom pass), once the pixel data bytes (``data``, read from ``info``) pass the checks."""
-    import gdcm
-
-    problem = _direct_problem(data, info, rows, cols)
-    if problem:
-        raise ValueError(problem)
-    gdcm.Trace.WarningOff()
-    gdcm.Trace.ErrorOff()
-    reader = gdcm.ImageRegionReader()
-    reader.SetFileName(path)
-    if not reader.ReadInformation():
-        raise ValueError("GDCM could not read the file")
-    dims = gdcm.ImageHelper.GetDimensionsValue(reader.GetFile())
-    pixel_format = gdcm.ImageHelper.GetPixelFormatValue(reader.GetFile())
-    if tuple(dims)[:2] != (cols, rows) or pixel_format.GetScalarType() != gdcm.PixelFormat.UINT16:
-        raise ValueError("unexpected size or pixel format")
-    box = gdcm.BoxRegion()
-    box.SetDomain(0, cols - 1, 0, rows - 1, 0, 0)
-    reader.SetRegion(box)
-    buf = bytearray(reader.ComputeBufferLength())
-    if len(buf) != rows * cols * 2 or not reader.ReadIntoBuffer(buf):
-        raise ValueError("GDCM could not decode the pixel data")
-    return np.frombuffer(buf, np.uint16).reshape(rows, cols)
-
-
 def decode_file(path: str, direct: tuple[int, int] | None = None, safe: bool = False,
                 pixel: PixelInfo | None = None) -> tuple[np.ndarray | None, str, str | None]:
     """Stored pixel values of one file: (array or None, decoder used, error text).
 
     ``pixel``: where the header pass found the pixel data (without it, this makes the header pass
     itself). The pixel data element is read once, from there; the header is not parsed again.
-    ``direct=(rows, cols)``: try GDCM on the file first (for files where ``gdcm_direct_ok``).
-    Then GDCM, pylibjpeg and any pydicom decoder through pydicom's pixel API. ``safe``: never GDCM.
+    ``direct=(rows, cols)``: try the direct JPEG Lossless decoders first (for files where ``gdcm_direct_ok``:
+    :func:`msnet.io.jpeg.lossless_direct`). Then GDCM, pylibjpeg and any pydicom decoder through pydicom's
+    pixel API. ``safe``: no direct path and never GDCM.
     """
     if pixel is None:
         found = parse_header(path)
@@ -327,9 +198,10 @@ def decode_file(path: str, direct: tuple[int, int] | None = None, safe: bool = F
         return None, "", f"unreadable ({type(exc).__name__}: {exc})"
     if direct is not None and not safe:
         try:
-            return _gdcm_direct(path, data, pixel, *direct), "gdcm-region", None
+            arr, decoder = lossless_direct(path, data, pixel, *direct)
+            return arr, decoder, None
         except Exception as exc:  # fall back to pydicom below
-            logger.debug("%s: direct GDCM failed (%s)", path, exc)
+            logger.debug("%s: direct JPEG Lossless decode failed (%s)", path, exc)
     value, problem = pixel_value(data, pixel)
     if problem is None:
         problem = _frames_problem(value, pixel)
