@@ -10,6 +10,7 @@ import torch
 from scipy import ndimage as ndi
 from conftest import CAP002, COVID_CT_MD, DICOM_ZOO, NORMAL001, P001, UCSD
 
+from msnet import lungs as L
 from msnet import preprocess as P
 from msnet.errors import MsnetError
 from msnet.io import CTVolume, read_study
@@ -149,7 +150,7 @@ def test_grey_lung_mask_of_real_ucsd_pictures(shared_data):
     wall, and the crop keeps them."""
     from PIL import Image
 
-    from msnet.stages.finetune import load_image_slice
+    from msnet.data.slices import load_image_slice
 
     files = sorted((UCSD / "train" / "CT_COVID").iterdir())[::24] + sorted((UCSD / "train" / "CT_NonCOVID").iterdir())[::24]
     plausible = 0
@@ -174,10 +175,10 @@ def test_grey_lung_masks_are_remembered_and_mirrored(shared_data, monkeypatch):
     files = sorted((UCSD / "train" / "CT_COVID").iterdir())[5::40] + sorted((UCSD / "val" / "CT_NonCOVID").iterdir())[5::40]
     pictures = [np.asarray(Image.open(f).convert("L"), dtype=np.float32) / 255.0 for f in files]
     made = []
-    segment = P._grey_lung_mask
-    monkeypatch.setattr(P, "_grey_lung_mask", lambda u: made.append(u.shape) or segment(u))
-    monkeypatch.setattr(P, "_MASKS", type(P._MASKS)())
-    monkeypatch.setattr(P, "_masks_held", 0)
+    segment = L._grey_lung_mask
+    monkeypatch.setattr(L, "_grey_lung_mask", lambda u: made.append(u.shape) or segment(u))
+    monkeypatch.setattr(L, "_MASKS", type(L._MASKS)())
+    monkeypatch.setattr(L, "_masks_held", 0)
     first = [P.grey_lung_mask(u) for u in pictures]
     assert len(made) == len(pictures)
     again = [P.grey_lung_mask(u) for u in pictures]
@@ -186,9 +187,9 @@ def test_grey_lung_masks_are_remembered_and_mirrored(shared_data, monkeypatch):
     for u, a, b, m in zip(pictures, first, again, mirrored):
         assert a.any() and np.array_equal(a, b)
         assert np.array_equal(m, a[:, ::-1]) and np.array_equal(m, segment(np.ascontiguousarray(u[:, ::-1])))
-    monkeypatch.setattr(P, "_MASKS_BYTES", 1)
+    monkeypatch.setattr(L, "_MASKS_BYTES", 1)
     P.grey_lung_mask(pictures[0] * 0.5)  # a new picture, over the memory allowed: the older masks are forgotten
-    assert len(P._MASKS) == 1 and len(made) == len(pictures) + 1
+    assert len(L._MASKS) == 1 and len(made) == len(pictures) + 1
 
 
 @pytest.mark.parametrize("picture", [np.full((96, 96), 128, np.uint8),
