@@ -14,7 +14,8 @@ from pydicom.uid import UID
 
 from msnet.data.cohorts import read_cohort, read_slice_labels
 from msnet.errors import MsnetError
-from msnet.data.synthetic import CONSOLIDATION_HU, GGO_HU, Phantom, plan_cohort, pixel_hash, synth_cohort
+from msnet.data.phantom import CONSOLIDATION_HU, GGO_HU, Phantom, plan_cohort
+from msnet.data.synthetic import pixel_hash, synth_cohort
 
 SIZE, SEED, SLICES = 64, 3, (12, 18)
 

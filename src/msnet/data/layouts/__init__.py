@@ -4,19 +4,31 @@ Each module has ``NAME``, ``detect(root) -> bool`` and ``rows(root) -> Found``; 
 asks them in order. :func:`msnet.data.cohorts.index_dataset` checks every study and writes the
 manifests; nothing here reads pixels (except label masks).
 
+- ``covid-ct-md`` (:mod:`.covid_ct_md`): class folders + ``Index.csv`` + slice-label arrays -> cohort.csv
 - ``covidx-ct`` (:mod:`.covidx_ct`): PNG slices + ``{train,val,test}_COVIDx_CT-*.txt`` -> slices.csv
 - ``mosmeddata`` (:mod:`.mosmed`): ``CT-0`` ... ``CT-4`` NIfTI studies (+ ``masks/``) -> cohort.csv
 - ``cc-ccii`` (:mod:`.cc_ccii`): ``NCP`` / ``CP`` / ``Normal`` / patient / scan / slice images -> cohort.csv
 - ``stoic2021`` (:mod:`.stoic`): ``data/mha/<id>.mha`` + ``metadata/reference.csv`` -> cohort.csv
+- ``slice-images`` (:mod:`.slice_images`): ``<split>/<class>/*.png|jpg`` (e.g. UCSD COVID-CT) -> slices.csv
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_CLASS_ALIASES = {
+    "covid": "COVID-19", "covid-19": "COVID-19", "covid19": "COVID-19", "covid_19": "COVID-19",
+    "ct_covid": "COVID-19", "cap": "CAP", "pneumonia": "CAP", "normal": "NORMAL",
+    "ct_noncovid": "NON-COVID", "noncovid": "NON-COVID", "non-covid": "NON-COVID",
+}
 
 
 @dataclass
@@ -37,9 +49,9 @@ class Found:
 
 
 def _modules():
-    from msnet.data.layouts import cc_ccii, covidx_ct, mosmed, stoic  # one list, asked in this order
+    from msnet.data.layouts import cc_ccii, covid_ct_md, covidx_ct, mosmed, slice_images, stoic
 
-    return [covidx_ct, mosmed, cc_ccii, stoic]
+    return [covid_ct_md, covidx_ct, mosmed, cc_ccii, stoic, slice_images]  # one list, asked in this order
 
 
 def names() -> list[str]:
@@ -64,3 +76,39 @@ def visible(p: Path) -> bool:
 def child_dirs(folder: Path) -> list[Path]:
     """Visible sub-folders, sorted by name."""
     return sorted(d for d in folder.iterdir() if d.is_dir() and visible(d)) if folder.is_dir() else []
+
+
+def map_class(name: str) -> str:
+    """Canonical class name for a folder or label name.
+
+    >>> map_class("Covid19"), map_class("Cap subjects"), map_class("Tumour")
+    ('COVID-19', 'CAP', 'Tumour')
+    """
+    key = re.sub(r"[\s_]+(subjects|cases|patients)$", "", name.strip(), flags=re.I).lower()
+    return _CLASS_ALIASES.get(key, _CLASS_ALIASES.get(key.replace(" ", ""), name.strip()))
+
+
+def is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def study_id(p: Path) -> str:
+    """A study's id from its folder or file name (without .nii.gz / .nii / .dcm)."""
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def studies_in(class_dir: Path) -> list[Path]:
+    """Studies inside a class folder: sub-folders, NIfTI files and single DICOM files."""
+    out = []
+    for p in sorted(class_dir.iterdir()):
+        if not visible(p):
+            continue
+        if p.is_dir() or is_nifti(p) or p.suffix.lower() == ".dcm":
+            out.append(p)
+        else:
+            logger.debug("skipping %s: not a study folder or volume file", p)
+    return out
