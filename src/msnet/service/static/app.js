@@ -70,10 +70,18 @@ function showProgress(fraction, text, busy) {
   $("progress-text").textContent = text;
 }
 
-function showError(text) {
+function showError(text, details) {
   $("progress").hidden = true;
-  $("error").textContent = text;
-  $("error").hidden = false;
+  const box = $("error");
+  box.textContent = text;
+  if (details) {  // the server's own message, for whoever reports the problem
+    const more = document.createElement("details");
+    const summary = document.createElement("summary");
+    summary.textContent = "Details";
+    more.append(summary, document.createTextNode(details));
+    box.append(more);
+  }
+  box.hidden = false;
   $("analyse").disabled = chosen.length === 0;
 }
 
@@ -99,13 +107,12 @@ function analyse() {
       $("analyse").disabled = false;
       render(body, key);
     } else {
-      let detail = body.detail;
-      if (Array.isArray(detail)) detail = detail.map((d) => d.msg).join("; ");
-      showError(`Error ${xhr.status}: ${detail || xhr.statusText || "request failed"}`);
+      const err = PageErrors.upload(xhr.status, body.detail || xhr.statusText);
+      showError(err.text, err.details);
     }
   };
-  xhr.onerror = () => showError("The upload failed (connection closed: the study may be over the size limit).");
-  xhr.ontimeout = () => showError("No answer in time.");
+  xhr.onerror = () => showError(PageErrors.upload(0, "").text);
+  xhr.ontimeout = () => showError(PageErrors.upload(504, "").text);
   $("analyse").disabled = true;
   $("error").hidden = true;
   $("result").hidden = true;

@@ -68,9 +68,7 @@ const Viewer = (() => {
 
   function fail(err) {
     const box = $("viewer-error");
-    box.textContent = err.status === 404
-      ? "The server no longer keeps this study for viewing: analyse it again to scroll it."
-      : `Viewer: ${err.message}`;
+    box.textContent = PageErrors.viewer(err.status, err.message);
     box.hidden = false;
     status("");
   }
