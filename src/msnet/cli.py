@@ -377,6 +377,8 @@ def predict(
     store: Optional[str] = typer.Option(None, "--store", help="Send them by STOW-RS to this DICOMweb URL (credentials: MSNET_DICOMWEB_* variables)."),
     store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send them by C-STORE to AET@HOST:PORT."),
     ae_title: str = typer.Option("MSNET", "--ae-title", help="Calling AE title for --store-aet."),
+    fhir_out: Optional[Path] = typer.Option(None, "--fhir-out", help="Write a FHIR R4 DiagnosticReport Bundle per study "
+                                            "here (docs/fhir.md; needs msnet[fhir])."),
     key_gap_mm: float = typer.Option(10.0, "--key-gap-mm", help="Least distance along z between two key slices."),
 ) -> None:
     """Diagnose studies with a trained bundle; optionally write the results as DICOM into the source study.
@@ -387,10 +389,10 @@ def predict(
     from msnet.inference.batch import predict_many
 
     on_study = None
-    if dicom_out or store or store_aet:
+    if dicom_out or store or store_aet or fhir_out:
         from msnet.service.pacs import StoreTargets, result_writer
 
-        on_study = result_writer(bundle, dicom_out, StoreTargets(store, store_aet, ae_title))
+        on_study = result_writer(bundle, dicom_out, StoreTargets(store, store_aet, ae_title), {"fhir": fhir_out})
 
     def show(r: dict) -> None:
         if json_out:
@@ -469,6 +471,8 @@ def listen(
     store: Optional[str] = typer.Option(None, "--store", help="Send SR + KOS by STOW-RS to this DICOMweb URL."),
     store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send SR + KOS by C-STORE to AET@HOST:PORT."),
     dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also keep SR + KOS per study here."),
+    fhir_out: Optional[Path] = typer.Option(None, "--fhir-out", help="Also write a FHIR R4 DiagnosticReport Bundle per "
+                                            "study here (docs/fhir.md; needs msnet[fhir])."),
     spool: Path = typer.Option(Path("msnet-spool"), help="Private folder for received studies and results not stored yet."),
     log_file: Optional[Path] = typer.Option(None, "--log", help="JSON-lines outcome log (default SPOOL/outcomes.jsonl)."),
     max_studies: int = typer.Option(8, help="Studies held at once (receiving, waiting, running); more are refused (0xA700)."),
@@ -490,8 +494,9 @@ def listen(
     from msnet.inference.dicom_out import parse_aet_target
     from msnet.inference.predictor import Predictor
     from msnet.io.dicomweb import not_dicomweb, service_url
-    from msnet.service.pacs import StoreTargets
+    from msnet.service.pacs import StoreTargets, prepare_outputs
 
+    outputs = prepare_outputs({"fhir": fhir_out})
     if store_aet:
         parse_aet_target(store_aet)
     if store:
@@ -499,11 +504,12 @@ def listen(
         wrong = not_dicomweb(store)  # a wrong URL fails now; an archive that is down is only tried later
         if wrong is not None:
             raise wrong
-    if not (store or store_aet or dicom_out):
-        log.warning("no --store, --store-aet or --dicom-out: results go to the outcome log only")
+    if not (store or store_aet or dicom_out or fhir_out):
+        log.warning("no --store, --store-aet, --dicom-out or --fhir-out: results go to the outcome log only")
     settings = ListenerSettings(spool=spool, ae_title=ae_title, host=host, port=port, allowed_aets=tuple(allow or ()),
                                 quiet_s=quiet_seconds, max_studies=max_studies, log_path=log_file, dicom_out=dicom_out,
-                                targets=StoreTargets(store, store_aet, ae_title), retry_s=retry_seconds)
+                                targets=StoreTargets(store, store_aet, ae_title), retry_s=retry_seconds,
+                                outputs=outputs)
     Listener(Predictor(bundle, device=device), bundle, settings).serve_forever()
 
 

@@ -8,6 +8,8 @@
 - :func:`write_kos`: a Key Object Selection document ("Of Interest") referencing the key slices'
   SOP instances, so viewers list them as key images.
 - :func:`write_secondary_capture`: a PNG (the Grad-CAM strip) as a Secondary Capture image.
+  (Which of them a run writes, and into which folder, is the writer registry's:
+  :mod:`msnet.inference.writers`.)
 - :func:`store_stow` (DICOMweb STOW-RS) and :func:`store_cstore` (DIMSE C-STORE).
 
 Every object goes into the source study (same StudyInstanceUID; patient and study modules copied
@@ -34,7 +36,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from msnet.errors import MsnetError
 from msnet.files import atomic_path
@@ -46,10 +48,10 @@ SR_SERIES_NUMBER, KO_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902, 9903
 RESEARCH_ONLY = "Research use only, not for diagnosis: not a medical device; not to be used to guide patient care."
 LOCAL_SCHEME = "99MSNET"
 """Private coding scheme (PS3.16: designators starting with 99 are local) for what no standard code names."""
-_UID_NAMESPACE = uuid.UUID("6f1c3a52-7f0e-5b8e-9a57-3d1b2c4e8a10")
+UID_NAMESPACE = uuid.UUID("6f1c3a52-7f0e-5b8e-9a57-3d1b2c4e8a10")
 """Namespace of the name-based UUIDs behind the result objects' UIDs (fixed: changing it would make
 every result a new object)."""
-_SNOMED = {  # the default classes as SNOMED CT concepts; other class names get a local code
+CLASS_SNOMED = {  # the default classes as SNOMED CT concepts; other class names get a local code
     "COVID-19": ("840539006", "COVID-19"),
     "CAP": ("385093006", "Community acquired pneumonia"),
     "NORMAL": ("17621005", "Normal"),
@@ -106,7 +108,7 @@ def result_uids(volume, model: ModelIdentity, kind: str) -> ResultUIDs:
                model.bundle_hash, kind]
 
     def uid(what: str) -> str:
-        return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join([*sources, what])).int}"
+        return f"2.25.{uuid.uuid5(UID_NAMESPACE, chr(31).join([*sources, what])).int}"
 
     return ResultUIDs(uid("series"), uid("instance"))
 
@@ -119,10 +121,10 @@ def class_concept(name: str):
     """
     from highdicom.sr import CodedConcept
 
-    if name in _SNOMED:
-        value, meaning = _SNOMED[name]
+    if name in CLASS_SNOMED:
+        value, meaning = CLASS_SNOMED[name]
         return CodedConcept(value, "SCT", meaning)
-    return CodedConcept(_local_code("C", name), LOCAL_SCHEME, name[:64])
+    return CodedConcept(local_code("C", name), LOCAL_SCHEME, name[:64])
 
 
 def warning_concept():
@@ -143,10 +145,15 @@ def probability_concept(name: str):
     """The measurement name for one class's probability (local code, meaning "Probability of NAME")."""
     from highdicom.sr import CodedConcept
 
-    return CodedConcept(_local_code("P", name), LOCAL_SCHEME, f"Probability of {name}"[:64])
+    return CodedConcept(local_code("P", name), LOCAL_SCHEME, f"Probability of {name}"[:64])
 
 
-def _local_code(prefix: str, name: str) -> str:
+def local_code(prefix: str, name: str) -> str:
+    """A code of the local scheme: PREFIX-NAME for a short plain name, else PREFIX-<hash of the name>.
+
+    >>> local_code("P", "CAP"), local_code("P", "ground glass") == local_code("P", "ground glass") != "P-GROUNDGLASS"
+    ('P-CAP', True)
+    """
     slug = re.sub(r"[^A-Z0-9-]", "", name.upper())
     if not slug or len(slug) > 14 or slug != name.upper():
         slug = hashlib.sha1(name.encode()).hexdigest()[:10]
@@ -236,13 +243,13 @@ def _built(what: str, volume, build):
                          volume.source, "check the source's UIDs and patient/study attributes (e.g. with dciodvfy)") from exc
 
 
-_IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber",
+IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber",
                 "ReferringPhysicianName", "InstitutionName", "StudyID")
 
 
 def _redact(text: str, volume) -> str:
     header = getattr(volume, "dicom_headers", None)
-    for keyword in _IDENTIFYING if header is not None else ():
+    for keyword in IDENTIFYING if header is not None else ():
         value = str(header.get(keyword, "") or "").strip()
         if len(value) >= 2:
             text = text.replace(value, "<redacted>")
@@ -377,26 +384,6 @@ def write_secondary_capture(volume, png: str | Path, out_dir: str | Path, model:
         return sc
 
     return _save(_built("Secondary Capture", volume, build), Path(out_dir) / filename)
-
-
-def write_results(volume, prediction: Any, out_dir: str | Path, model: ModelIdentity,
-                  explanation_png: str | Path | None = None) -> list[Path]:
-    """SR + KOS (+ Secondary Capture) for one prediction (a dict or an object with ``to_dict()``),
-    in ``out_dir/<study_id>/``."""
-    d = prediction.to_dict() if hasattr(prediction, "to_dict") else prediction
-    keys = [int(k["slice_index"]) for k in d["key_slices"]]
-    folder = Path(out_dir) / _safe_name(str(d.get("study_id") or volume.study_id))
-    files = [write_sr(volume, d["prediction"], d["probabilities"], keys, folder, model,
-                      warnings=list(d.get("warnings") or [])),
-             write_kos(volume, d["prediction"], keys, folder, model)]
-    if explanation_png is not None:
-        files.append(write_secondary_capture(volume, explanation_png, folder, model))
-    return files
-
-
-def _safe_name(text: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip("._") or "study"
-    return name[:120]
 
 
 # ------------------------------------------------------------------ sending

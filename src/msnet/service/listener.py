@@ -78,6 +78,8 @@ class ListenerSettings:
     log_path: Path | None = None
     dicom_out: Path | None = None
     targets: StoreTargets = field(default_factory=StoreTargets)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    """Other outputs written for every study, writer name -> folder (e.g. ``{"fhir": Path("fhir")}``)."""
     retry_s: float = 30.0
     """First wait before a failed store is tried again; doubled after each failure."""
     retry_max_s: float = 900.0
@@ -340,12 +342,14 @@ class Listener:
         """Diagnose a queued study; its result goes to the outbox (or, with nowhere to store it, straight
         to the outcome log); then its received files are removed."""
         if not self.s.targets:
-            result, _ = diagnose(self.predictor, st.folder, self.bundle, study_id=st.uid, dicom_out=self.s.dicom_out)
+            result, _ = diagnose(self.predictor, st.folder, self.bundle, study_id=st.uid, dicom_out=self.s.dicom_out,
+                                 outputs=self.s.outputs)
             self._finish(st, {**_summary(result), "stored": [], "seconds": _since(t0)})
             return
         tmp = Path(tempfile.mkdtemp(prefix=".outbox-", dir=self.spool))
         try:
-            result, files = diagnose(self.predictor, st.folder, self.bundle, study_id=st.uid, dicom_out=tmp / "files")
+            result, files = diagnose(self.predictor, st.folder, self.bundle, study_id=st.uid, dicom_out=tmp / "files",
+                                     outputs=self.s.outputs)
             if self.s.dicom_out is not None:
                 for f in files:
                     target = Path(self.s.dicom_out) / f.parent.name / f.name

@@ -1,7 +1,8 @@
 """The PACS path as four steps a test can call one by one: read, predict, write, store.
 
-``msnet listen`` goes through :func:`diagnose`; ``msnet predict ... --dicom-out/--store/--store-aet``
-hands :func:`result_writer` to the batch loop.
+``msnet listen`` goes through :func:`diagnose`; ``msnet predict ... --dicom-out/--store/--store-aet/--fhir-out``
+hands :func:`result_writer` to the batch loop. The files are written by the registered writers of
+:mod:`msnet.inference.writers` (``outputs``: writer name -> folder, e.g. ``{"fhir": Path("fhir")}``).
 
 e.g. pred, files = diagnose(predictor, "http://pacs/dicom-web/studies/1.2.3", bundle="run/bundle",
                             store_url="http://pacs/dicom-web")
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from msnet.inference.dicom_out import model_identity
+from msnet.inference.writers import DICOM, StudyContext, get_writer, write_outputs
 from msnet.io.dicomweb import is_dicomweb_url
 
 log = logging.getLogger(__name__)
@@ -60,12 +63,24 @@ def predict(predictor, volume, explain_dir: Path | None = None) -> dict:
     return p.to_dict() if hasattr(p, "to_dict") else dict(p)
 
 
-def write(volume, prediction: dict, out_dir: Path, bundle: Path) -> list[Path]:
-    """Step 3: SR + Key Object Selection (+ the Grad-CAM strip as Secondary Capture when explained)."""
-    from msnet.inference.dicom_out import model_identity, write_results
+def write(volume, prediction: dict, out_dir: Path | None, bundle: Path, outputs: dict[str, Path] | None = None) -> list[Path]:
+    """Step 3: SR + Key Object Selection (+ the Grad-CAM strip as Secondary Capture when explained) in
+    ``out_dir`` (none when ``out_dir`` is None); then every other output of ``outputs`` (writer name ->
+    folder) in its folder. Returns the DICOM files (those that are stored)."""
+    study = StudyContext.of(volume, prediction, model_identity(bundle))
+    files = [] if out_dir is None else write_outputs(DICOM, prediction, study, out_dir)
+    for name, folder in (outputs or {}).items():
+        write_outputs([name], prediction, study, folder)
+    return files
 
-    png = (prediction.get("explanation") or {}).get("key_slices_png")
-    return write_results(volume, prediction, out_dir, model_identity(bundle), explanation_png=png)
+
+def prepare_outputs(outputs: dict[str, Path] | None) -> dict[str, Path]:
+    """The outputs (writer name -> folder) without the unset ones, each writer's checks run (a missing
+    optional package fails before any study is read)."""
+    chosen = {name: Path(folder) for name, folder in (outputs or {}).items() if folder is not None}
+    for name, folder in chosen.items():
+        get_writer(name).prepare(folder)
+    return chosen
 
 
 def store(files: list[Path], targets: StoreTargets) -> int:
@@ -93,9 +108,11 @@ def _out_folder(dicom_out: Path | None) -> Iterator[Path]:
 
 
 def diagnose(predictor, study: str | Path, bundle: Path, study_id: str | None = None, dicom_out: Path | None = None,
-             targets: StoreTargets = StoreTargets(), explain_dir: Path | None = None) -> tuple[dict, list[Path]]:
-    """Read, predict and, with ``dicom_out`` or store targets, write and store. Returns the prediction
-    dict and the DICOM files kept (none when only stored: they are written to a temp folder)."""
+             targets: StoreTargets = StoreTargets(), explain_dir: Path | None = None,
+             outputs: dict[str, Path] | None = None) -> tuple[dict, list[Path]]:
+    """Read, predict and, with ``dicom_out`` or store targets, write and store; ``outputs`` (writer name
+    -> folder, e.g. ``{"fhir": path}``) are written too. Returns the prediction dict and the DICOM files
+    kept (none when only stored: they are written to a temp folder)."""
     t0 = time.perf_counter()
     volume = read(study, study_id)
     read_s = time.perf_counter() - t0
@@ -105,18 +122,20 @@ def diagnose(predictor, study: str | Path, bundle: Path, study_id: str | None = 
         timing["read"] = read_s
         timing["total"] = float(timing.get("total", 0.0)) + read_s
     if dicom_out is None and not targets:
+        if outputs:
+            write(volume, result, None, bundle, outputs)
         return result, []
     with _out_folder(dicom_out) as folder:
-        files = write(volume, result, folder, bundle)
+        files = write(volume, result, folder, bundle, outputs)
         if targets:
             store(files, targets)
         return result, (files if dicom_out is not None else [])
 
 
-def result_writer(bundle: Path, dicom_out: Path | None, targets: StoreTargets):
+def result_writer(bundle: Path, dicom_out: Path | None, targets: StoreTargets, outputs: dict[str, Path] | None = None):
     """A per-study hook for :func:`msnet.inference.batch.predict_many`: write the SR + KOS (+ Secondary
-    Capture) of each finished study to ``dicom_out`` and/or send them to ``targets``. Destinations are
-    checked before any study is read."""
+    Capture) of each finished study to ``dicom_out`` and/or send them to ``targets``, and the other
+    ``outputs`` (writer name -> folder). Destinations are checked before any study is read."""
     from msnet.inference.dicom_out import parse_aet_target
     from msnet.io.dicomweb import not_dicomweb, service_url
 
@@ -127,10 +146,14 @@ def result_writer(bundle: Path, dicom_out: Path | None, targets: StoreTargets):
         wrong = not_dicomweb(targets.url)  # a server that is down is no error yet: the study is stored after
         if wrong is not None:
             raise wrong
+    outputs = prepare_outputs(outputs)
 
     def on_study(volume, prediction: dict) -> None:
+        if dicom_out is None and not targets:
+            write(volume, prediction, None, bundle, outputs)
+            return
         with _out_folder(dicom_out) as folder:
-            files = write(volume, prediction, folder, bundle)
+            files = write(volume, prediction, folder, bundle, outputs)
             if targets:
                 store(files, targets)
 
