@@ -135,11 +135,12 @@ def inspect(
     json_out: bool = typer.Option(False, "--json", help="Emit one JSON object."),
     series: Optional[str] = typer.Option(None, help="SeriesInstanceUID or index of the series to read."),
 ) -> None:
-    """Read a study; print slices, spacing, z order, HU range, series chosen, lungs (volume, z-range), warnings."""
+    """Read a study; print slices, spacing, z order, HU range, series chosen, lungs (volume, z-range), every
+    check of the chest-CT gate with its value, warnings."""
     from msnet.io import describe, read_study
     from msnet.io.archives import open_study
     from msnet.io.dicomweb import is_dicomweb_url
-    from msnet.preprocess import check_lungs, lung_stats
+    from msnet.gates import check_lungs, gate_stats
 
     if is_dicomweb_url(study):
         vol = read_study(study, series=series)
@@ -149,8 +150,9 @@ def inspect(
             vol = read_study(path, series=series, study_id=Path(study).name[:-4] if zipped else None)
     info = describe(vol)
     if vol.kind == "hu":  # grey-level images have no HU: no lungs to measure
-        stats = lung_stats(vol.hu, vol.spacing_mm, vol.z_mm)
+        stats = gate_stats(vol, coarse=False)  # the fine grid: the values a refusal is judged on
         info.update(stats.to_dict())
+        info["checks"] = stats.checks
         try:
             check_lungs(vol, stats)
             info["lung_gate"] = "ok"
@@ -166,7 +168,7 @@ def inspect(
 
     table = Table(title=f"study {info['study_id']}", show_header=False)
     for key, value in info.items():
-        if key in ("warnings", "z_mm") or key.startswith("lung"):
+        if key in ("warnings", "z_mm", "checks") or key.startswith("lung"):
             continue
         table.add_row(key, str(value))
     z = info["z_mm"]
@@ -180,6 +182,10 @@ def inspect(
                                           f"{info['lung_height_mm']:.0f} mm), {100 * info['lung_z_coverage']:.0f}% "
                                           f"of the slices")
         table.add_row("lung gate", info["lung_gate"])
+        for c in info["checks"]:
+            mark = {True: "ok", False: "FAILED" if c["refuses"] else "not found (reported only)", None: "n/a"}[c["ok"]]
+            value = c["value"] if not isinstance(c["value"], dict) else ", ".join(f"{k} {v}" for k, v in c["value"].items())
+            table.add_row(f"check: {c['name']}", f"{mark}: {value} (expected {c['expected']})")
     console = Console()
     console.print(table)
     for w in info["warnings"]:
@@ -380,6 +386,8 @@ def predict(
     fhir_out: Optional[Path] = typer.Option(None, "--fhir-out", help="Write a FHIR R4 DiagnosticReport Bundle per study "
                                             "here (docs/fhir.md; needs msnet[fhir])."),
     key_gap_mm: float = typer.Option(10.0, "--key-gap-mm", help="Least distance along z between two key slices."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a study whose OOD score is over the bundle's "
+                                "threshold (unlike the training data), instead of warning."),
 ) -> None:
     """Diagnose studies with a trained bundle; optionally write the results as DICOM into the source study.
 
@@ -404,7 +412,7 @@ def predict(
 
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
                                    on_error=show_error, on_study=on_study, runtime=runtime, device=device, int8=int8,
-                                   onnx_dir=onnx_dir, key_slice_gap_mm=key_gap_mm)
+                                   onnx_dir=onnx_dir, key_slice_gap_mm=key_gap_mm, strict=strict)
     if not json_out:
         from rich.console import Console
         from rich.table import Table

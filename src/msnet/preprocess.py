@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from msnet.errors import MsnetError
 from msnet.gates import check_lungs  # noqa: F401 (importable from here)
 from msnet.lungs import (  # noqa: F401 (importable from here)
-    GREY_LUNG_MIN_FRACTION, LUNG_HU_MAX, MIN_LUNG_ML, LungStats, grey_lung_crop, grey_lung_mask, lung_box, lung_crop,
+    GREY_LUNG_MIN_FRACTION, GRID_MM, GRID_Z_MM, LUNG_HU_MAX, MIN_LUNG_ML, LungStats, grey_lung_crop, grey_lung_mask, lung_box, lung_crop,
     lung_stats,
 )
 
@@ -207,9 +207,12 @@ class PreprocessSpec:
 def model_slices(vol, spec: PreprocessSpec, lungs: "LungStats | None" = None) -> np.ndarray:
     """The slices a model sees of a volume: its HU (or grey levels), cropped to the lungs when
     ``spec.lung_crop`` (``lungs``: stats already computed for this HU volume; grey images are cropped by
-    their 2-D masks). Training, extraction and serving all use it."""
+    their 2-D masks). Training, extraction and serving all use it. Stats made on another grid than the
+    crop's (the gates' coarser one) are not used: the crop box is always the one of the fine grid."""
     if not spec.lung_crop:
         return vol.hu
     if vol.kind != "hu":
         return grey_lung_crop(np.asarray(vol.hu))
-    return lung_crop(vol.hu, lungs if lungs is not None else lung_stats(vol.hu, vol.spacing_mm, vol.z_mm))
+    if lungs is None or tuple(lungs.grid_mm) != (GRID_Z_MM, GRID_MM):
+        lungs = lung_stats(vol.hu, vol.spacing_mm, vol.z_mm)
+    return lung_crop(vol.hu, lungs)

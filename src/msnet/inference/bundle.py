@@ -6,6 +6,7 @@ A *bundle* is one folder holding everything ``msnet predict`` needs::
     bundle/backbone.pt     backbone weights (+ the fine-tuned slice head), the PreprocessSpec, classes
     bundle/aggregator.pt   MS-Net (or a baseline) weights and config, the PreprocessSpec of its features
     bundle/config.yaml     the run's resolved config
+    bundle/ood.pt          the description of the training features the OOD score is measured against
     bundle/onnx/           optional ONNX models written by ``msnet export``
 
 Checkpoints hold only tensors and plain values and are read with ``torch.load(weights_only=True)``: a
@@ -29,10 +30,11 @@ import torch.nn as nn
 from msnet import __version__
 from msnet.config import pooling
 from msnet.errors import MsnetError
-from msnet.files import atomic_torch_save, file_hash, umask_mode
+from msnet.files import atomic_torch_save, file_hash, read_csv_rows, umask_mode
+from msnet.inference.ood import FeatureDescription
 from msnet.preprocess import PreprocessSpec
 
-__all__ = ["Bundle", "PreprocessSpec", "SCHEMA_VERSION", "checkpoint_info", "load_aggregator", "load_backbone",
+__all__ = ["Bundle", "FeatureDescription", "PreprocessSpec", "SCHEMA_VERSION", "checkpoint_info", "load_aggregator", "load_backbone",
            "model_card", "read_bundle", "save_aggregator", "save_backbone", "write_bundle"]
 
 SCHEMA_VERSION = 1
@@ -41,6 +43,7 @@ SYNTHETIC_WARNING = ("this model was trained on synthetic phantoms only (msnet s
 BACKBONE = "backbone.pt"
 AGGREGATOR = "aggregator.pt"
 CARD = "metadata.json"
+OOD = "ood.pt"
 INTENDED_USE = (
     "Research use only. Not a medical device; not to be used for diagnosis or to guide "
     "patient care. Trained on the cohort described under training_data."
@@ -142,6 +145,8 @@ class Bundle:
     feature_dtype: str = "float32"
     temperature: float = 1.0
     info: dict = field(default_factory=dict)
+    ood: FeatureDescription | None = None
+    """The training features' description (None for a bundle written without features, e.g. by a benchmark)."""
 
     @property
     def name(self) -> str:
@@ -185,9 +190,37 @@ def read_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
                          f"{backbone.num_features}", path, "rebuild the bundle from one run")
     if head is not None and list(bmeta.get("classes", [])) != list(ameta["classes"]):
         head = None  # a slice head of other classes (e.g. a 2-class slice model) cannot explain these classes
+    ood = None
+    if (path / OOD).is_file():
+        state = load_checkpoint(path / OOD, "OOD description")
+        try:
+            ood = FeatureDescription.from_state(state)
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise MsnetError(f"unreadable OOD description ({exc})", path / OOD, "rebuild the bundle with `msnet bundle`") from exc
+        if ood.mean.shape[0] != backbone.num_features:
+            raise MsnetError(f"the OOD description has {ood.mean.shape[0]} features, the backbone gives "
+                             f"{backbone.num_features}", path / OOD, "rebuild the bundle from one run")
     return Bundle(path=path, spec=spec, classes=list(ameta["classes"]), backbone=backbone, head=head,
                   aggregator=aggregator, metadata=card, feature_dtype=str(ameta.get("feature_dtype", "float32")),
-                  temperature=float(ameta.get("temperature", 1.0)), info={"backbone": bmeta, "aggregator": ameta})
+                  temperature=float(ameta.get("temperature", 1.0)), info={"backbone": bmeta, "aggregator": ameta},
+                  ood=ood)
+
+
+def describe_training_features(fdir: str | Path, method: str = "knn") -> FeatureDescription | None:
+    """The OOD description of a run's extracted features (``RUN/features/<set>``: manifest.csv and
+    ``<study>.npy``): every study that is not a test study. None with fewer than 2 such studies."""
+    import numpy as np
+
+    fdir = Path(fdir)
+    manifest = fdir / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    feats = {}
+    for r in read_csv_rows(manifest):
+        f = fdir / r.get("file", "")
+        if r.get("status") == "ok" and r.get("subset", "") != "test" and f.is_file():
+            feats[r["patient_id"]] = np.load(f, allow_pickle=False)
+    return FeatureDescription.fit(feats, method=method) if len(feats) >= 2 else None
 
 
 def model_card(spec: PreprocessSpec, classes: list[str], backbone: dict, aggregator: dict, training_data: dict,
@@ -219,8 +252,9 @@ def model_card(spec: PreprocessSpec, classes: list[str], backbone: dict, aggrega
 
 
 def write_bundle(out: str | Path, backbone_ckpt: Path, aggregator_ckpt: Path, card: dict,
-                 config_yaml: str = "") -> Path:
-    """Assemble a bundle folder atomically (a temp folder renamed into place); returns its path."""
+                 config_yaml: str = "", ood: FeatureDescription | None = None) -> Path:
+    """Assemble a bundle folder atomically (a temp folder renamed into place); returns its path.
+    ``ood``: the training features' description (:func:`describe_training_features`), summarised in the card."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -229,6 +263,9 @@ def write_bundle(out: str | Path, backbone_ckpt: Path, aggregator_ckpt: Path, ca
         shutil.copyfile(aggregator_ckpt, tmp / AGGREGATOR)
         if config_yaml:
             (tmp / "config.yaml").write_text(config_yaml)
+        if ood is not None:
+            atomic_torch_save(ood.to_state(), tmp / OOD)  # its "schema" is the checkpoints' (1)
+            card = {**card, "ood": ood.summary()}
         (tmp / CARD).write_text(json.dumps(card, indent=2))
         tmp.chmod(umask_mode(0o777))
         read_bundle(tmp)  # never leave a bundle that cannot be read back

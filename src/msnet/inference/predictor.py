@@ -44,6 +44,11 @@ class Prediction:
     warnings: list[str]
     model: dict
     explanation: dict | None = None
+    ood_score: float | None = None
+    """How far the study's slice features lie from the training features (msnet.inference.ood; None: the
+    bundle has no description of them)."""
+    ood_percentile: float | None = None
+    """Percent of the training studies that score at or below ``ood_score``."""
     extra: dict = field(default_factory=dict, repr=False)
     """Not serialised: in-process results for callers that need them (e.g. features)."""
 
@@ -138,11 +143,12 @@ class Predictor:
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", runtime: str = "torch",
                  batch_size: int = 16, threads: int | None = None, compile: bool = False, int8: bool = False,
-                 onnx_dir: str | Path | None = None, dtype: str | None = None, stream: bool = True,
+                 onnx_dir: str | Path | None = None, dtype: str | None = None, stream: bool = True, strict: bool = False,
                  key_slice_gap_mm: float = KEY_SLICE_GAP_MM) -> None:
         from msnet.device import pick_device
 
         self.stream = bool(stream)
+        self.strict = bool(strict)  # refuse a study whose OOD score is over the bundle's threshold
         self.key_slice_gap_mm = float(key_slice_gap_mm)
         if threads:
             torch.set_num_threads(threads)
@@ -255,6 +261,7 @@ class Predictor:
         ``checked``: what :func:`gate` returned for this very volume (a reader process ran it), so it
         is not run again. ``feats``: the encoder's features of ``vol.hu`` (computed while it was
         decoded), with ``checked``; only for a bundle that does not crop to the lungs."""
+        from msnet.gates import check_input_kind
         from msnet.preprocess import model_slices
 
         timing = dict(timing or _timing())
@@ -262,8 +269,7 @@ class Predictor:
         warnings = list(vol.warnings)
         if self.metadata.get("warning"):
             warnings.insert(0, self.metadata["warning"])
-        if self.spec.kind == "hu" and vol.kind == "grey":
-            warnings.append("grey-level images, not HU: windowing skipped")
+        warnings += check_input_kind(vol, self.spec.kind)  # an HU model refuses pictures, before any work
         if feats is not None:
             if checked is None or self.spec.lung_crop or len(feats) != vol.n_slices:
                 raise ValueError("feats need checked, a bundle without lung crop, and one row per slice")
@@ -284,6 +290,7 @@ class Predictor:
         if not torch.isfinite(feats).all():
             raise MsnetError("the backbone produced non-finite features", vol.source,
                              "check the study's pixel values (msnet inspect)")
+        ood_score, ood_percentile = self._ood(vol, feats, warnings)
         t = time.perf_counter()
         logits, scores = self._aggregate(feats)
         timing["aggregate"] = time.perf_counter() - t
@@ -302,6 +309,7 @@ class Predictor:
             key_slices=[{"slice_index": int(i), "score": round(float(scores[i]), 6)} for i in order],
             slice_scores=[round(float(s), 6) for s in scores], timing_s=timing, warnings=warnings,
             model=dict(self.model_info), extra={"features": feats, "volume": vol},
+            ood_score=ood_score, ood_percentile=ood_percentile,
         )
         if explain_dir is not None:
             from msnet.inference.explain import explain
@@ -311,6 +319,24 @@ class Predictor:
             result.explanation = explain(self, seen, feats, pred, scores, order, Path(explain_dir))
             result.explanation["seconds"] = round(time.perf_counter() - t, 3)
         return result
+
+    def _ood(self, vol, feats: torch.Tensor, warnings: list[str]) -> tuple[float | None, float | None]:
+        """(OOD score, percentile) of a study's features; over the threshold: a warning, or with ``strict``
+        a refusal (MsnetError)."""
+        desc = self.bundle.ood
+        if desc is None:
+            return None, None
+        score = desc.score(feats)
+        pct = desc.percentile(score)
+        if score > desc.threshold:
+            said = (f"out of distribution: the study's slice features score {score:.3g} against the training "
+                    f"data (threshold {desc.threshold:.3g}, above {pct:.0f}% of the training studies): it is "
+                    "unlike anything the model was trained on, so its answer means little")
+            if self.strict:
+                raise MsnetError(f"study {vol.study_id}: {said}; refused (--strict)", vol.source,
+                                 "check that it is a chest CT like the training data (msnet inspect), or drop --strict")
+            warnings.append(said)
+        return round(float(score), 6), pct
 
     def _aggregate(self, feats: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
         """Logits (k,) and slice scores (l,) from one aggregator pass."""

@@ -20,7 +20,8 @@ longer than ``timeout_s`` answers 504; with an API key, /v1/* needs the ``X-API-
 finishes, when a timed-out inference is still running). Only the study's pseudonymous id is
 logged. A study over the read limits (slice size, voxels, NIfTI compression ratio; see
 :class:`msnet.io.ReadLimits`) answers 413; a volume that fails the sanity checks (NaN, constant,
-not HU) 422. An upload that stalls for ``read_timeout_s`` answers 408. Slow or idle
+not HU) 422, and so does a study of a kind the model does not take (2-D pictures for a model trained on HU
+volumes: the message says what it takes, as /health and the page do). An upload that stalls for ``read_timeout_s`` answers 408. Slow or idle
 connections are handled in :mod:`msnet.service.connections` (header deadline, room-making
 eviction, /health never refused).
 """
@@ -50,6 +51,7 @@ from fastapi.staticfiles import StaticFiles
 
 from msnet import __version__
 from msnet.errors import LimitError, MsnetError
+from msnet.gates import KINDS
 from msnet.service import viewer
 from msnet.service.uploads import clean_study_id, locate_study, receive_upload
 
@@ -278,8 +280,9 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
 
     @app.get("/health")
     def health() -> dict:
-        """Service status, the model and its classes, and the limits in force."""
+        """Service status, the model and its classes, the input it takes, and the limits in force."""
         return {"status": "ok", "model": meta.get("name", "msnet"), "classes": list(predictor.classes),
+                "takes": KINDS.get(getattr(getattr(predictor, "spec", None), "kind", "hu"), KINDS["hu"]),
                 "intended_use": meta.get("intended_use", "Research use only — not for diagnosis."),
                 "auth_required": bool(settings.api_key), "max_upload_mb": settings.max_upload_mb,
                 "workers": settings.workers, "busy": pool.busy, "capacity": pool.capacity,

@@ -182,7 +182,8 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
         versions=versions(),
     )
     return B.write_bundle(Path(out) if out else run / "bundle", ckpt_path, agg_ckpt, card,
-                          yaml.safe_dump(asdict(cfg), sort_keys=False))
+                          yaml.safe_dump(asdict(cfg), sort_keys=False),
+                          ood=B.describe_training_features(feature_dir(cfg)))
 
 
 DEMO_SPLIT = (0.15, 0.5)

@@ -170,6 +170,7 @@ async function init() {
     const h = await res.json();
     classes = h.classes || [];
     $("model").textContent = `model: ${h.model} · limit ${h.max_upload_mb} MiB`;
+    $("takes").textContent = h.takes ? `this model takes ${h.takes}; other input is refused` : "";
     $("key-row").hidden = !h.auth_required;
   } catch (e) {
     $("model").textContent = "model: unavailable";
