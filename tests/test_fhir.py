@@ -17,6 +17,7 @@ from msnet.errors import MsnetError
 from msnet.inference.dicom_out import ModelIdentity
 from msnet.inference.writers import StudyContext, write_outputs
 from msnet.inference.writers.fhir import fhir_bundle, validate_r4
+from msnet.service.pacs import prepare_outputs
 
 R4_REPORT_STATUS = {"registered", "partial", "preliminary", "final", "amended", "corrected", "appended", "cancelled",
                     "entered-in-error", "unknown"}  # FHIR R4 DiagnosticReport.status (fhir.resources does not check codes)
@@ -120,6 +121,8 @@ def test_invalid_resources_and_a_missing_package_are_clear_errors(p001, monkeypa
     monkeypatch.setitem(sys.modules, "fhir.resources.R4B", None)  # as if not installed
     with pytest.raises(MsnetError, match=r"msnet\[fhir\]"):
         validate_r4(fhir_bundle(_prediction(p001), StudyContext(p001, MODEL)))
+    with pytest.raises(MsnetError, match=r"msnet\[fhir\]"):  # --fhir-out: before any study is read
+        prepare_outputs({"fhir": Path("fhir-out")})
 
 
 def test_predict_fhir_out_writes_one_report_per_study(tiny_bundle, shared_data, tmp_path):

@@ -96,7 +96,7 @@ def _narrative(paragraphs: list[str]) -> dict:
 
 def _conditional(resource_type: str, identifier: dict) -> dict:
     return {"method": "PUT", "url": f"{resource_type}?identifier="
-                                    + quote(f"{identifier['system']}|{identifier['value']}", safe="")}
+                                    + quote(f"{identifier['system']}|{identifier['value']}", safe=":")}
 
 
 def fhir_bundle(prediction: dict, study: StudyContext, issued: datetime | None = None) -> dict:
