@@ -384,7 +384,7 @@ def predict(
     store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send them by C-STORE to AET@HOST:PORT."),
     ae_title: str = typer.Option("MSNET", "--ae-title", help="Calling AE title for --store-aet."),
     fhir_out: Optional[Path] = typer.Option(None, "--fhir-out", help="Write a FHIR R4 DiagnosticReport Bundle per study "
-                                            "here (docs/fhir.md; needs msnet[fhir])."),
+                                            "here (docs/fhir.md; needs the fhir.resources package)."),
     key_gap_mm: float = typer.Option(10.0, "--key-gap-mm", help="Least distance along z between two key slices."),
     strict: bool = typer.Option(False, "--strict", help="Refuse a study whose OOD score is over the bundle's "
                                 "threshold (unlike the training data), instead of warning."),
@@ -480,7 +480,7 @@ def listen(
     store_aet: Optional[str] = typer.Option(None, "--store-aet", help="Send SR + KOS by C-STORE to AET@HOST:PORT."),
     dicom_out: Optional[Path] = typer.Option(None, "--dicom-out", help="Also keep SR + KOS per study here."),
     fhir_out: Optional[Path] = typer.Option(None, "--fhir-out", help="Also write a FHIR R4 DiagnosticReport Bundle per "
-                                            "study here (docs/fhir.md; needs msnet[fhir])."),
+                                            "study here (docs/fhir.md; needs the fhir.resources package)."),
     spool: Path = typer.Option(Path("msnet-spool"), help="Private folder for received studies and results not stored yet."),
     log_file: Optional[Path] = typer.Option(None, "--log", help="JSON-lines outcome log (default SPOOL/outcomes.jsonl)."),
     max_studies: int = typer.Option(8, help="Studies held at once (receiving, waiting, running); more are refused (0xA700)."),
