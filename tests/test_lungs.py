@@ -284,3 +284,31 @@ def test_crop_box_is_square_and_padded_with_air_at_the_edge():
     assert np.all(crop[:, :, :5] == -1000.0) and np.all(crop[:, :, 5:] == 0.0)  # 10 columns padded, 5 left, 5 right
     assert P.lung_crop(hu, mask, margin=0.0, square=False).shape == (3, 16, 6)
     assert P.lung_crop(hu, np.zeros((20, 30), bool)) is hu  # no lungs: nothing to crop to
+
+
+# --------------------------------------------------------------------------- the gate's coarse grid
+
+
+@pytest.mark.parametrize("case", ["P001", "cap002", "normal001", "P001-lower", "abdomen-nifti", "abdomen-phantom",
+                                  "water-cylinder"])
+def test_coarse_grid_gives_the_fine_grids_verdict(scans, case, shared_data):
+    """The gate runs on a grid of 6 mm (a quarter of the blocks): the same verdict as on the 3 mm grid, on the
+    real scans and on the volumes it refuses, and about the same lung volume where there are lungs."""
+    from msnet import gates as G
+    from msnet.lungs import GATE_GRID_MM, GRID_MM
+
+    if case in scans:
+        vol = scans[case]
+    elif case == "P001-lower":
+        v = scans["P001"]
+        vol = CTVolume(v.hu[74:], v.spacing_mm, v.z_mm[74:], case, v.source)
+    elif case == "abdomen-nifti":
+        vol = read_study(ABDOMEN_NII)
+    else:
+        vol = _volume(_abdomen() if case == "abdomen-phantom" else _water_cylinder(), study_id=case)
+    coarse = G._gate_stats(vol, GATE_GRID_MM, 5.0)
+    fine = G._gate_stats(vol, GRID_MM, 2.5)
+    assert G._refused(coarse) == G._refused(fine)
+    if not G._refused(fine):
+        assert coarse.volume_ml == pytest.approx(fine.volume_ml, rel=0.05)
+        assert G.gate_stats(vol).grid_mm[1] == GATE_GRID_MM  # the coarse verdict stands: no second pass
