@@ -96,14 +96,16 @@ def test_round_trip_through_reader_and_index(cohort, tmp_path):
         assert vol.hu.shape[1:] == (SIZE, SIZE)
         assert vol.spacing_mm[1] == pytest.approx(plan.pixel_spacing_mm, rel=1e-3)
         phantom = Phantom(plan, SIZE)
+        lesion_hu = []
         for i in range(vol.n_slices):
             hu, mask = phantom.render(i)
             # same slice, same pixels: order and orientation survive writing and reading
             assert np.abs(vol.hu[i] - np.clip(np.rint(hu), -1024, 3071)).max() <= 0.5
             assert bool(mask.any()) == bool(lab[i])
-            if mask.any():
-                lo, hi = GGO_HU if plan.label == "COVID-19" else CONSOLIDATION_HU
-                assert lo <= float(np.median(vol.hu[i][mask])) <= hi
+            lesion_hu.append(vol.hu[i][mask])
+        if lab.any():  # over the whole lesion: at its tips a few pixels are mostly the vessels and septa crossing it
+            lo, hi = GGO_HU if plan.label == "COVID-19" else CONSOLIDATION_HU
+            assert lo <= float(np.median(np.concatenate(lesion_hu))) <= hi
         if plan.label == "NORMAL":
             assert lab.sum() == 0
 
@@ -114,7 +116,7 @@ def test_lesion_side_and_texture_by_class():
         sides = {les.side for les in p.lesions}
         if p.label == "COVID-19":  # multifocal, bilateral, peripheral ground glass
             assert sides == {-1, 1} and all(les.kind == "ggo" and les.rho >= 0.65 for les in p.lesions)
-            assert 2 <= len(p.lesions) <= 8  # one to four foci per lung
+            assert 2 <= len(p.lesions) <= 6  # one to three foci per lung
         elif p.label == "CAP":  # one consolidation, bounded by a lobe
             assert len(p.lesions) == 1 and p.lesions[0].kind == "consolidation" and p.lesions[0].lobe
         else:
@@ -127,7 +129,8 @@ def _lesion_slices(plan, size=64) -> np.ndarray:
 
 
 def test_classes_differ_in_where_and_how_many_slices_carry_lesions():
-    """COVID-19: foci over many slices, more in the lower lungs; CAP: one contiguous run of fewer slices."""
+    """COVID-19: foci in both lungs over more slices than CAP's, more in the lower lungs; CAP: one contiguous run;
+    in both, most slices are clean."""
     plans = [p for p in plan_cohort(24, size=64, seed=7, slices=(50, 70)) if p.label != "NORMAL"]
     cover = {"COVID-19": [], "CAP": []}
     lower = upper = 0
@@ -143,7 +146,8 @@ def test_classes_differ_in_where_and_how_many_slices_carry_lesions():
             u = Phantom(p, 64).u
             lower += area[u > 0.5].sum()
             upper += area[u <= 0.5].sum()
-    assert min(cover["COVID-19"]) > 0.15 and np.mean(cover["COVID-19"]) > 1.5 * np.mean(cover["CAP"])
+    assert np.mean(cover["COVID-19"]) > 1.5 * np.mean(cover["CAP"])  # foci in both lungs: more slices
+    assert max(max(v) for v in cover.values()) < 0.5  # yet the evidence lies on a few slices: most are clean
     assert lower > 1.5 * upper  # lower-lobe predominant
 
 

@@ -6,12 +6,17 @@ numpy; anatomy and lesions are 3-D objects parametrised along the scan, so
 neighbouring slices are coherent. The classes differ in what the lesions look
 like and in where and on how many slices they lie:
 
-- ``COVID-19``: 2-8 ground-glass foci (-700..-300 HU), bilateral, peripheral,
-  posterior, lower-lobe predominant, some with crazy paving: many slices;
+- ``COVID-19``: 2-6 small ground-glass foci (-700..-300 HU, 2-4 cm from top to
+  bottom), bilateral, peripheral, posterior, lower-lobe predominant, some with
+  crazy paving, mostly mild (one focus per lung in half of the lungs): a few
+  separate runs of slices;
 - ``CAP``: one consolidation (-100..+50 HU) with air bronchograms in one lobe
-  of one lung, bounded by its fissures, 2.5-8 cm long: one run of fewer slices;
+  of one lung, bounded by its fissures, 2-6 cm long: one run of a few slices;
 - ``NORMAL``: none. Every class has the same findings that are not
   pneumonia: vessels, small solid or calcified nodules, dependent atelectasis.
+
+Either way most slices of a patient are clean, as in real scans: a mean over all
+slices dilutes the evidence that a few slices carry.
 
 Acquisition nuisances (slice count, thickness, pixel spacing, noise, body
 size, lung height, file naming, InstanceNumber direction) are drawn from random
