@@ -67,3 +67,27 @@ def test_bench_eager_variants_compute_the_same_features(tmp_path) -> None:
         assert torch.allclose(out, outs[0], atol=1e-4)
     with pytest.raises(MsnetError, match="unknown variant"):
         _eager_variant("fast please", backbone, x)
+
+
+def test_bench_decoders_agree_on_the_real_scans(shared_data) -> None:
+    """Every installed JPEG Lossless decoder gives pydicom + pylibjpeg's stored values on the shared scans;
+    imagecodecs' libjpeg-turbo (a dependency) is the default."""
+    from msnet.bench import bench_decoders
+
+    r = bench_decoders(n_files=3, repeats=2)
+    assert r["n_slices"] == 9 and r["default"] == "imagecodecs-jpeg8"
+    assert {"imagecodecs-jpeg8", "imagecodecs-ljpeg", "gdcm-region"} <= set(r["decoders"])
+    assert all(v["identical"] and v["ms_per_slice"] > 0 for v in r["decoders"].values())
+
+
+def test_bench_extract_ct_on_real_slices(shared_data) -> None:
+    """ct: the CT-pretrained slab network on the middle slices of the shared real scans, int8 calibrated
+    on their other slices; medians of the repeats, the features' agreement with torch."""
+    from msnet.bench import bench_extract
+
+    r = bench_extract("ct", size=32, real_slices=4, repeats=2)
+    assert r["backbone"] == "astra_slab" and r["n_studies"] == 3 and r["n_slices"] == 12
+    assert r["data"].startswith("shared real scans") and r["calibration"].endswith("slabs")
+    assert all(v["timing"]["n"] == 2 and v["timing"]["min"] <= v["seconds"] <= v["timing"]["max"]
+               for v in r["runs"].values())
+    assert r["runs"]["onnx_fp32"]["cosine_min"] > 0.9999 and r["runs"]["onnx_int8"]["cosine_mean"] > 0.9

@@ -142,7 +142,8 @@ class SliceEncoder:
         stop = threading.Event()
 
         # a network that reads neighbouring slices together gets the study at once
-        step = max(1, len(slices)) if getattr(self.backbone, "whole_study", False) else self.batch_size
+        network = self.backbone if self.runtime == "torch" else self._session  # an ONNX slab network: SlabSession
+        step = max(1, len(slices)) if getattr(network, "whole_study", False) else self.batch_size
 
         def work() -> None:
             try:

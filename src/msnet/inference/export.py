@@ -2,7 +2,9 @@
 
 ``export_bundle`` writes, by default under ``BUNDLE/onnx/``::
 
-    backbone.onnx          slice backbone, input images (n, 3, S, S) -> features (n, d), dynamic n
+    backbone.onnx          slice backbone, input images (n, 3, S, S) -> features (n, d), dynamic n; a slab
+                           backbone (astra_slab): slabs (m, 3, k, S, S) -> features (m, d), read through
+                           msnet.inference.onnx.SlabSession, which takes slices
     aggregator.onnx        aggregator, features (1, l, d) -> logits (1, k), dynamic l
     parity.json            torch vs ONNX Runtime on synthetic studies (max probability difference)
     backbone_int8.onnx     with ``int8=True``: statically quantised backbone (QDQ, per-channel weights)
@@ -27,8 +29,8 @@ import torch.nn as nn
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
 from msnet.inference.encoder import SliceEncoder
-from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD, ort_session,
-                                  quantize_backbone)
+from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD,
+                                  calibration_slabs, ort_session, quantize_backbone)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,16 @@ def calibration_batch(predictor, studies: Sequence[Path], n_slices: int = 96, ma
     studies = list(studies)
     if len(studies) > max_studies:
         studies = [studies[i] for i in np.linspace(0, len(studies) - 1, max_studies).round().astype(int)]
-    return predictor.encoder.calibration_slices([read_study(s) for s in studies], n_slices)
+    vols = [read_study(s) for s in studies]
+    k = slab_length(predictor.bundle.backbone)
+    if k:  # a slab network: slabs of k consecutive slices, about as many slices in all
+        return calibration_slabs(predictor.spec, vols, max(2, -(-n_slices // k)), k)
+    return predictor.encoder.calibration_slices(vols, n_slices)
+
+
+def slab_length(backbone) -> int | None:
+    """k of a slab backbone (it reads slabs of k neighbouring slices), None for a 2-D backbone."""
+    return int(backbone.model.k) if getattr(backbone, "whole_study", False) else None
 
 
 # ------------------------------------------------------------------ main entry
@@ -226,7 +237,8 @@ def export_int8(bundle: Path, out: Path, ref, calibration: list[Path] | None = N
         check_studies = [s for s in SHARED_SCANS if s.is_dir()]
     vols = list(synth or []) + _volumes(check_studies)
     agree = int8_agreement(ref, out / BACKBONE_INT8_ONNX, vols, cache)
-    agree.update({"calibration_slices": int(len(calib)), "calibration_studies": len(sources),
+    agree.update({"calibration_slices": int(len(calib)) * (slab_length(ref.bundle.backbone) or 1),
+                  "calibration_studies": len(sources),
                   "quantize_s": round(quant_s, 2),
                   "format": "QDQ, per-channel int8 weights, uint8 activations, MinMax calibration"})
     atomic_write_text(out / "int8_agreement.json", json.dumps(agree, indent=2))

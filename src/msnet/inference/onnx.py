@@ -57,7 +57,11 @@ def ort_session(path: str | Path, threads: int | None = None, spinning: bool | N
     if spinning is None:
         spinning = os.environ.get("MSNET_ORT_SPINNING", "0") == "1"
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    slab = session.get_modelmeta().custom_metadata_map.get(SLAB_KEY)
+    if slab:  # an exported slab network: takes slices through SlabSession
+        return SlabSession(session, *(int(v) for v in slab.split(",")))
+    return session
 
 
 ONNX_RECORD = "onnx.json"
@@ -100,7 +104,7 @@ class _LungPooled(torch.nn.Module):
 
 def export_backbone(backbone, size: int, path: str | Path) -> Path:
     """A backbone as ONNX: images (n, 3, size, size) -> features (n, d), dynamic n; a copy in fp32 is
-    exported, the module itself is left as it was. A backbone that pools inside the lungs
+    exported, the module itself is left as it was. A slab network: :func:`export_slab_backbone`. A backbone that pools inside the lungs
     (``pool_lungs``) takes the images' lung weights (n, 1, size, size) as a second input,
     ``LUNG_INPUT``: the classical lung segmentation runs outside the graph (:func:`backbone_feed`)."""
     import copy
@@ -108,8 +112,7 @@ def export_backbone(backbone, size: int, path: str | Path) -> Path:
     from msnet.models.backbones import export_onnx
 
     if getattr(backbone, "whole_study", False):
-        raise MsnetError(f"backbone {backbone.name!r} reads slabs of neighbouring slices; its ONNX export is not built",
-                         fix="run it with the torch runtime, or train the bundle with a 2-D backbone (astra) to export it")
+        return export_slab_backbone(backbone, size, path)
     module = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
     if getattr(backbone, "pool_lungs", False):
         return export_onnx(_LungPooled(module).eval(), (torch.randn(2, 3, size, size), torch.ones(2, 1, size, size)),
@@ -117,6 +120,79 @@ def export_backbone(backbone, size: int, path: str | Path) -> Path:
                            {"images": {0: "batch"}, LUNG_INPUT: {0: "batch"}, "features": {0: "batch"}})
     return export_onnx(module, (torch.randn(2, 3, size, size),), path, ["images"], ["features"],
                        {"images": {0: "batch"}, "features": {0: "batch"}})
+
+
+SLAB_KEY = "msnet_slab"
+"""Metadata key of an exported slab network: "k,stride,chunk" (:class:`SlabSession` reads it)."""
+
+
+class _SlabPooled(torch.nn.Module):
+    def __init__(self, net) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, slabs: torch.Tensor) -> torch.Tensor:
+        return self.net.pool_slabs(slabs)
+
+
+def export_slab_backbone(backbone, size: int, path: str | Path) -> Path:
+    """A slab backbone (``astra_slab``) as ONNX: the 3-D network on slabs of a fixed length k,
+    ``slabs`` (m, 3, k, size, size) -> features (m, d), dynamic m. Laying a study's slices out as slabs
+    and giving each slice its nearest slab's features stay outside the graph (plain indexing):
+    :func:`ort_session` wraps such a model in a :class:`SlabSession`, which takes slices as the
+    other backbones' models do. k, the stride and the chunk are written into the model's metadata."""
+    import copy
+
+    import onnx
+
+    from msnet.models.backbones import export_onnx
+
+    net = copy.deepcopy(backbone.model).cpu().float().eval()
+    path = export_onnx(_SlabPooled(net).eval(), (torch.rand(2, 3, net.k, size, size),), path, ["slabs"], ["features"],
+                       {"slabs": {0: "slabs"}, "features": {0: "slabs"}})
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {SLAB_KEY: f"{net.k},{net.stride},{net.chunk}"})
+    onnx.save(model, str(path))
+    return path
+
+
+class SlabSession:
+    """An ONNX Runtime session of an exported slab network that takes a study's preprocessed slices
+    (n, 3, S, S), in order, as input ``images``, like the exported 2-D backbones: the slices laid out as
+    slabs (:func:`msnet.models.astra.slab_layout`), ``chunk`` slabs a run, each slice given its nearest
+    slab's features. ``whole_study``: the encoder feeds it a study at once."""
+
+    whole_study = True
+
+    def __init__(self, session, k: int, stride: int, chunk: int) -> None:
+        self.session, self.k, self.stride, self.chunk = session, int(k), int(stride), max(1, int(chunk))
+        self._input = session.get_inputs()[0]
+
+    def get_inputs(self) -> list:
+        from types import SimpleNamespace
+
+        shape = self._input.shape
+        return [SimpleNamespace(name="images", shape=[shape[0], shape[1], shape[3], shape[4]], type=self._input.type)]
+
+    def get_outputs(self) -> list:
+        return self.session.get_outputs()
+
+    def get_modelmeta(self):
+        return self.session.get_modelmeta()
+
+    def slab_input(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slabs (m, 3, k, S, S), nearest slab of each slice (n,)) of preprocessed slices."""
+        from msnet.models.astra import slab_layout
+
+        slabs, nearest = slab_layout(torch.from_numpy(np.ascontiguousarray(images)), self.k, self.stride)
+        return np.ascontiguousarray(slabs.numpy(), dtype=np.float32), nearest.numpy()
+
+    def run(self, output_names, feed: dict) -> list[np.ndarray]:
+        slabs, nearest = self.slab_input(feed["images"])
+        name = self._input.name
+        pooled = np.concatenate([self.session.run(output_names, {name: slabs[i:i + self.chunk]})[0]
+                                 for i in range(0, len(slabs), self.chunk)])
+        return [pooled[nearest]]
 
 
 def backbone_feed(names: list[str], images: np.ndarray, mean: float, std: float) -> dict[str, np.ndarray]:
@@ -134,13 +210,22 @@ def backbone_feed(names: list[str], images: np.ndarray, mean: float, std: float)
 def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, mean: float, std: float,
                       batch: int = 8) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights, MinMax calibration) of a backbone ONNX model
-    on ``calibration``, preprocessed slices (n, 3, S, S) normalised by ``mean`` and ``std``."""
+    on ``calibration``, preprocessed slices (n, 3, S, S) normalised by ``mean`` and ``std``; for an
+    exported slab network, slabs (m, 3, k, S, S) of consecutive slices (:func:`calibration_slabs`).
+    The slab network's metadata is carried over."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     import onnx
 
-    names = [i.name for i in onnx.load(str(fp32)).graph.input]  # the images (and the lung weights)
+    source = onnx.load(str(fp32))
+    names = [i.name for i in source.graph.input]  # the images (and the lung weights), or the slabs
+    props = {p.key: p.value for p in source.metadata_props}
+    if SLAB_KEY in props and calibration.ndim != 5:
+        raise MsnetError("a slab network is calibrated on slabs (m, 3, k, S, S) of consecutive slices",
+                         fix="pass calibration_slabs(...) as the calibration")
+    if SLAB_KEY in props:
+        batch = max(1, batch // 4)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -166,6 +251,24 @@ def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, mean: floa
                             extra_options={"CalibTensorRangeSymmetric": False})
         finally:
             root.setLevel(level)
+    if props:
+        model = onnx.load(str(out))
+        onnx.helper.set_model_props(model, props)
+        onnx.save(model, str(out))
     return out
+
+
+def calibration_slabs(spec, volumes: list, n_slabs: int, k: int) -> np.ndarray:
+    """Slabs (m, 3, k, S, S) of ``k`` consecutive preprocessed slices, laid out as the slab network takes
+    them, spread evenly over ``volumes`` (CTVolume): int8 calibration of an exported slab network."""
+    from msnet.models.astra import slab_layout
+
+    per = max(1, -(-n_slabs // max(1, len(volumes))))
+    out = []
+    for vol in volumes:
+        for start in np.unique(np.linspace(0, max(0, vol.n_slices - k), per).round().astype(int)):
+            x = spec.prepare(vol.hu[start:start + k], vol.kind)
+            out.append(slab_layout(x, k, k)[0][:1].numpy())  # one slab of these k slices
+    return np.ascontiguousarray(np.concatenate(out)[:n_slabs], dtype=np.float32)
 
 

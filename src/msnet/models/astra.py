@@ -33,15 +33,13 @@ import importlib
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from msnet.errors import MsnetError
-
-if TYPE_CHECKING:
-    from msnet.models.backbones import Backbone
+from msnet.models.backbones import RESNET_STAGES, Backbone, load_weights, register_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -270,21 +268,34 @@ class SlabNet(nn.Module):
         self.num_features = 2 * sum(widths[s] for s in self.stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = int(x.shape[0])
-        starts = slab_starts(n, self.k, self.stride)
-        index = torch.stack([torch.arange(s, s + self.k) for s in starts]).clamp(0, n - 1)  # (m, k)
-        slabs = x[index.flatten()].view(len(starts), self.k, *x.shape[1:])  # (m, k, 3, S, S)
-        slabs = to_ras_plane(slabs.flip(1)).permute(0, 2, 1, 3, 4)  # (m, 3, k, S, S), superior last
-        pooled = torch.cat([self._pool(slabs[i:i + self.chunk]) for i in range(0, len(starts), self.chunk)])
-        centres = torch.tensor([s + (self.k - 1) / 2 for s in starts], dtype=torch.float32)
-        nearest = (torch.arange(n, dtype=torch.float32)[:, None] - centres[None]).abs().argmin(dim=1)
+        slabs, nearest = self.slabs(x)
+        pooled = torch.cat([self.pool_slabs(slabs[i:i + self.chunk]) for i in range(0, len(slabs), self.chunk)])
         return pooled[nearest]
 
+    def slabs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slabs (m, 3, k, S, S) as the 3-D network takes them, index (n,) of each slice's nearest slab) of a
+        study's preprocessed slices (n, 3, S, S): the indexing around the network, which an exported slab
+        network (:func:`msnet.inference.onnx.export_backbone`) leaves outside its graph."""
+        return slab_layout(x, self.k, self.stride)
 
-    def _pool(self, slabs: torch.Tensor) -> torch.Tensor:
+    def pool_slabs(self, slabs: torch.Tensor) -> torch.Tensor:
+        """Features (m, num_features) of slabs (m, 3, k, S, S) laid out by :meth:`slabs`."""
         maps = self.net.forward_stages(slabs)
         return torch.cat([torch.cat([maps[s - 1].mean(dim=(2, 3, 4)), maps[s - 1].flatten(2).std(dim=2)], dim=1)
                           for s in self.stages], dim=1)
+
+
+def slab_layout(x: torch.Tensor, k: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`SlabNet.slabs` for slabs of ``k`` slices every ``stride``: each slab reoriented to RAS
+    (superior last, :func:`to_ras_plane` in-plane), the slices beyond the ends repeating the end slices."""
+    n = int(x.shape[0])
+    starts = slab_starts(n, k, stride)
+    index = torch.stack([torch.arange(s, s + k) for s in starts]).clamp(0, n - 1)  # (m, k)
+    slabs = x[index.flatten()].view(len(starts), k, *x.shape[1:])  # (m, k, 3, S, S)
+    slabs = to_ras_plane(slabs.flip(1)).permute(0, 2, 1, 3, 4)  # (m, 3, k, S, S), superior last
+    centres = torch.tensor([s + (k - 1) / 2 for s in starts], dtype=torch.float32)
+    nearest = (torch.arange(n, dtype=torch.float32)[:, None] - centres[None]).abs().argmin(dim=1)
+    return slabs, nearest
 
 
 def slab_starts(n: int, k: int, stride: int) -> list[int]:
@@ -323,8 +334,6 @@ def create_backbone(name: str, pretrained: bool, weights: str | Path | None, fre
     to the plane its weights learned itself."""
     import timm
 
-    from msnet.models.backbones import _STAGES, Backbone, load_weights  # here: backbones imports this module
-
     if in_chans != 3:
         raise MsnetError(f"backbone {name!r} takes the grey slice replicated to 3 channels, not {in_chans}",
                          fix="use one HU window (preprocess.windows)")
@@ -343,7 +352,7 @@ def create_backbone(name: str, pretrained: bool, weights: str | Path | None, fre
         if slab:
             raise MsnetError(f"backbone.slab applies to astra_slab, not {name!r}", fix="drop backbone.slab")
         model = timm.create_model("resnet152", pretrained=False, num_classes=0)
-        backbone = Backbone(name, model, model.num_features, dict(DATA_CONFIG), _STAGES["resnet"])
+        backbone = Backbone(name, model, model.num_features, dict(DATA_CONFIG), RESNET_STAGES)
         if weights is not None and not is_3d(weights):
             load_weights(backbone, weights)
         elif pretrained or weights is not None:
@@ -358,3 +367,7 @@ def create_backbone(name: str, pretrained: bool, weights: str | Path | None, fre
     if freeze:
         backbone.freeze(int(freeze))
     return backbone
+
+
+for _name in CT_NATIVE:  # the registry's entries of the CT-pretrained backbones
+    register_backbone(_name)(create_backbone)
