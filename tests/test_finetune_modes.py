@@ -17,7 +17,11 @@ from PIL import Image
 from msnet.config import load_config
 from msnet.data.cohorts import group_by_paper, image_groups, index_dataset, read_slice_manifest
 from msnet.errors import MsnetError
+from msnet.data import augment as A
+from msnet.data import slices as S
 from msnet.stages import finetune as F
+from msnet.stages import slice_model as M
+from msnet.stages.calibration import OOF_FILE
 
 
 def _write_images(root: Path, seed: int = 0) -> None:
@@ -79,7 +83,7 @@ def test_index_groups_images_by_patient_figure_and_numbering_run(images):
 
 def test_grouped_folds_never_split_a_group_and_stratify(images):
     rows = [r for r in read_slice_manifest(images.parent / "index" / "slices.csv") if r["subset"] == "train"]
-    folds = F.manifest_folds(rows, 3, seed=1)
+    folds = S.manifest_folds(rows, 3, seed=1)
     assert sorted(str(r["image_path"]) for f in folds for r in f) == sorted(str(r["image_path"]) for r in rows)
     fold_of = defaultdict(set)
     for i, f in enumerate(folds):
@@ -88,7 +92,7 @@ def test_grouped_folds_never_split_a_group_and_stratify(images):
     assert all(len(v) == 1 for v in fold_of.values())
     assert all({r["label"] for r in f} == {"COVID-19", "NON-COVID"} for f in folds)
     with pytest.raises(MsnetError):
-        F.manifest_folds(rows, 50, seed=1)  # more folds than groups
+        S.manifest_folds(rows, 50, seed=1)  # more folds than groups
 
 
 def test_index_can_group_the_real_ucsd_images_by_paper(shared_data, tmp_path):
@@ -113,7 +117,7 @@ def test_index_can_group_the_real_ucsd_images_by_paper(shared_data, tmp_path):
     assert len(set(non_covid)) == len({s for s, _ in non_covid}) == len({p for _, p in non_covid})  # same partition
     train = [r for r in by_paper if r["subset"] == "train"]
     fold_of = defaultdict(set)
-    for i, fold in enumerate(F.manifest_folds(train, 5, seed=0)):
+    for i, fold in enumerate(S.manifest_folds(train, 5, seed=0)):
         for r in fold:
             fold_of[Path(r["image_path"]).name.split("-")[0] if r["label"] == "COVID-19" else r["group"]].add(i)
     assert all(len(v) == 1 for v in fold_of.values())
@@ -130,25 +134,25 @@ def test_index_can_group_the_real_ucsd_images_by_paper(shared_data, tmp_path):
 
 def test_linear_probe_fits_the_head_only(images, tmp_path):
     cfg = _config(tmp_path, images, mode="linear_probe")
-    data = F.build_slice_sets(cfg)["train"]
+    data = S.build_slice_sets(cfg)["train"]
     torch.manual_seed(0)
-    model = F.build_model(cfg, 2)
+    model = M.model_for(cfg, 2)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head_before = model.fc.weight.detach().clone()
-    F.fit_linear_probe(model, data, cfg, torch.device("cpu"))
+    M.fit_linear_probe(model, data, cfg.finetune, torch.device("cpu"))
     after = model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(head_before, model.fc.weight)
-    probs = F.predict_slices(model, data, cfg, torch.device("cpu"))
+    probs = M.predict_slices(model, data, torch.device("cpu"), cfg.finetune.tta)
     assert (probs.argmax(1) == data.labels.numpy()).mean() >= 0.9  # separable toy classes
 
 
 def test_linear_probe_mode_leaves_the_saved_backbone_as_loaded(images, tmp_path):
     cfg = _config(tmp_path, images, mode="linear_probe")
     torch.manual_seed(0)
-    reference = F.build_model(cfg, 2).backbone.state_dict()
+    reference = M.model_for(cfg, 2).backbone.state_dict()
     F.finetune(cfg)  # seeds the same way before building the model
-    model = F.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
+    model = M.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
     saved = model.backbone.state_dict()
     assert all(torch.allclose(reference[k].float(), saved[k].float()) for k in reference)
     history = list(csv.DictReader(open(cfg.run_path / "finetune" / "history.csv")))
@@ -161,10 +165,10 @@ def test_probe_on_stage_statistics_is_saved_and_served_as_trained(images, tmp_pa
     cfg = _config(tmp_path, images, mode="linear_probe", probe_scale="feature", probe_c=0.01)
     cfg.backbone.pool_stages = [4, 5]
     F.finetune(cfg)
-    model = F.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
+    model = M.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
     assert model.backbone.pool_stages == (4, 5) and model.fc.in_features == 2 * (80 + 112)
-    data = F.build_slice_sets(cfg)["train"]
-    assert (F.predict_slices(model, data, cfg, torch.device("cpu")).argmax(1) == data.labels.numpy()).mean() >= 0.9
+    data = S.build_slice_sets(cfg)["train"]
+    assert (M.predict_slices(model, data, torch.device("cpu"), cfg.finetune.tta).argmax(1) == data.labels.numpy()).mean() >= 0.9
     encoder = load_encoder(cfg)  # stage 2 encodes with the same cut network
     assert encoder.backbone.pool_stages == (4, 5) and encoder.num_features == model.fc.in_features
 
@@ -178,16 +182,16 @@ def test_probe_refit_uses_the_selection_images_too_and_keeps_the_temperature(ima
         cfg = _config(tmp_path / str(refit), images, mode="linear_probe", probe_refit=refit)
         runs[refit] = (cfg, F.finetune(cfg))
     (cfg0, m0), (cfg1, m1) = runs[False], runs[True]
-    a = F.load_slice_classifier(cfg0.run_path / "finetune" / "backbone.pt")
-    b = F.load_slice_classifier(cfg1.run_path / "finetune" / "backbone.pt")
+    a = M.load_slice_classifier(cfg0.run_path / "finetune" / "backbone.pt")
+    b = M.load_slice_classifier(cfg1.run_path / "finetune" / "backbone.pt")
     assert m1["probe_refit_on"] == m1["n_train"] + m1["n_val"] == checkpoint_info(cfg1.run_path / "finetune" / "backbone.pt")["refit_on"]
     assert a.temperature == b.temperature == m0["temperature"] == m1["temperature"]
     assert not torch.allclose(a.fc.weight, b.fc.weight)  # fitted on more images
-    every = F.build_slice_sets(cfg1)
-    data = F.SliceSet(torch.cat([every["train"].images, every["val"].images]), torch.cat([every["train"].labels, every["val"].labels]))
+    every = S.build_slice_sets(cfg1)
+    data = S.SliceSet(torch.cat([every["train"].images, every["val"].images]), torch.cat([every["train"].labels, every["val"].labels]))
     torch.manual_seed(0)
-    ref = F.build_model(cfg1, 2)
-    F.fit_linear_probe(ref, data, cfg1, torch.device("cpu"))
+    ref = M.model_for(cfg1, 2)
+    M.fit_linear_probe(ref, data, cfg1.finetune, torch.device("cpu"))
     torch.testing.assert_close(b.fc.weight, ref.fc.weight)
     (tmp_path / "full").mkdir()
     full = _config(tmp_path / "full", images, mode="full", epochs=1, probe_refit=True)
@@ -197,12 +201,12 @@ def test_probe_refit_uses_the_selection_images_too_and_keeps_the_temperature(ima
 
 def test_lp_ft_starts_the_full_phase_from_the_probe_head(images, tmp_path):
     cfg = _config(tmp_path, images, mode="lp_ft", backbone_lr_scale=0.1)
-    data = F.build_slice_sets(cfg)["train"]
+    data = S.build_slice_sets(cfg)["train"]
     torch.manual_seed(0)
-    probe = F.build_model(cfg, 2)
-    F.fit_linear_probe(probe, data, cfg, torch.device("cpu"))
+    probe = M.model_for(cfg, 2)
+    M.fit_linear_probe(probe, data, cfg.finetune, torch.device("cpu"))
     torch.manual_seed(0)
-    tr = F._trainer(cfg, data, 2, 0, 1)
+    tr = F._engine(cfg, data, tmp_path, ["a", "b"], 0, 1)
     # the same probe (the trainer's model runs channels last: its features differ in the 6th digit)
     torch.testing.assert_close(tr.model.fc.weight, probe.fc.weight, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(tr.model.fc.bias, probe.fc.bias, atol=1e-4, rtol=1e-3)
@@ -210,7 +214,7 @@ def test_lp_ft_starts_the_full_phase_from_the_probe_head(images, tmp_path):
     (tmp_path / "full").mkdir()
     full_cfg = _config(tmp_path / "full", images, mode="full")
     torch.manual_seed(0)
-    full = F._trainer(full_cfg, data, 2, 0, 1)
+    full = F._engine(full_cfg, data, tmp_path / "full", ["a", "b"], 0, 1)
     assert not torch.allclose(full.model.fc.weight, probe.fc.weight)
 
 
@@ -232,15 +236,15 @@ def test_unknown_mode_is_refused(images, tmp_path):
 def test_image_augmentation_keeps_shape_and_is_seeded(images, tmp_path):
     cfg = _config(tmp_path, images, crop_scale=0.5, rotate=10, downscale=0.5, jpeg_quality=[20, 40], jpeg_prob=1.0)
     batch = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
-    a = F.augment_images(batch, cfg, torch.Generator().manual_seed(3))
-    b = F.augment_images(batch, cfg, torch.Generator().manual_seed(3))
+    a = A.augment_images(batch, cfg.finetune, torch.Generator().manual_seed(3))
+    b = A.augment_images(batch, cfg.finetune, torch.Generator().manual_seed(3))
     assert a.shape == batch.shape and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, batch)
     off = _config(tmp_path, images)
-    assert F.augment_images(batch, off, torch.Generator().manual_seed(3)) is batch
+    assert A.augment_images(batch, off.finetune, torch.Generator().manual_seed(3)) is batch
     bad = _config(tmp_path, images, jpeg_quality=[50], jpeg_prob=1.0)
     with pytest.raises(MsnetError, match="jpeg_quality"):
-        F.augment_images(batch, bad, torch.Generator().manual_seed(3))
+        A.augment_images(batch, bad.finetune, torch.Generator().manual_seed(3))
 
 
 def test_cross_validation_scores_every_train_image_once(images, tmp_path):
@@ -259,7 +263,7 @@ def test_shipped_ucsd_config_loads_beside_an_index_folder_of_that_name(tmp_path,
     cfg = load_config("ucsd")
     assert cfg.data.slice_manifest == "ucsd/slices.csv"
     assert cfg.resolve(cfg.data.slice_manifest) == tmp_path / "ucsd" / "slices.csv"
-    assert cfg.finetune.mode in F.MODES and cfg.finetune.folds >= 2
+    assert cfg.finetune.mode in M.MODES and cfg.finetune.folds >= 2
 
 
 def _textured(size: int, seed: int = 0) -> Image.Image:
@@ -276,8 +280,8 @@ def test_base_size_gives_every_source_resolution_the_same_detail(tmp_path):
     sharp.resize((64, 64), Image.BILINEAR).save(tmp_path / "small.png")  # the same picture, less detail
 
     def gap(base: int) -> float:
-        a = F.load_image_slice(tmp_path / "sharp.png", 128, base_size=base).float()
-        b = F.load_image_slice(tmp_path / "small.png", 128, base_size=base).float()
+        a = S.load_image_slice(tmp_path / "sharp.png", 128, base_size=base).float()
+        b = S.load_image_slice(tmp_path / "small.png", 128, base_size=base).float()
         return float((a - b).abs().mean())
 
     assert gap(48) < 0.5 * gap(0)  # without it, sharpness alone tells the two sources apart
@@ -295,21 +299,21 @@ def test_base_size_gives_every_source_resolution_the_same_detail(tmp_path):
     assert PreprocessSpec.from_dict(old).base_size == 0
 
 
-def _random_slices(n: int = 6, size: int = 32) -> F.SliceSet:
+def _random_slices(n: int = 6, size: int = 32) -> S.SliceSet:
     g = torch.Generator().manual_seed(0)
-    return F.SliceSet(torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8),
+    return S.SliceSet(torch.randint(0, 256, (n, 1, size, size), generator=g, dtype=torch.uint8),
                       torch.tensor([0, 1] * (n // 2)), [f"g{i}" for i in range(n)], ["PNG"] * n)
 
 
 def test_test_time_augmentation_makes_answers_mirror_invariant(images, tmp_path):
     torch.manual_seed(0)
-    model = F.build_model(_config(tmp_path, images), 2, pretrained=False)
+    model = M.model_for(_config(tmp_path, images), 2, pretrained=False)
     data = _random_slices()
-    mirrored = F.SliceSet(data.images.flip(-1), data.labels, data.groups, data.formats)
+    mirrored = S.SliceSet(data.images.flip(-1), data.labels, data.groups, data.formats)
     for tta in (False, True):
         cfg = _config(tmp_path, images, tta=tta)
-        a = F.predict_slices(model, data, cfg, torch.device("cpu"))
-        b = F.predict_slices(model, mirrored, cfg, torch.device("cpu"))
+        a = M.predict_slices(model, data, torch.device("cpu"), cfg.finetune.tta)
+        b = M.predict_slices(model, mirrored, torch.device("cpu"), cfg.finetune.tta)
         assert np.allclose(a, b, atol=1e-5) == tta
         assert np.allclose(a.sum(1), 1.0, atol=1e-5)
 
@@ -343,15 +347,16 @@ def test_shortcut_probes_catch_a_model_that_reads_sharpness(images, tmp_path):
         rows.append({"image_path": str(folder / f"{i}.png"), "label": "COVID-19", "format": "PNG"})
     cfg = _config(tmp_path, images)
     cfg.preprocess.size = 128
-    data = F._image_slices(rows, cfg, ["COVID-19", "NON-COVID"], "probe")
+    data = S.image_slices(rows, ["COVID-19", "NON-COVID"], "probe", cfg.preprocess, cfg.data.reencode_jpeg)
     x = data.images.float() / 255
     sharp = float((x[:, 0, :, 1:] - x[:, 0, :, :-1]).abs().mean())
     bright = float(x.mean())
     flips = {}
     for name, model in (("sharpness", _SharpnessReader(sharp * 0.8)), ("brightness", _BrightnessReader(bright * 0.5))):
-        probs = F.calibrated_probs(model, data, cfg, torch.device("cpu"), temperature=1.0)
+        probs = M.calibrated_probs(model, data, torch.device("cpu"), cfg.finetune.tta, temperature=1.0)
         assert (probs.argmax(1) == 0).all()  # both call every original image COVID-19
-        flips[name] = F.shortcut_flips(model, rows, probs, cfg, ["COVID-19", "NON-COVID"], torch.device("cpu"))
+        flips[name] = M.shortcut_flips(model, rows, probs, ["COVID-19", "NON-COVID"], torch.device("cpu"), cfg.preprocess,
+                                     cfg.data.reencode_jpeg, cfg.finetune.tta)
     assert flips["sharpness"]["half"]["flip_rate"] == 1.0  # halving the resolution changes its answer
     assert flips["brightness"]["half"]["flip_rate"] == 0.0 and flips["brightness"]["jpeg"]["flip_rate"] == 0.0
     assert flips["brightness"]["jpeg"]["n"] == 6 and "flip_rate_png" in flips["brightness"]["jpeg"]
@@ -388,9 +393,9 @@ def test_temperature_from_the_out_of_fold_predictions(images, tmp_path):
     cfg = _config(tmp_path, images, mode="linear_probe", folds=3, calibration="cv")
     F.finetune(cfg)  # no --cv yet: it is run first, for its out-of-fold predictions
     cv = json.loads((cfg.run_path / "finetune" / "cv" / "cv_metrics.json").read_text())
-    with np.load(cfg.run_path / "finetune" / "cv" / F.OOF_FILE) as f:
+    with np.load(cfg.run_path / "finetune" / "cv" / OOF_FILE) as f:
         assert f["logits"].shape == (24, 2) and sorted(f["labels"].tolist()) == [0] * 12 + [1] * 12
-    model = F.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
+    model = M.load_slice_classifier(cfg.run_path / "finetune" / "backbone.pt")
     assert model.temperature == pytest.approx(cv["oof_temperature"])
     assert cv["oof_temperature"] != pytest.approx(F.cross_validate(cfg)["folds"][0]["temperature"])
     cfg.finetune.calibration = "nonsense"

@@ -52,7 +52,8 @@ def finetuned(cohort) -> Path:
 
 
 def test_finetune_writes_checkpoint_metrics_and_reuses(finetuned):
-    from msnet.stages.finetune import finetune, load_slice_classifier
+    from msnet.stages.finetune import finetune
+    from msnet.stages.slice_model import load_slice_classifier
 
     out = finetuned / "run" / "finetune"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -169,7 +170,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_two_process_extract_equals_single_process_and_finetune_is_valid(finetuned, tmp_path):
     from msnet.stages.extract import extract, feature_dir
-    from msnet.stages.finetune import load_slice_classifier
+    from msnet.stages.slice_model import load_slice_classifier
 
     single = load_config(finetuned / "config.yaml")
     extract(single)
@@ -230,7 +231,7 @@ def test_finetune_on_slice_images_with_held_out_test(tmp_path, shared_data):
     assert sum(v["n"] for v in test["by_format"].values()) == 12
     assert result["n_train"] + result["n_val"] == 24  # the val folder itself is never trained on
     # what `msnet finetune` prints: the test set's own figures and where they are, one line per format
-    from msnet.stages.finetune import summary
+    from msnet.stages.slice_report import summary
 
     text = summary(result, cfg.run_path / "finetune")
     assert f"12 images ({tmp_path / 'run' / 'finetune' / 'test' / 'val'})" in text

@@ -89,7 +89,8 @@ def test_feature_scaled_probe_ignores_the_units_of_a_feature():
     """The per-feature probe gives the same decisions when one feature's unit changes by 10^4;
     the overall-scaled probe does not (that feature swamps the shared standard deviation)."""
     from msnet.config import Config
-    from msnet.stages import finetune as F
+    from msnet.data import slices as S
+    from msnet.stages import slice_model as M
 
     g = torch.Generator().manual_seed(0)
     n = 120
@@ -117,7 +118,7 @@ def test_feature_scaled_probe_ignores_the_units_of_a_feature():
         cfg.finetune.probe_scale, cfg.finetune.probe_c, cfg.finetune.class_weights = scale, 1.0, False
         model = SimpleNamespace(backbone=Fixed(feats), fc=torch.nn.Linear(feats.shape[1], 2))
         data = Slices(torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 2, 2), y)
-        F.fit_linear_probe(model, data, cfg, torch.device("cpu"))
+        M.fit_linear_probe(model, data, cfg.finetune, torch.device("cpu"))
         with torch.no_grad():
             return model.fc(feats.float()).argmax(1)
 
@@ -140,7 +141,8 @@ def test_shipped_ucsd_recipe_on_real_images(shared_data, tmp_path, monkeypatch):
 
     from msnet.config import load_config
     from msnet.data.cohorts import index_dataset
-    from msnet.stages.finetune import finetune, load_slice_classifier
+    from msnet.stages.finetune import finetune
+    from msnet.stages.slice_model import load_slice_classifier
 
     src = shared_data / "ucsd-covid-ct"
     root = tmp_path / "data"
@@ -170,23 +172,24 @@ def test_slice_classifier_answers_alike_in_either_memory_layout(shared_data, poo
     """Stage 1 runs the slice classifier channels last (faster convolutions on a CPU): on real images,
     its probe and its answers match the contiguous layout's."""
     from msnet.config import load_config
-    from msnet.stages import finetune as F
+    from msnet.data import slices as S
+    from msnet.stages import slice_model as M
 
     cfg = load_config("ucsd", [f"backbone.pool_stages={pool_stages}", f"backbone.pool_lungs={str(lungs).lower()}",
                                f"backbone.pool_covariance={str(lungs).lower()}", "finetune.tta=false"])
     x = _ucsd_images(shared_data, 8)
-    data = F.SliceSet(((x[:, :1] * 0.5 + 0.5) * 255).round().to(torch.uint8), torch.tensor([0, 1] * 4))
+    data = S.SliceSet(((x[:, :1] * 0.5 + 0.5) * 255).round().to(torch.uint8), torch.tensor([0, 1] * 4))
     torch.manual_seed(0)
-    ref = F.build_model(cfg, 2).eval()  # as built: contiguous weights, fed contiguous batches below
-    F.fit_linear_probe(ref, data, cfg, torch.device("cpu"))
+    ref = M.model_for(cfg, 2).eval()  # as built: contiguous weights, fed contiguous batches below
+    M.fit_linear_probe(ref, data, cfg.finetune, torch.device("cpu"))
     with torch.no_grad():
         expected = torch.softmax(ref(P.finish(P.dequantize(data.images), (0.5,) * 3, (0.5,) * 3)), 1).numpy()
     torch.manual_seed(0)
-    fast = F.build_model(cfg, 2).to(memory_format=torch.channels_last)
-    F.fit_linear_probe(fast, data, cfg, torch.device("cpu"))
+    fast = M.model_for(cfg, 2).to(memory_format=torch.channels_last)
+    M.fit_linear_probe(fast, data, cfg.finetune, torch.device("cpu"))
     assert fast.backbone.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fast.fc.weight, ref.fc.weight, atol=1e-4, rtol=1e-3)
-    got = F.predict_slices(fast, data, cfg, torch.device("cpu"))
+    got = M.predict_slices(fast, data, torch.device("cpu"), cfg.finetune.tta)
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert (got.argmax(1) == expected.argmax(1)).all()
 

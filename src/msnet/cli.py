@@ -251,10 +251,12 @@ def finetune(
 ) -> None:
     """Stage 1: fine-tune the slice backbone on slice labels."""
     from msnet.config import load_config
+    from msnet.models import check_config
     from msnet.stages.finetune import cross_validate, summary
     from msnet.stages.finetune import finetune as run_finetune
 
     cfg = load_config(config, _overrides(set_))
+    check_config(cfg)
     cv_result = cross_validate(cfg, overwrite=overwrite) if cv else None
     result = run_finetune(cfg, test_dir=test, overwrite=overwrite)
     if cv_result is not None:
@@ -274,10 +276,12 @@ def extract(
 ) -> None:
     """Stage 2: backbone features of every slice of every study."""
     from msnet.config import load_config
+    from msnet.models import check_config
     from msnet.stages.extract import extract as run_extract
 
     extra = ([f"extract.runtime={runtime}"] if runtime else []) + (["extract.int8=true"] if int8 else [])
     cfg = load_config(config, _overrides(set_) + extra)
+    check_config(cfg)
     report = run_extract(cfg, overwrite=overwrite, strict=strict)
     typer.echo(report.summary())
     if report.n_failed:
@@ -293,9 +297,11 @@ def train(
 ) -> None:
     """Stage 3: train MS-Net (and baselines) on cached features."""
     from msnet.config import load_config
+    from msnet.models import check_config
     from msnet.stages.train import train as run_train
 
     cfg = load_config(config, _overrides(set_))
+    check_config(cfg)
     if folds is not None:
         cfg.train.folds = folds
     result = run_train(cfg, overwrite=overwrite)
@@ -332,9 +338,11 @@ def run_all(
 
     CONFIG: a YAML file or a shipped config (`msnet run cpu` on a CPU, `msnet run paper` on a GPU)."""
     from msnet.config import load_config
+    from msnet.models import check_config
     from msnet.stages.run import run_pipeline
 
     cfg = load_config(config, _overrides(set_))
+    check_config(cfg)
     report = run_pipeline(cfg, overwrite=overwrite)
     if report.parent.name == "slice_head":  # a cohort too small for a patient-level model
         typer.echo(report.read_text())

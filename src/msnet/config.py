@@ -13,7 +13,7 @@ import json
 import platform
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -91,7 +91,7 @@ def pooling(source: Any) -> dict:
 @dataclass
 class FinetuneConfig:
     enabled: bool = True
-    mode: str = "full"
+    mode: Literal["full", "linear_probe", "lp_ft"] = "full"
     """full: train backbone and head together; linear_probe: the backbone stays as loaded and only
     the head is fitted (L2 logistic regression on its pooled features); lp_ft: the linear probe
     first, then full fine-tuning starting from that head (Kumar et al. 2022)."""
@@ -107,7 +107,7 @@ class FinetuneConfig:
     """linear_probe only: once its temperature is fitted on the selection images, fit the probe again on
     the training and selection images together (a probe selects nothing, so no image need be held back
     from it); the temperature is kept."""
-    probe_scale: str = "overall"
+    probe_scale: Literal["overall", "feature"] = "overall"
     """How the probe standardises features: overall (one standard deviation for all: no feature of tiny
     variance gets a large weight for fine-tuning to start from) or feature (each its own, as
     scikit-learn's StandardScaler: for features of unequal scales, such as pool_stages')."""
@@ -134,7 +134,7 @@ class FinetuneConfig:
     tta: bool = False
     """Test-time augmentation: every prediction (selection, calibration, CV, --test) averages the
     probabilities of the slice and its mirror image."""
-    calibration: str = "select"
+    calibration: Literal["select", "cv"] = "select"
     """Where the slice classifier's temperature is fitted: `select` (the model-selection images) or `cv`
     (the out-of-fold predictions of `--cv`: every train image, each from a model that never saw its
     source; `--cv` is run first where they are missing)."""
@@ -162,9 +162,9 @@ class FinetuneConfig:
 @dataclass
 class ExtractConfig:
     batch_size: int = 32
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Feature dtype: float32, or bfloat16 (autocast; served the same way by the bundle)."""
-    runtime: str = "torch"
+    runtime: Literal["torch", "onnx"] = "torch"
     """torch, or onnx (ONNX Runtime on the CPU; the backbone is exported next to the features)."""
     int8: bool = False
     """With runtime onnx: a statically quantised backbone, used only if its features agree with fp32
@@ -175,6 +175,7 @@ class ExtractConfig:
 @dataclass
 class TrainConfig:
     aggregators: list[str] = field(default_factory=lambda: ["msnet"])
+    """Names from the aggregator registry (checked by :func:`msnet.models.check_config`)."""
     epochs: int = 100
     batch_size: int = 8
     lr: float = 1e-4
@@ -213,8 +214,70 @@ class Config:
         return p
 
 
+def _describe(tp) -> str:
+    """A type annotation in words, for error messages."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is not None and type(None) in args:
+        return " or ".join(_describe(a) for a in args)
+    return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a text"}.get(
+        getattr(tp, "__name__", str(tp)), str(tp))
+
+
+def _checked(value: Any, tp, key: str) -> Any:
+    """``value`` as the annotation ``tp`` asks (an int taken as a float, YAML's ``3e-5`` string as a number),
+    or a :class:`MsnetError` naming ``key``, the value and what it may be."""
+    origin, args = get_origin(tp), get_args(tp)
+
+    def bad() -> MsnetError:
+        return MsnetError(f"config key '{key}' is {value!r}, which is not {_describe(tp)}",
+                          fix=f"set {key} to {_describe(tp)}")
+
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise bad()
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_checked(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML reads `3e-5` (no dot) as a string
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    return value
+
+
 def _build(cls, data: dict[str, Any], where: str):
+    if data is not None and not isinstance(data, dict):
+        raise MsnetError(f"config section '{where.rstrip('.') or 'top level'}' is {data!r}, not a mapping of keys",
+                         fix="write it as `key: value` lines")
     known = {f.name: f for f in fields(cls)}
+    hints = get_type_hints(cls)
     kwargs = {}
     for key, value in (data or {}).items():
         if key not in known:
@@ -225,13 +288,8 @@ def _build(cls, data: dict[str, Any], where: str):
         f = known[key]
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
             kwargs[key] = _build(f.default_factory, value, f"{where}{key}.")
-        elif f.type == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:  # YAML reads `3e-5` (no dot) as a string
-                kwargs[key] = float(value)
-            except ValueError as exc:
-                raise MsnetError(f"config key '{where}{key}' must be a number, not {value!r}") from exc
         else:
-            kwargs[key] = value
+            kwargs[key] = _checked(value, hints[key], f"{where}{key}")
     return cls(**kwargs)
 
 

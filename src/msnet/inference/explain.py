@@ -33,33 +33,80 @@ log = logging.getLogger(__name__)
 
 
 def grad_cam(predictor, unit_slice: torch.Tensor, feats: torch.Tensor, index: int, target: int,
-             normalise: bool = True) -> np.ndarray:
+             normalise: bool = True, study: np.ndarray | None = None, kind: str = "hu") -> np.ndarray:
     """Grad-CAM map (S, S) of one preprocessed slice for class ``target``: in [0, 1] scaled to its own
-    maximum (``normalise``), else the raw ReLU'd map (for :func:`study_cam`)."""
+    maximum (``normalise``), else the raw ReLU'd map (for :func:`study_cam`).
+
+    A slab backbone (``astra_slab``) has no map of one slice: its map is the 3-D Grad-CAM of the slab the
+    slice takes its features from (:func:`slab_cam`), read at the slice's depth; it needs ``study``, the
+    study's slices (n, H, W) as the model saw them (``kind`` "hu" or "grey"), and gives zeros without."""
     spec = predictor.spec
     backbone = predictor.bundle.backbone
-    if getattr(backbone, "whole_study", False):  # a slab network has no feature map of one slice
-        log.info("no Grad-CAM: backbone %s reads slabs of slices; the key slices are shown without a map", backbone.name)
-        return np.zeros(tuple(unit_slice.shape[-2:]), np.float32)
-    x = P.finish(unit_slice[None], spec.mean, spec.std).to(predictor.device)
-    with torch.enable_grad():
-        maps = backbone.forward_maps(x)
-        fmap = maps[-1]
-        fmap.retain_grad()
-        pooled = backbone.pool(maps, x)
-        if predictor.head is not None:
-            logit = predictor.head.to(predictor.device)(pooled)[0, target]
-        else:
-            seq = feats.clone().to(predictor.device)
-            seq = torch.cat([seq[:index], pooled, seq[index + 1 :]])[None]
-            logit = predictor.aggregator(seq)[0, target]
-        logit.backward()
-    weights = fmap.grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()
-    cam = F.interpolate(cam, size=unit_slice.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    if getattr(backbone, "whole_study", False):
+        if study is None:
+            log.info("no Grad-CAM: backbone %s reads slabs of slices and the study's slices were not given",
+                     backbone.name)
+            return np.zeros(tuple(unit_slice.shape[-2:]), np.float32)
+        cam = slab_cam(predictor, study, kind, feats, index, target)
+    else:
+        x = P.finish(unit_slice[None], spec.mean, spec.std).to(predictor.device)
+        with torch.enable_grad():
+            maps = backbone.forward_maps(x)
+            fmap = maps[-1]
+            fmap.retain_grad()
+            pooled = backbone.pool(maps, x)
+            _target_logit(predictor, pooled, feats, [index], target).backward()
+        weights = fmap.grad.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()
+        cam = F.interpolate(cam, size=unit_slice.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     if normalise and cam.max() > 0:
         cam = cam / cam.max()
     return cam.cpu().numpy()
+
+
+def _target_logit(predictor, pooled: torch.Tensor, feats: torch.Tensor, at: list[int], target: int) -> torch.Tensor:
+    """The logit of ``target`` from features ``pooled`` (1, d): through the slice head when the bundle has one,
+    else through the aggregator with ``pooled`` put in the study's sequence at the slices ``at``."""
+    if predictor.head is not None:
+        return predictor.head.to(predictor.device)(pooled)[0, target]
+    seq = feats.clone().to(predictor.device)
+    mask = torch.zeros(len(seq), 1, dtype=torch.bool, device=seq.device)
+    mask[at] = True
+    seq = torch.where(mask, pooled.expand_as(seq), seq)[None]
+    return predictor.aggregator(seq)[0, target]
+
+
+def slab_cam(predictor, study: np.ndarray, kind: str, feats: torch.Tensor, index: int, target: int) -> torch.Tensor:
+    """3-D Grad-CAM of a slab backbone (:class:`msnet.models.astra.SlabNet`) at slice ``index``: the slab whose
+    centre is nearest the slice (the one it takes its features from) goes through the 3-D network; the
+    deepest pooled stage's maps, weighted by their mean gradient of the target logit (through the slice head,
+    or the aggregator with the slab's features at every slice that takes them), summed and ReLU'd, are
+    upsampled to (k, S, S) and read at the slice's depth, then turned back from the weights' RAS plane to the
+    display plane. Returns the raw map (S, S)."""
+    from msnet.models.astra import slab_starts, to_ras_plane
+
+    spec, net = predictor.spec, predictor.bundle.backbone.model
+    n, k = len(study), net.k
+    starts = slab_starts(n, k, net.stride)
+    centres = np.array([s + (k - 1) / 2 for s in starts])
+    nearest = np.abs(np.arange(n)[:, None] - centres[None]).argmin(axis=1)
+    slab = int(nearest[index])
+    rows = np.clip(np.arange(starts[slab], starts[slab] + k), 0, n - 1)
+    units = spec.unit(np.asarray(study)[rows], kind)  # (k, c, S, S), superior first
+    x = P.finish(units, spec.mean, spec.std).to(predictor.device)
+    x = to_ras_plane(x.flip(0)).permute(1, 0, 2, 3)[None]  # (1, 3, k, S, S), superior last, as SlabNet lays it out
+    with torch.enable_grad():
+        maps = net.net.forward_stages(x)
+        fmap = maps[net.stages[-1] - 1]
+        fmap.retain_grad()
+        pooled = torch.cat([torch.cat([maps[s - 1].mean(dim=(2, 3, 4)), maps[s - 1].flatten(2).std(dim=2)], dim=1)
+                            for s in net.stages], dim=1)
+        _target_logit(predictor, pooled, feats, np.flatnonzero(nearest == slab).tolist(), target).backward()
+    weights = fmap.grad.mean(dim=(2, 3, 4), keepdim=True)
+    cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()  # (1, 1, k', S', S')
+    cam = F.interpolate(cam, size=(k, *x.shape[-2:]), mode="trilinear", align_corners=False)[0, 0]
+    depth = k - 1 - int(np.flatnonzero(rows == index)[0])  # the slab runs superior last
+    return to_ras_plane(cam[depth])
 
 
 def lung_weight(hu_slice: np.ndarray, pixel_spacing_mm: tuple[float, float], size: int,
@@ -87,12 +134,15 @@ def study_scale(weighted_maps: list[np.ndarray]) -> float:
 
 
 def weighted_cam(predictor, hu_or_grey: np.ndarray, kind: str, feats: torch.Tensor, index: int, target: int,
-                 score: float, pixel_spacing_mm: tuple[float, float] | None) -> np.ndarray:
+                 score: float, pixel_spacing_mm: tuple[float, float] | None,
+                 study: np.ndarray | None = None) -> np.ndarray:
     """One slice's Grad-CAM before the study's scale: raw map x the slice's score x its soft lung mask
-    (no mask for grey-level images). ``hu_or_grey``: the slice (H, W) as the model saw it."""
+    (no mask for grey-level images). ``hu_or_grey``: the slice (H, W) as the model saw it; ``study``: all
+    of the study's slices so (a slab backbone's map needs the slice's neighbours, :func:`slab_cam`)."""
     spec = predictor.spec
     unit = spec.unit(hu_or_grey[None], kind)[0]
-    cam = grad_cam(predictor, unit, feats, index, target, normalise=False) * max(float(score), 0.0)
+    cam = grad_cam(predictor, unit, feats, index, target, normalise=False, study=study, kind=kind)
+    cam = cam * max(float(score), 0.0)
     if kind == "hu" and pixel_spacing_mm is not None:
         cam = cam * lung_weight(hu_or_grey, pixel_spacing_mm, cam.shape[-1])
     return cam.astype(np.float32)
@@ -123,8 +173,8 @@ def explain(predictor, vol, feats: torch.Tensor, pred: int, scores: np.ndarray, 
     cls = predictor.classes[pred]
     k = len(order)
     spacing = (float(vol.spacing_mm[1]), float(vol.spacing_mm[2])) if vol.kind == "hu" else None
-    weighted = [weighted_cam(predictor, np.asarray(vol.hu[i]), vol.kind, feats, int(i), pred, float(scores[i]), spacing)
-                for i in order]
+    weighted = [weighted_cam(predictor, np.asarray(vol.hu[i]), vol.kind, feats, int(i), pred, float(scores[i]), spacing,
+                             study=vol.hu) for i in order]
     scale = study_scale(weighted)
     fig = Figure(figsize=(2.6 * max(k, 1), 3.0), dpi=110)
     for j, i in enumerate(order):

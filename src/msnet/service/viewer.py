@@ -258,8 +258,13 @@ def _weighted_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:
     if model_crop(study, spec) is not None:
         one = P.lung_crop(one, study.lungs)  # the same box as the model's (preprocess.model_slices)
     spacing = (study.spacing_mm[1], study.spacing_mm[2]) if study.kind == "hu" else None
+    every = None
+    if getattr(predictor.bundle.backbone, "whole_study", False):  # a slab's map needs the slice's neighbours
+        every = study.slices.astype(np.float32)
+        if study.crop is not None:
+            every = P.lung_crop(every, study.lungs)
     return weighted_cam(predictor, one[0], study.kind, study.features, index, study.target,
-                        float(study.slice_scores[index]), spacing)
+                        float(study.slice_scores[index]), spacing, study=every)
 
 
 def compute_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:

@@ -33,12 +33,25 @@ import numpy as np
 import torch
 
 from msnet.config import Config, save_run_info
+from msnet.data.cohorts import read_cohort, read_slice_labels
+from msnet.data.splits import stratified_folds
+from msnet.device import pick_device
 from msnet.errors import MsnetError
 from msnet.files import atomic_path, atomic_write_text, file_hash, write_csv_atomic
+from msnet.inference.bundle import save_backbone
+from msnet.inference.encoder import SliceEncoder
+from msnet.io import read_study
 from msnet.metrics import auc_score
-from msnet.preprocess import PreprocessSpec, lung_stats
+from msnet.models.backbones import create
+from msnet.plots import plot_slice_scores
+from msnet.preprocess import PreprocessSpec, lung_stats, model_slices
 from msnet.stages.probe import fit_probe, softmax
-from msnet.stages.transfer import SLICE_FIELDS, infection_metrics, is_normal_patient
+from msnet.stages.transfer import (
+    SLICE_FIELDS,
+    infection_metrics,
+    is_normal_patient,
+    normal_class,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +79,6 @@ class StudySlices:
 
 def frozen_backbone(cfg: Config):
     """(backbone, spec, cache key) of the configured pretrained backbone, frozen, with its preprocessing."""
-    from msnet.models.backbones import create
 
     b = cfg.backbone
     weights = cfg.resolve(b.weights) if b.weights else None
@@ -82,9 +94,6 @@ def study_slices(cfg: Config, rows: Sequence[dict], slice_labels: dict, encoder,
     """Features and lung areas of every slice of every study in ``rows``, cached per study in ``cache``
     (a folder named by the backbone and preprocessing, so a change of either recomputes)."""
     from rich.progress import track
-
-    from msnet.io import read_study
-    from msnet.preprocess import model_slices
 
     out = []
     for r in track(list(rows), description=desc, transient=True):
@@ -238,8 +247,6 @@ def slice_rows(patients: Sequence[dict[str, Any]]) -> list[dict]:
 
 
 def _cohort(cfg: Config) -> tuple[list[dict], dict]:
-    from msnet.data.cohorts import read_cohort, read_slice_labels
-
     if not cfg.data.cohort:
         raise MsnetError("the config names no data.cohort", fix="run `msnet index ROOT -o OUT` and set data.cohort")
     rows = [r for r in read_cohort(cfg.resolve(cfg.data.cohort), only_ok=True) if r.get("subset", "") != "test"]
@@ -248,9 +255,6 @@ def _cohort(cfg: Config) -> tuple[list[dict], dict]:
 
 
 def _encoder(cfg: Config):
-    from msnet.device import pick_device
-    from msnet.inference.encoder import SliceEncoder
-
     backbone, spec, key = frozen_backbone(cfg)
     return SliceEncoder(spec, backbone, device=pick_device(cfg.device), batch_size=cfg.extract.batch_size), key
 
@@ -274,7 +278,6 @@ def patient_folds(studies: Sequence[StudySlices], k: int, seed: int) -> list[lis
     >>> patient_folds(s, 5, 0)
     [[0], [1], [2]]
     """
-    from msnet.data.splits import stratified_folds
 
     if len(studies) <= LOPO_MAX_PATIENTS:
         return [[i] for i in range(len(studies))]
@@ -288,7 +291,6 @@ def cross_validate_cohort(cfg: Config, overwrite: bool = False) -> dict:
     cohorts; never a patient in two folds): every patient scored by a probe fitted on the others. Writes
     ``finetune/cv/``: ``cv_metrics.json`` (:func:`infection_report`), ``slice_scores.csv`` and its plot
     ``slice_scores.png``, ``oof.npz``."""
-    from msnet.plots import plot_slice_scores
 
     _check_mode(cfg)
     out = cfg.run_path / "finetune" / "cv"
@@ -344,7 +346,6 @@ def finetune_cohort(cfg: Config, overwrite: bool = False) -> dict:
     """Stage 1 on a CT cohort: the probe fitted on every (non-test) patient's trained slices, its
     temperature from the leave-one-patient-out predictions (``finetune.calibration: cv``, run first where
     missing) or 1; saved as ``finetune/backbone.pt`` with the backbone's provenance."""
-    from msnet.inference.bundle import save_backbone
 
     _check_mode(cfg)
     out = cfg.run_path / "finetune"
@@ -382,9 +383,6 @@ def finetune_cohort(cfg: Config, overwrite: bool = False) -> dict:
 def score_test_cohort(cfg: Config, model, test_dir: Path, rows: Sequence[dict], slice_labels: dict) -> dict:
     """Score every slice of a held-out CT cohort with a stage-1 model (its backbone, spec, head and
     temperature): :func:`infection_report` of its infection scores."""
-    from msnet.device import pick_device
-    from msnet.inference.encoder import SliceEncoder
-    from msnet.stages.transfer import normal_class
 
     classes = list(model.classes)
     k_normal = classes.index(normal_class(classes, cfg.data.normal_class))

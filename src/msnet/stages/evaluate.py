@@ -24,10 +24,18 @@ import numpy as np
 from msnet import __version__
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
+from msnet.metrics import (
+    _class_index,
+    bootstrap_ci,
+    classification_metrics,
+    pct,
+    roc_curve,
+    table3,
+)
 from msnet.plots import figure as _figure
 from msnet.plots import plot_reliability
 from msnet.plots import save_png as _save_png
-from msnet.metrics import _class_index, bootstrap_ci, classification_metrics, pct, roc_curve, table3
+from msnet.stages.partial import partial_scans, partial_section
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +393,6 @@ def evaluate_run(run_dir: Path, n_boot: int = 1000, seed: int = 0, partial: bool
 
     partial_result = None
     if partial:
-        from msnet.stages.partial import partial_scans
 
         partial_result = partial_scans(run_dir, draws=partial_draws, seed=seed)
         result["partial"] = partial_result
@@ -446,7 +453,6 @@ def _report(run_dir: Path, result: dict[str, Any], models: Sequence[dict[str, An
                   for n, m in result["by_aggregator"].items()),
               "![reliability diagram](reliability.png)"]
     if partial is not None:
-        from msnet.stages.partial import partial_section
 
         parts.append(partial_section(partial))
     parts.append("## Confusion matrices and ROC curves")

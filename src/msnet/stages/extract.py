@@ -20,11 +20,23 @@ import torch
 
 from msnet import device as D
 from msnet import preprocess as P
-from msnet.files import write_csv_atomic
 from msnet.config import Config, save_run_info
-from msnet.files import atomic_path, atomic_write_text, file_hash, read_csv_rows
+from msnet.data.cohorts import read_cohort
+from msnet.device import pick_device
 from msnet.errors import MsnetError
+from msnet.files import (
+    atomic_path,
+    atomic_write_text,
+    file_hash,
+    read_csv_rows,
+    write_csv_atomic,
+)
+from msnet.inference.bundle import checkpoint_info, load_backbone
 from msnet.inference.encoder import SliceEncoder
+from msnet.io import read_study
+from msnet.models.backbones import create
+from msnet.progress import track
+from msnet.stages.slice_model import spec_for
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +109,6 @@ def onnx_encoder(cfg: Config, torch_encoder: SliceEncoder, rows: list[dict], fol
     fp32 on held-out studies (per-slice cosine of the features); refused below extract.int8_min_cosine.
     Their fp32 features are kept: ``msnet train`` then requires every aggregator's decisions on them to
     equal its decisions on their int8 features."""
-    from msnet.io import read_study
 
     if not cfg.extract.int8:
         return torch_encoder.to_onnx(folder), {}
@@ -133,9 +144,6 @@ def onnx_encoder(cfg: Config, torch_encoder: SliceEncoder, rows: list[dict], fol
 
 def load_encoder(cfg: Config, device: torch.device | str = "cpu") -> SliceEncoder:
     """The run's SliceEncoder: the fine-tuned backbone (with its stored spec) or the configured one."""
-    from msnet.inference.bundle import load_backbone
-    from msnet.models.backbones import create
-    from msnet.stages.finetune import spec_for
 
     ckpt, _ = backbone_source(cfg)
     if ckpt is not None:
@@ -150,13 +158,10 @@ def load_encoder(cfg: Config, device: torch.device | str = "cpu") -> SliceEncode
 
 def run_spec(cfg: Config) -> P.PreprocessSpec:
     """The spec the run's features are made with, without loading weights."""
-    from msnet.models.backbones import create
-    from msnet.stages.finetune import spec_for
 
     ckpt, _ = backbone_source(cfg)
     if ckpt is None:
         return spec_for(cfg, create(cfg.backbone.name, pretrained=False))
-    from msnet.inference.bundle import checkpoint_info
 
     spec = P.PreprocessSpec.from_dict(checkpoint_info(ckpt)["preprocess"], str(ckpt))
     wanted = (tuple(tuple(float(v) for v in w) for w in cfg.preprocess.windows), int(cfg.preprocess.size))
@@ -187,8 +192,6 @@ class _Extractor:
     """One study at a time: reuse its cached features when its content and the encoder are unchanged."""
 
     def __init__(self, cfg: Config, out: Path, overwrite: bool, rows: list[dict]) -> None:
-        from msnet.device import pick_device
-
         self.cfg, self.out, self.overwrite, self.rows = cfg, out, overwrite, rows
         self.previous = {r["patient_id"]: r for r in read_csv_rows(out / "manifest.csv")}
         self.device = pick_device(cfg.device)
@@ -203,8 +206,6 @@ class _Extractor:
         return self.encoder
 
     def __call__(self, row: dict, report: ExtractReport) -> dict:
-        from msnet.io import read_study
-
         pid = row["patient_id"]
         rec = {k: row.get(k, "") for k in ("patient_id", "label", "subset", "path")}
         rec.update(file=f"{pid}.npy", status="ok", error="")
@@ -240,8 +241,6 @@ def _gather_ranks(out: Path, done: list[dict], rows: list[dict], rank: int, worl
 
 def extract(cfg: Config, overwrite: bool = False, strict: bool = False) -> ExtractReport:
     """Run stage 2 for every study of the cohort; resumable, per-study errors recorded."""
-    from msnet.data.cohorts import read_cohort
-    from msnet.progress import track
 
     rank, world = D.init_from_env()
     if not cfg.data.cohort:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from msnet.errors import MsnetError
-from msnet.files import atomic_write, atomic_write_text
+from msnet.files import atomic_write, atomic_write_text, read_csv_rows
+from msnet.inference.bundle import load_aggregator
 from msnet.metrics import classification_metrics
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ def _checkpoints(folder: Path) -> dict[int, Path]:
 
 
 def _load_aggregator(path: Path) -> tuple[torch.nn.Module, dict]:
-    from msnet.inference.bundle import load_aggregator
-
     try:
         return load_aggregator(path)
     except MsnetError:
@@ -81,7 +80,6 @@ def _test_patients(pred_path: Path) -> dict[str, tuple[str, list[int]]]:
 def _features(run_dir: Path, set_id: str, cache: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """patient_id -> (l, d) features of one cached feature set (stage 2's manifest.csv and .npy files)."""
     if set_id not in cache:
-        from msnet.files import read_csv_rows
 
         fdir = run_dir / "features" / set_id
         rows = [r for r in read_csv_rows(fdir / "manifest.csv") if r.get("status") == "ok"]

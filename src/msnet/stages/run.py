@@ -9,9 +9,20 @@ import shutil
 import time
 from pathlib import Path
 
-from msnet.config import Config, load_config
-from msnet.files import atomic_write_text
-from msnet.stages.evaluate import format_console_table
+from msnet.config import Config, load_config, versions
+from msnet.data.cohorts import read_cohort
+from msnet.data.synthetic import SYNTHETIC_MARKER, is_synthetic, synth_cohort
+from msnet.device import reproducible
+from msnet.errors import MsnetError
+from msnet.files import atomic_write_text, read_csv_rows
+from msnet.inference import bundle as B
+from msnet.inference.predictor import pick_key_slices
+from msnet.metrics import pct
+from msnet.models import check_config
+from msnet.stages.evaluate import evaluate_run, format_console_table
+from msnet.stages.extract import backbone_source, extract, feature_dir, load_encoder
+from msnet.stages.finetune import finetune
+from msnet.stages.train import train
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +32,8 @@ def run_pipeline(cfg: Config, overwrite: bool = False, partial: bool = False) ->
 
     ``partial``: evaluate also re-evaluates every aggregator on partial scans (``evaluate --partial``).
     """
-    from msnet.stages.evaluate import evaluate_run
-    from msnet.stages.extract import extract
-    from msnet.stages.finetune import finetune
-    from msnet.stages.train import train
 
+    check_config(cfg)  # names checked before any stage runs
     timings = {}
     t0 = time.perf_counter()
     if cfg.finetune.enabled:
@@ -68,8 +76,6 @@ def key_slices(scores) -> list[int]:
     non-maximum suppression along z, on slice indices."""
     import numpy as np
 
-    from msnet.inference.predictor import pick_key_slices
-
     return [int(i) for i in pick_key_slices(np.asarray(scores, float), KEY_SLICES, np.arange(len(scores), dtype=float),
                                             KEY_SLICE_DISTANCE)]
 
@@ -77,7 +83,6 @@ def key_slices(scores) -> list[int]:
 def cohort_too_small(cfg: Config) -> str | None:
     """Why the cohort cannot train and test an aggregator (fewer than :data:`MIN_PATIENTS_PER_CLASS` patients of
     a class, or none of a class), or None."""
-    from msnet.data.cohorts import read_cohort
 
     if not cfg.data.cohort:
         return None
@@ -95,8 +100,6 @@ def slice_head_report(cfg: Config, why: str) -> Path:
     """``RUN/slice_head/report.md`` (+ ``report.json``): each patient's mean infection score and key slices
     from the stage-1 cross-validation's out-of-fold slice scores (``msnet finetune CONFIG --cv``)."""
     import numpy as np
-
-    from msnet.files import read_csv_rows
 
     out = cfg.run_path / "slice_head"
     scores_csv = cfg.run_path / "finetune" / "cv" / "slice_scores.csv"
@@ -134,12 +137,6 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
     from dataclasses import asdict
 
     import yaml
-
-    from msnet.config import versions
-    from msnet.data.synthetic import is_synthetic
-    from msnet.errors import MsnetError
-    from msnet.inference import bundle as B
-    from msnet.stages.extract import backbone_source, feature_dir, load_encoder
 
     run = cfg.run_path
     adir = run / "train" / aggregator
@@ -213,7 +210,6 @@ def demo_config(out: Path, config: str = "cpu", overrides: list[str] | None = No
 
 def markdown_table(metrics: dict) -> str:
     """The demo's headline as the Markdown table README.md shows (percentages, per-class sensitivity)."""
-    from msnet.metrics import pct
 
     classes = metrics["classes"]
     lines = ["| model | accuracy [95% CI] | balanced acc. | macro AUC | " + " | ".join(f"sens. {c}" for c in classes)
@@ -228,8 +224,6 @@ def markdown_table(metrics: dict) -> str:
 
 def _demo_cohort(data: Path, n_patients: int, size: int, seed: int, slices: tuple[int, int], console) -> None:
     """Write the demo's cohort, or check that the one already in ``data`` was made with these arguments."""
-    from msnet.data.synthetic import SYNTHETIC_MARKER, synth_cohort
-    from msnet.errors import MsnetError
 
     wanted = {"n_patients": n_patients, "size": size, "seed": seed, "slices": list(slices)}
     marker = data / SYNTHETIC_MARKER
@@ -254,8 +248,6 @@ def run_demo(out: Path, n_patients: int = 150, overwrite: bool = False, seed: in
     Writes ``out/table.txt`` (the console table) and ``out/table.md`` (README's table) beside ``out/metrics.json``.
     """
     from rich.console import Console
-
-    from msnet.device import reproducible
 
     console = Console()
     out = Path(out)

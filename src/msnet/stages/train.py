@@ -18,12 +18,15 @@ import torch
 import torch.nn as nn
 
 from msnet.config import Config, save_run_info
-from msnet.files import atomic_write_text
 from msnet.data.splits import carve, class_weights, stratified_folds
 from msnet.errors import MsnetError
+from msnet.files import atomic_write_text, read_csv_rows, write_csv_atomic
 from msnet.inference.bundle import save_aggregator
-from msnet.models.aggregators import pad_batch, sequence_logits  # noqa: F401 (pad_batch: public here too)
+from msnet.metrics import fit_temperature
+from msnet.models.aggregators import create, pad_batch, sequence_logits  # noqa: F401 (pad_batch: public here too)
 from msnet.preprocess import PreprocessSpec
+from msnet.stages.engine import Engine, best_state
+from msnet.stages.extract import feature_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,6 @@ def make_splits(rows: list[dict], cfg: Config) -> list[dict[str, list[str]]]:
 
 
 def load_features(fdir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    from msnet.files import read_csv_rows
-
     manifest = fdir / "manifest.csv"
     if not manifest.is_file():
         raise MsnetError("no feature manifest", path=manifest, fix="run `msnet extract CONFIG` first")
@@ -92,7 +93,6 @@ def predict_proba(model: nn.Module, seqs: list[torch.Tensor], batch_size: int = 
 def fit_temperature_on(model: nn.Module, val_x: list[torch.Tensor], val_y: torch.Tensor) -> float:
     """Temperature scaling on the validation patients (Guo et al. 2017). A validation set the model gets
     entirely right says nothing about under-confidence, so then the temperature is not below 1."""
-    from msnet.metrics import fit_temperature
 
     if len(val_x) < 2:
         return 1.0
@@ -114,21 +114,16 @@ def fit(
     seed: int,
     progress=None,
 ) -> tuple[dict, list[dict]]:
-    """Train one aggregator; returns the best state dict (by val accuracy, then loss) and history."""
-
+    """Train one aggregator (:class:`msnet.stages.engine.Engine`); returns the selection (accuracy, loss,
+    epoch and the selected epoch's ``state`` dict) and the history."""
     t = cfg.train
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     w = class_weights(train_y, n_classes) if t.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=w)
-    best = {"acc": -1.0, "loss": float("inf"), "state": None, "epoch": 0}
-    history = []
-    task = progress.add_task("  epochs", total=t.epochs) if progress is not None else None
-    for epoch in range(t.epochs):
-        model.train()
+
+    def batches(epoch: int):
         order = torch.randperm(len(train_x), generator=gen).tolist()
-        total = 0.0
         for i in range(0, len(order), t.batch_size):
             idx = order[i : i + t.batch_size]
             seqs = [
@@ -137,28 +132,18 @@ def fit(
                 else train_x[j]
                 for j in idx
             ]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(sequence_logits(model, seqs), train_y[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        probs = torch.from_numpy(predict_proba(model, val_x))
-        val_loss = float(nn.functional.nll_loss(torch.log(probs.clamp_min(1e-8)), val_y))
-        val_acc = float((probs.argmax(1) == val_y).float().mean())
-        history.append({"epoch": epoch + 1, "train_loss": total / len(order), "val_loss": val_loss, "val_accuracy": val_acc})
-        if val_acc > best["acc"] or (val_acc == best["acc"] and val_loss < best["loss"]):
-            best = {"acc": val_acc, "loss": val_loss, "epoch": epoch + 1,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        if task is not None:
-            progress.advance(task)
-    if task is not None:
-        progress.remove_task(task)
-    return best, history
+            yield seqs, train_y[idx]
+
+    kept: dict = {}
+    engine = Engine(model, opt, nn.CrossEntropyLoss(weight=w), epochs=t.epochs, forward=sequence_logits,
+                    on_best=lambda m, row: kept.update(state=best_state(m)), log_epochs=False, progress=progress,
+                    name="epochs")
+    result = engine.run(batches, lambda m: (predict_proba(m, val_x), val_y))
+    best = {"acc": result.best["accuracy"], "loss": result.best["loss"], "epoch": result.best["epoch"], **kept}
+    return best, result.history
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    from msnet.files import write_csv_atomic
-
     write_csv_atomic(path, fields, rows)
 
 
@@ -167,7 +152,6 @@ def _train_fold(name: str, k: int, split: dict, feats: dict, y_of: dict, by_id: 
     """Train one aggregator on one split, calibrate it on the split's validation patients, save it, and
     return its (calibrated) predictions for every patient of the split, its history, its size and (for
     int8 features) its decisions on the int8 reference studies."""
-    from msnet.models.aggregators import create
 
     seed = cfg.train.seed * 100 + k
     torch.manual_seed(seed)
@@ -224,8 +208,6 @@ def _int8_decisions(model: nn.Module, temperature: float, feats: dict, meta: dic
 def train(cfg: Config, overwrite: bool = False) -> dict:
     """Run stage 3 for every aggregator of the config; returns {aggregator: test accuracy}."""
     from rich.progress import Progress
-
-    from msnet.stages.extract import feature_dir
 
     fdir = feature_dir(cfg)
     rows, feats = load_features(fdir)
