@@ -338,13 +338,12 @@ def _corrupt(data: bytes, how: str) -> bytes:
 @pytest.mark.parametrize("how, words", [("crc", "Bad CRC-32"), ("size", "Bad CRC-32"), ("data", "corrupt zip member"),
                                         ("encrypted", "encrypted")])
 def test_corrupt_zip_member(tmp_path, monkeypatch, capsys, how, words):
-    from msnet.io.archives import open_study
+    from msnet.io import open_study
 
     path = tmp_path / "case.zip"
     path.write_bytes(_corrupt(_zip_of(P001_FILES[:3]), how))
     with pytest.raises(MsnetError) as info:
-        with open_study(path):
-            pass
+        open_study(path)
     err = info.value
     assert err.path == str(path) and words in str(err) and P001_FILES[0].name in str(err)
     assert "zip the study's folder again" in err.fix

@@ -196,8 +196,10 @@ def test_enhanced_multiframe(shared_data):
     stored = ds.pixel_array
     assert "RescaleIntercept" not in ds  # only in the functional groups
     np.testing.assert_allclose(vol.z_mm, [-149.0, -159.0])  # frame 2 is the superior one
-    np.testing.assert_array_equal(vol.hu[0], stored[1].astype(np.float32) - 1024)
-    np.testing.assert_array_equal(vol.hu[1], stored[0].astype(np.float32) - 1024)
+    # IOP -1\0\0\0\1\0: columns stored from the patient's left, flipped to patient left on image right
+    np.testing.assert_array_equal(vol.hu[0], stored[1, :, ::-1].astype(np.float32) - 1024)
+    np.testing.assert_array_equal(vol.hu[1], stored[0, :, ::-1].astype(np.float32) - 1024)
+    assert any("columns reversed" in w for w in vol.warnings)
     assert vol.spacing_mm == pytest.approx((10.0, 0.388672, 0.388672))
 
 
@@ -296,8 +298,12 @@ def test_sorting_fallbacks_and_warnings(tmp_path):
     write_series(tmp_path / "dup", [0, 2, 2, 4])
     assert any("duplicate" in w for w in read_study(tmp_path / "dup").warnings)
 
-    write_series(tmp_path / "tilt", [0, 2, 4, 6], shift_y=1.0)
-    assert any("tilt" in w for w in read_study(tmp_path / "tilt").warnings)
+    write_series(tmp_path / "tilt", [0, 2, 4, 6], shift_y=0.1)  # 2.9 degrees: taken, with a warning
+    assert any("gantry tilt: slice positions progress 2.9 degrees" in w for w in read_study(tmp_path / "tilt").warnings)
+    write_series(tmp_path / "tilt26", [0, 2, 4, 6], shift_y=1.0)  # 26.6 degrees: refused
+    with pytest.raises(MsnetError, match="gantry tilt of 26.6 degrees") as info:
+        read_study(tmp_path / "tilt26")
+    assert "without gantry tilt" in info.value.fix
 
 
 def test_series_choice_and_override(tmp_path):
@@ -316,10 +322,13 @@ def test_series_choice_and_override(tmp_path):
     by_index = read_study(tmp_path, series="1")  # sorted by (SeriesNumber, UID)
     assert by_index.series_uid == "1.2.3.4.2"
     assert read_study(tmp_path, series=2).n_slices == 8  # a scout, read because it was asked for
-    coronal = read_study(tmp_path, series="1.2.3.4.4")
-    assert coronal.n_slices == 7 and any("non-axial" in w for w in coronal.warnings)
-    with pytest.raises(MsnetError, match="not found"):
+    coronal = read_study(tmp_path, series="1.2.3.4.4")  # 7 coronal slices of 128 rows from head to feet
+    assert coronal.n_slices == 128 and any("coronal series: reoriented to axial" in w for w in coronal.warnings)
+    assert coronal.sop_instance_uids is None
+    with pytest.raises(MsnetError, match="the series asked for is not in this study") as info:
         read_study(tmp_path, series="9.9.9")
+    assert "9.9.9" not in str(info.value) and "1.2.3.4" not in str(info.value)  # no UID in a message
+    assert not any("1.2.3.4" in w for w in vol.warnings)
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

@@ -85,7 +85,22 @@ def test_sigterm_during_streamed_predict_leaves_no_worker_or_shm(tiny_bundle, tm
     _sigterm_mid_decode(["predict", str(tiny_bundle), str(P001), "--device", "cpu"], tmp_path)
 
 
-def _sigterm_mid_decode(args: list[str], tmp_path) -> None:
+def test_sigint_during_inspect_says_what_is_kept(tmp_path):
+    """Ctrl-C (issue 27, item 7): stderr says that the run was interrupted and what is kept; exit 130,
+    no traceback, no worker or shared-memory file left."""
+    text = _sigterm_mid_decode(["inspect", str(P001)], tmp_path, sig=signal.SIGINT, code=130)
+    assert "interrupted: the run was interrupted (Ctrl-C). Kept: nothing half-written" in text
+
+
+def test_sigint_message_for_predict_names_the_out_folder():
+    from msnet.cli import _kept_after_interrupt
+
+    text = _kept_after_interrupt(["predict", "bundle", "a", "b", "--out", "results"])
+    assert "results/predictions.jsonl" in text and "finished studies are skipped" in text
+    assert "pass --out DIR" in _kept_after_interrupt(["predict", "bundle", "a"])
+
+
+def _sigterm_mid_decode(args: list[str], tmp_path, sig: int = signal.SIGTERM, code: int | None = None) -> str:
     log = open(tmp_path / "log.txt", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "msnet", *args], env=_env(), stdout=log,
                             stderr=subprocess.STDOUT)
@@ -107,11 +122,13 @@ def _sigterm_mid_decode(args: list[str], tmp_path) -> None:
         assert len(workers) >= 1
         time.sleep(0.05)
         workers |= _children(proc.pid)  # all of them, if the first was sampled mid-fork
-        proc.send_signal(signal.SIGTERM)  # mid-decode
-        assert proc.wait(30) == 128 + signal.SIGTERM
+        proc.send_signal(sig)  # mid-decode
+        assert proc.wait(30) == (128 + sig if code is None else code)
         assert _wait_gone(workers, 5) == set()
         assert not os.path.exists(shm)
-        assert "Traceback" not in (tmp_path / "log.txt").read_text()
+        text = (tmp_path / "log.txt").read_text()
+        assert "Traceback" not in text
+        return text
     finally:
         log.close()
         _kill_all(proc, workers, shm)

@@ -137,17 +137,10 @@ def inspect(
 ) -> None:
     """Read a study; print slices, spacing, z order, HU range, series chosen, lungs (volume, z-range), every
     check of the chest-CT gate with its value, warnings."""
-    from msnet.io import describe, read_study
-    from msnet.io.archives import open_study
-    from msnet.io.dicomweb import is_dicomweb_url
+    from msnet.io import describe, open_study
     from msnet.gates import check_lungs, gate_stats
 
-    if is_dicomweb_url(study):
-        vol = read_study(study, series=series)
-    else:
-        with open_study(Path(study)) as path:
-            zipped = path != Path(study) and study.lower().endswith(".zip")
-            vol = read_study(path, series=series, study_id=Path(study).name[:-4] if zipped else None)
+    vol = open_study(study, series=series)
     info = describe(vol)
     if vol.kind == "hu":  # grey-level images have no HU: no lungs to measure
         stats = gate_stats(vol, coarse=False)  # the fine grid: the values a refusal is judged on
@@ -394,6 +387,9 @@ def predict(
     fhir_out: Optional[Path] = typer.Option(None, "--fhir-out", help="Write a FHIR R4 DiagnosticReport Bundle per study "
                                             "here (docs/fhir.md; needs the fhir.resources package)."),
     key_gap_mm: float = typer.Option(10.0, "--key-gap-mm", help="Least distance along z between two key slices."),
+    series: Optional[str] = typer.Option(None, "--series", help="The series to read of a study with several: a "
+                                         "SeriesInstanceUID or an index (as listed in the warning; default: the "
+                                         "axial CT series with the most slices)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse a study whose OOD score is over the bundle's "
                                 "threshold (unlike the training data), instead of warning."),
 ) -> None:
@@ -420,7 +416,7 @@ def predict(
 
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
                                    on_error=show_error, on_study=on_study, runtime=runtime, device=device, int8=int8,
-                                   onnx_dir=onnx_dir, key_slice_gap_mm=key_gap_mm, strict=strict)
+                                   onnx_dir=onnx_dir, key_slice_gap_mm=key_gap_mm, strict=strict, series=series)
     if not json_out:
         from rich.console import Console
         from rich.table import Table
@@ -496,6 +492,9 @@ def listen(
                                         "again (doubled each time, at most 15 min); results are kept until stored."),
     status: bool = typer.Option(False, "--status", help="Print what SPOOL holds (studies queued, results not stored "
                                 "yet) as JSON, and exit."),
+    series: Optional[str] = typer.Option(None, "--series", help="The series to read of a study with several: a "
+                                         "SeriesInstanceUID or an index (as listed in the warning; default: the "
+                                         "axial CT series with the most slices)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda …"),
 ) -> None:
     """DICOM C-STORE listener: CT studies in, diagnosis out as SR + Key Object Selection (stops cleanly on SIGTERM;
@@ -526,7 +525,7 @@ def listen(
                                 quiet_s=quiet_seconds, max_studies=max_studies, log_path=log_file, dicom_out=dicom_out,
                                 targets=StoreTargets(store, store_aet, ae_title), retry_s=retry_seconds,
                                 outputs=outputs)
-    Listener(Predictor(bundle, device=device), bundle, settings).serve_forever()
+    Listener(Predictor(bundle, device=device, series=series), bundle, settings).serve_forever()
 
 
 @app.command()
@@ -644,14 +643,53 @@ def bench_train(
         slices=(min_slices, max_slices), batch_size=batch_size, threads=threads, repeats=repeats)
 
 
+_INTERRUPTED: list[int] = []
+_STAGES = {"run", "demo", "extract", "finetune", "train", "evaluate"}
+
+
+def _on_sigint(signum: int, frame) -> None:
+    """Ctrl-C: noted (so that the exit says what was kept), then the usual KeyboardInterrupt."""
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _kept_after_interrupt(argv: list[str]) -> str:
+    """What an interrupted command leaves, in words (every file msnet writes is written whole or not at all).
+
+    >>> _kept_after_interrupt(["predict", "b", "s1", "--out", "res"])
+    'the run was interrupted (Ctrl-C). Kept: the studies finished before it, in res/predictions.jsonl (.csv, status.csv); run the same command again to do the rest (finished studies are skipped)'
+    """
+    words = [a for a in argv if not a.startswith("-")]
+    command = words[0] if words else ""
+    head = "the run was interrupted (Ctrl-C). Kept: "
+    if command == "predict":
+        out = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"), None)
+        out = out or next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
+        if out:
+            return (head + f"the studies finished before it, in {out}/predictions.jsonl (.csv, status.csv); run the "
+                    "same command again to do the rest (finished studies are skipped)")
+        return head + ("only the results printed above (pass --out DIR to keep results study by study and resume); "
+                       "no partial file was written")
+    if command in _STAGES:
+        return head + ("the files finished before it, in the run folder, each whole (features already extracted are "
+                       "reused when the command is run again)")
+    return head + "nothing half-written (each file msnet writes is written whole or not at all)"
+
+
 def main() -> None:
     """Console entry point."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
     except MsnetError as exc:
         _print_error("error: ", str(exc))
         sys.exit(2)
+    except (KeyboardInterrupt, SystemExit) as exc:  # click turns Ctrl-C into "Aborted!" and exit 1
+        if isinstance(exc, SystemExit) and not _INTERRUPTED:
+            raise
+        _print_error("interrupted: ", _kept_after_interrupt(sys.argv[1:]))
+        sys.exit(130)
     finally:
         decode = sys.modules.get("msnet.io.decode")
         if _TERMINATED and decode is not None:

@@ -62,19 +62,19 @@ def _write_tables(out: Path, classes: list[str], results: list[dict], status: li
     atomic_write_text(out / "predictions.json", json.dumps(results, indent=2, allow_nan=False))
 
 
-def _read(study) -> tuple:
+def _read(study, series=None) -> tuple:
     """(volume or None, read seconds, MsnetError or None, gate result or None), in this process."""
     try:
-        return (*read_volume(study), None, None)
+        return (*read_volume(study, series=series), None, None)
     except MsnetError as exc:
         return None, 0.0, exc, None
 
 
-def _read_and_gate(study) -> tuple:
+def _read_and_gate(study, series=None) -> tuple:
     """In a reader process: read a study and run the checks and lung gate on it; the HU travel back
     through a file in shared memory (mapped by the parent, no copy), the rest pickled."""
     try:
-        vol, read_s = read_volume(study)
+        vol, read_s = read_volume(study, series=series)
         checked = gate(vol)
     except MsnetError as exc:
         return None, 0.0, exc, None
@@ -112,7 +112,7 @@ def _reader_pool(readers: int) -> ProcessPoolExecutor:
                                initargs=(os.getpid(),))
 
 
-def _reads(studies: list, skip: set[str], prefetch: int, readers: int = 0) -> Iterator[tuple]:
+def _reads(studies: list, skip: set[str], prefetch: int, readers: int = 0, series=None) -> Iterator[tuple]:
     """(study, volume or None, read seconds, MsnetError or None, gate result or None) in order.
 
     ``prefetch`` > 0: up to that many studies are read ahead in a thread while the caller works on
@@ -123,7 +123,7 @@ def _reads(studies: list, skip: set[str], prefetch: int, readers: int = 0) -> It
     depth = max(prefetch, readers)
     if depth <= 0:
         for study in studies:
-            yield (study, None, 0.0, None, None) if str(study) in skip else (study, *_read(study))
+            yield (study, None, 0.0, None, None) if str(study) in skip else (study, *_read(study, series))
         return
     todo = [s for s in studies if str(s) not in skip]
     pool = _reader_pool(readers) if readers > 0 else ThreadPoolExecutor(1, thread_name_prefix="msnet-read")
@@ -136,7 +136,7 @@ def _reads(studies: list, skip: set[str], prefetch: int, readers: int = 0) -> It
                 yield study, None, 0.0, None, None
                 continue
             while nxt < len(todo) and len(ahead) <= depth:
-                ahead[nxt] = pool.submit(task, todo[nxt])
+                ahead[nxt] = pool.submit(task, todo[nxt], series)
                 nxt += 1
             try:
                 result = _mapped(ahead.pop(min(ahead)).result())
@@ -145,7 +145,7 @@ def _reads(studies: list, skip: set[str], prefetch: int, readers: int = 0) -> It
                 pool.shutdown(wait=False, cancel_futures=True)
                 _drop(ahead.values())
                 pool, ahead, nxt = _reader_pool(readers), {}, todo.index(study) + 1
-                result = _read(study)
+                result = _read(study, series)
             yield (study, *result)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -216,7 +216,8 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     results, status = [], []
     # one study at a time: each is read inside predict, streamed (decode overlapped with the backbone)
     inline = prefetch <= 0 and readers <= 0 and predictor.stream
-    reads = ((s, None, 0.0, None, None) for s in studies) if inline else _reads(studies, set(done), prefetch, readers)
+    reads = ((s, None, 0.0, None, None) for s in studies) if inline else _reads(studies, set(done), prefetch, readers,
+                                                                                predictor.series)
     for study, vol, read_s, error, checked in track(reads, total=len(studies), description="predicting", transient=True,
                                                     console=Console(stderr=True), disable=len(studies) < 2):
         key = str(study)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from msnet.errors import MsnetError
 from msnet.inference.bundle import Bundle, read_bundle
 from msnet.inference.encoder import SliceEncoder
+from msnet.io import open_study
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ class Prediction:
     """Not serialised: in-process results for callers that need them (e.g. features)."""
 
     def to_dict(self) -> dict:
-        """The JSON object (no NaN can appear: probabilities are checked at construction)."""
-        d = asdict(self)
-        d.pop("extra")
-        if d["explanation"] is None:
-            d.pop("explanation")
+        """The JSON object of docs/prediction.schema.json: the schema's fields only, copied as plain JSON
+        values. ``extra`` (the volume, its DICOM header, the features) is never touched: a deep copy of it
+        (``dataclasses.asdict``) cost a copy of the HU volume per study, and pydicom re-validated the header
+        on the way, printing its values (UIDs) to the log."""
+        d = {f.name: _plain(getattr(self, f.name), f.name) for f in fields(self) if f.name != "extra"}
+        if d.get("explanation") is None:
+            d.pop("explanation", None)
         return d
 
     @staticmethod
@@ -71,29 +74,42 @@ class Prediction:
                 " | ".join(self.warnings)]
 
 
-def read_volume(study: str | Path, study_id: str | None = None):
-    """A study (folder, file, .zip or DICOMweb study URL) -> (:class:`~msnet.io.CTVolume`, seconds)."""
-    from msnet.io import read_study
-    from msnet.io.archives import open_study
-    from msnet.io.dicomweb import is_dicomweb_url
+def _plain(value, where: str):
+    """A copy of ``value`` made of JSON types only (dict, list, str, int, float, bool, None); anything else
+    (an array, a tensor, a DICOM element) is a programming error, never serialised by accident."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    raise TypeError(f"Prediction.{where} holds a {type(value).__name__}, which is not a JSON value")
 
+
+def read_volume(study: str | Path, study_id: str | None = None, series: str | int | None = None):
+    """A study (folder, file, .zip or DICOMweb study URL; :func:`msnet.io.open_study`) ->
+    (:class:`~msnet.io.CTVolume`, seconds). ``series``: a SeriesInstanceUID or an index."""
     t0 = time.perf_counter()
-    if is_dicomweb_url(study):
-        vol = read_study(str(study), study_id=study_id)
-    else:
-        with open_study(study) as path:
-            vol = read_study(path, study_id=study_id or Path(study).name.removesuffix(".zip"))
+    vol = open_study(study, series=series, study_id=study_id)
     return vol, time.perf_counter() - t0
 
 
 def gate(vol) -> tuple[list[str], object]:
     """The checks before any diagnosis: NaN, constant or impossible HU and no lungs are refused
     (MsnetError); returns their warnings and the lung stats (None for grey-level images)."""
-    from msnet.io import check_volume
+    from msnet.io import check_volume, rescale_hint
     from msnet.preprocess import check_lungs
 
     warnings = list(check_volume(replace(vol, warnings=[])).warnings)
-    lungs = check_lungs(vol)
+    try:
+        lungs = check_lungs(vol)
+    except MsnetError as exc:  # no lungs in a volume without air: most often a missing RescaleIntercept
+        hint = rescale_hint(vol)
+        if hint is None:
+            raise
+        raise MsnetError(exc.problem, exc.path or vol.source, f"{hint}; otherwise {exc.fix}") from exc
     if lungs is not None:
         warnings += lungs.warnings
     return warnings, lungs
@@ -129,12 +145,29 @@ def pick_key_slices(scores: np.ndarray, top_k: int = 5, z_mm: np.ndarray | None 
     return np.asarray(chosen, dtype=np.int64)
 
 
+class _Mirrored:
+    """Slices flipped left-right, batch by batch as the encoder asks for them (no copy of the volume)."""
+
+    def __init__(self, slices) -> None:
+        self.slices = slices
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index):
+        return np.ascontiguousarray(np.asarray(self.slices[index])[..., ::-1])
+
+
 class _StreamEnded(Exception):
     """The streamed read ended before every slice was decoded (the read's result says why)."""
 
 
 class Predictor:
     """Diagnose studies with a bundle.
+
+    ``mirror`` (the default): every study is also seen flipped left-right and the two answers are
+    averaged (probabilities and slice scores), so a scan and its mirror image get the same diagnosis;
+    it costs a second backbone pass.
 
     e.g. p = Predictor("runs/cpu/bundle")
     e.g. p.predict("study_folder").prediction
@@ -144,11 +177,14 @@ class Predictor:
     def __init__(self, bundle: str | Path | Bundle, device: str = "auto", runtime: str = "torch",
                  batch_size: int = 16, threads: int | None = None, compile: bool = False, int8: bool = False,
                  onnx_dir: str | Path | None = None, dtype: str | None = None, stream: bool = True, strict: bool = False,
-                 key_slice_gap_mm: float = KEY_SLICE_GAP_MM) -> None:
+                 key_slice_gap_mm: float = KEY_SLICE_GAP_MM, mirror: bool = True, series: str | int | None = None) -> None:
         from msnet.device import pick_device
+
 
         self.stream = bool(stream)
         self.strict = bool(strict)  # refuse a study whose OOD score is over the bundle's threshold
+        self.mirror = bool(mirror)
+        self.series = series  # the series to read of every study (a UID or an index); None: the rule of msnet.io
         self.key_slice_gap_mm = float(key_slice_gap_mm)
         if threads:
             torch.set_num_threads(threads)
@@ -190,14 +226,14 @@ class Predictor:
         """(l, H, W) slices -> (l, d) features (what ``msnet extract`` caches for the same study)."""
         return self.encoder.encode(hu, kind, timing)
 
-    def read(self, study: str | Path, study_id: str | None = None):
+    def read(self, study: str | Path, study_id: str | None = None, series: str | int | None = None):
         """One study (folder, file, .zip or DICOMweb study URL) read to a :class:`~msnet.io.CTVolume`:
         (volume, seconds). Thread-safe: :func:`~msnet.inference.batch.predict_many` reads the next
         study this way while the model works on the current one."""
-        return read_volume(study, study_id)
+        return read_volume(study, study_id, self.series if series is None else series)
 
     def predict(self, study: str | Path, study_id: str | None = None, explain_dir: Path | None = None,
-                top_k: int = 5) -> Prediction:
+                top_k: int = 5, series: str | int | None = None) -> Prediction:
         """One study (folder, file, .zip or DICOMweb study URL) -> :class:`Prediction`; the volume read
         stays in ``prediction.extra["volume"]`` for callers that write results back as DICOM.
 
@@ -205,19 +241,20 @@ class Predictor:
         whole volume first): the backbone starts on the first decoded slices while the rest are
         decoded; the checks and the lung gate run once the read is done, and their verdict comes
         before any answer (a refused study is refused as without streaming)."""
+        series = self.series if series is None else series
         if self.stream and not self.spec.lung_crop:
-            return self._predict_streamed(study, study_id, explain_dir, top_k)
-        vol, read_s = self.read(study, study_id)
+            return self._predict_streamed(study, study_id, explain_dir, top_k, series)
+        vol, read_s = self.read(study, study_id, series)
         return self.predict_read(vol, read_s, explain_dir=explain_dir, top_k=top_k)
 
-    def _predict_streamed(self, study, study_id, explain_dir, top_k) -> Prediction:
+    def _predict_streamed(self, study, study_id, explain_dir, top_k, series=None) -> Prediction:
         from msnet.io import StudyStream
 
         t0 = time.perf_counter()
         timing = _timing()
 
         def read() -> tuple:
-            vol, read_s = read_volume(study, study_id)
+            vol, read_s = read_volume(study, study_id, series)
             return vol, read_s, gate(vol)
 
         feats = None
@@ -295,6 +332,13 @@ class Predictor:
         logits, scores = self._aggregate(feats)
         timing["aggregate"] = time.perf_counter() - t
         probs = torch.softmax(logits / self.bundle.temperature, dim=0).numpy().astype(np.float64)
+        if self.mirror:  # pneumonia has no side: the study and its mirror image count alike
+            feats_m = self.encoder.encode(_Mirrored(slices), vol.kind, timing)
+            t = time.perf_counter()
+            logits_m, scores_m = self._aggregate(feats_m)
+            timing["aggregate"] += time.perf_counter() - t
+            probs = (probs + torch.softmax(logits_m / self.bundle.temperature, dim=0).numpy().astype(np.float64)) / 2
+            scores = (scores + scores_m) / 2
         pred = int(probs.argmax())
         if scores.max() > 0:
             scores = scores / scores.max()

@@ -1,7 +1,15 @@
-"""Read a study into a :class:`CTVolume`: DICOM folders/files, NIfTI, MetaImage, 2-D images, DICOMweb study URLs.
+"""Read a study into a :class:`CTVolume`: DICOM folders/files, NIfTI, MetaImage, 2-D images, a .zip of
+any of them, DICOMweb study URLs.
 
-``read_study`` is the single entry point. Conventions (see DESIGN.md):
+``open_study(source, series=None)`` is the one way in (``read_study`` is the same function): it owns
+the sources (a DICOMweb URL, a zip, a path) and hands a path to the first reader of the registry
+(:mod:`msnet.io.readers`) that accepts it; a new format is one reader module and one
+``register_reader`` call. Conventions (see docs/architecture.md):
 
+- Canonical orientation: slices axial, superior first; rows anterior to posterior; columns from the
+  patient's right to left (patient left on image right). DICOM series in any orientation are
+  permuted/flipped to it, sagittal and coronal ones resampled to square pixels; planes or a gantry
+  tilted more than ``MAX_OBLIQUE_DEG`` (10) are refused (:mod:`msnet.io.orient`).
 - Slice order is superior to inferior. DICOM slices are sorted by
   ImagePositionPatient projected on the slice normal (cross product of the
   ImageOrientationPatient row and column cosines, its sign chosen so that it
@@ -13,8 +21,9 @@
   are set to air, -1000 HU. The same floor applies to NIfTI volumes.
 - Several series in a folder: the axial CT image series with the most
   slices is read (localizers, SR, dose reports and secondary captures never are); the
-  others are listed in the warnings. ``series=`` picks one by
-  SeriesInstanceUID or by index into the series sorted by (SeriesNumber, UID).
+  others are listed in the warnings (by index, modality, SeriesNumber and size: no UID is ever
+  written to a warning or a log). ``series=`` picks one by SeriesInstanceUID or by index into the
+  series sorted by (SeriesNumber, UID).
 - A DICOMweb URL (:mod:`msnet.io.dicomweb`) is read like a folder: the series is chosen from the
   study's metadata, then only its instances are fetched into a temporary folder.
 - A file of the chosen series that cannot be decoded is skipped with a
@@ -45,41 +54,54 @@ from __future__ import annotations
 from pathlib import Path
 
 from msnet.errors import MsnetError
+from msnet.io.archives import unpacked
 from msnet.io.decode import quiet_pydicom
-from msnet.io.dicom import read_dicom, read_header, read_headers
 from msnet.io.dicomweb import is_dicomweb_url, read_dicomweb
-from msnet.io.images import is_image, natural_key, read_images
-from msnet.io.metaimage import METAIMAGE_SUFFIXES, read_metaimage
-from msnet.io.nifti import NIFTI_SUFFIXES, read_nifti
+from msnet.io.readers import (ARCHIVE_SUFFIXES, READERS, StudyReader, has_suffix, known_suffixes, read_path,
+                              reader_for, register_reader, study_stem)
 from msnet.io.stream import StudyStream
 from msnet.io.volume import (AIR_HU, OUT_OF_FIELD_HU, CTVolume, ReadLimits, check_volume, describe, read_limits,
-                             set_read_limits)
+                             rescale_hint, set_read_limits)
 
-__all__ = ["AIR_HU", "OUT_OF_FIELD_HU", "CTVolume", "ReadLimits", "StudyStream", "check_volume", "describe",
-           "read_limits", "read_study", "set_read_limits"]
+__all__ = ["AIR_HU", "OUT_OF_FIELD_HU", "CTVolume", "READERS", "ReadLimits", "StudyReader", "StudyStream",
+           "check_volume", "default_study_id", "describe", "known_suffixes", "open_study", "read_limits",
+           "read_study", "reader_for", "register_reader", "rescale_hint", "set_read_limits"]
 
-_SKIP_NAMES = {"DICOMDIR"}
+
+def default_study_id(source: str | Path) -> str | None:
+    """The id a study is reported under unless one is given: the folder or file name without the suffix
+    a reader or an archive knows (``case7.zip``, ``case7.nii.gz``: ``case7``); None for a DICOMweb URL
+    (its StudyInstanceUID is used)."""
+    if is_dicomweb_url(source):
+        return None
+    path = Path(source)
+    return study_stem(path.name) or str(path)
 
 
-def read_study(path: str | Path, series: str | int | None = None, study_id: str | None = None) -> CTVolume:
-    """Read a DICOM folder/file, a NIfTI file, an image folder or an image file, or a DICOMweb
-    study URL (a ``str`` starting with http:// or https://, see :mod:`msnet.io.dicomweb`).
+def open_study(source: str | Path, series: str | int | None = None, study_id: str | None = None) -> CTVolume:
+    """Read a study from wherever it is: a DICOM folder or file, a NIfTI / MetaImage file, an image
+    folder or file, a .zip of any of these (any case of ``.zip``; checked before extraction, removed
+    after), or a DICOMweb study URL (a ``str`` starting with http:// or https://, see
+    :mod:`msnet.io.dicomweb`). ``series``: a SeriesInstanceUID or an index (see :mod:`msnet.io.dicom`).
 
-    e.g. vol = read_study("study_folder")
+    e.g. vol = open_study("study_folder")
     e.g. vol.hu.shape, vol.z_mm[0] > vol.z_mm[-1]
     ((148, 512, 512), True)
     """
-    url = is_dicomweb_url(path)
-    if not url:
-        path = Path(path)
-        if not path.exists():
-            raise MsnetError("no such file or folder", path, "check the path (quote names with spaces)")
+    url = is_dicomweb_url(source)
+    path = source if url else Path(source)
+    if not url and not path.exists():
+        raise MsnetError("no such file or folder", path, "check the path (quote names with spaces)")
+    sid = study_id or default_study_id(source)
     try:
         with quiet_pydicom():
             if url:
-                vol = read_dicomweb(path, series=series, study_id=study_id)
+                vol = read_dicomweb(source, series=series, study_id=study_id)
+            elif path.is_file() and has_suffix(path, ARCHIVE_SUFFIXES):
+                with unpacked(path) as inner:
+                    vol = read_path(inner, sid, series)
             else:
-                vol = _read_any(path, study_id or _stem(path), series)
+                vol = read_path(path, sid, series)
         return check_volume(vol)
     except MsnetError:
         raise
@@ -91,69 +113,5 @@ def read_study(path: str | Path, series: str | int | None = None, study_id: str 
                          "check the files; report the message if they open in a DICOM viewer") from exc
 
 
-def _read_any(path: Path, sid: str, series) -> CTVolume:
-    if path.is_file():
-        if path.name.lower().endswith(NIFTI_SUFFIXES):
-            return read_nifti(path, sid)
-        if path.name.lower().endswith(METAIMAGE_SUFFIXES):
-            return read_metaimage(path, sid)
-        header = read_header(path)
-        if header is not None:
-            return read_dicom([(path, header)], [], path, sid, series)
-        if is_image(path):
-            return read_images([path], path, sid)
-        raise MsnetError("not a DICOM, NIfTI, MetaImage or image file", path,
-                         "pass a DICOM series folder, a .nii/.nii.gz or .mha file or an image")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise MsnetError("empty folder", path, "point to the folder that holds the study's files")
-    outside = _links_outside(path, files)
-    vol = _read_folder(path, files, sid, series)
-    if outside:
-        shown = ", ".join(str(p.relative_to(path)) for p in outside[:3]) + (" ..." if len(outside) > 3 else "")
-        vol.warnings.append(f"{len(outside)} files are links to places outside the study folder ({shown}): "
-                            "read anyway; check that they belong to this study")
-    return vol
-
-
-def _links_outside(root: Path, files: list[Path]) -> list[Path]:
-    """Files that resolve (through a link to the file or to a folder above it) outside ``root``."""
-    base = root.resolve()
-    out = []
-    for f in files:
-        try:
-            f.resolve().relative_to(base)
-        except ValueError:
-            out.append(f)
-    return out
-
-
-def _read_folder(path: Path, files: list[Path], sid: str, series) -> CTVolume:
-    headers, others = [], []
-    files = [f for f in files if f.name.upper() not in _SKIP_NAMES]
-    for f, h in zip(files, read_headers(files)):
-        (headers.append((f, h)) if h is not None else others.append(f))
-    if headers:
-        return read_dicom(headers, others, path, sid, series)
-    images = [f for f in others if is_image(f)]
-    if images:
-        images.sort(key=lambda p: natural_key(str(p.relative_to(path))))
-        vol = read_images(images, path, sid)
-        skipped = len(others) - len(images)
-        if skipped:
-            vol.warnings.append(f"{skipped} files that are not images were skipped")
-        return vol
-    nifti = [f for f in others if f.name.lower().endswith(NIFTI_SUFFIXES + METAIMAGE_SUFFIXES)]
-    fix = f"pass the NIfTI file itself ({nifti[0].name})" if nifti else \
-        "point to a folder of DICOM files (any names, searched recursively) or of PNG/JPEG/TIFF images"
-    raise MsnetError(f"no DICOM files or images among {len(others)} files", path, fix)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg", ".tif", ".tiff"):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name or str(path)
-
-
+read_study = open_study
+"""The same function under its former name (stages and benchmarks read cohort studies with it)."""

@@ -19,20 +19,22 @@ from pathlib import Path
 from typing import Iterator
 
 from msnet.errors import LimitError, MsnetError
+from msnet.io.readers import ARCHIVE_SUFFIXES, is_volume_file
 
 _REZIP = "zip the study's folder again (the archive is damaged)"
 
 
 @contextmanager
-def open_study(path: str | Path) -> Iterator[Path]:
+def unpacked(path: str | Path) -> Iterator[Path]:
     """Yield a readable study path; a .zip is extracted (checked) to a temp dir removed afterwards.
+    :func:`msnet.io.open_study` reads through it; call that, not this.
 
     Errors raised while the study is read name the zip and the member, never the temp dir.
 
-    e.g. with open_study("case7.zip") as study: vol = read_study(study, study_id="case7")
+    e.g. with unpacked("case7.zip") as study: ...
     """
     path = Path(path)
-    if not (path.is_file() and path.suffix.lower() == ".zip"):
+    if not (path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)):
         yield path
         return
     tmp = Path(tempfile.mkdtemp(prefix="msnet-study-"))
@@ -43,13 +45,20 @@ def open_study(path: str | Path) -> Iterator[Path]:
         if inner and len(inner) == len(entries):
             raise MsnetError(f"the zip holds another zip ({inner[0]}), not a study", path,
                              "unzip the outer archive and pass the inner one, or zip the study's folder itself")
-        study = entries[0] if len(entries) == 1 and entries[0].name.lower().endswith((".nii", ".nii.gz")) else tmp
+        study = study_in(tmp)
         try:
             yield study
         except MsnetError as exc:
             raise _renamed(exc, tmp, path) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def study_in(folder: Path) -> Path:
+    """What an extracted archive holds: its one volume file (a .nii.gz, an .mha) when that is all it
+    holds, else the folder (a DICOM series, images)."""
+    members = [p for p in folder.rglob("*") if p.is_file() and "__MACOSX" not in p.parts and not p.name.startswith(".")]
+    return members[0] if len(members) == 1 and is_volume_file(members[0]) else folder
 
 
 def _renamed(exc: MsnetError, tmp: Path, zip_path: Path) -> MsnetError:

@@ -9,6 +9,7 @@ import numpy as np
 
 from msnet.errors import MsnetError
 from msnet.io.decode import DecodeTask, decode_series, gdcm_direct_ok, map_chunks, quiet_pydicom, stored_bytes_problem
+from msnet.io.orient import to_canonical
 from msnet.io.pixeldata import PIXEL_INFO_ATTR, parse_header, pixel_info
 from msnet.io.volume import CTVolume, read_limits
 
@@ -76,22 +77,26 @@ def _choose_series(headers: list, series, source: Path) -> tuple[dict, list[str]
     for f, ds in headers:
         groups.setdefault(_series_key(ds), []).append((f, ds))
     infos = sorted((_series_info(u, m) for u, m in groups.items()), key=lambda i: (i["number"], i["uid"]))
-    listing = "; ".join(f"[{k}] {i['modality']} {i['n']} slices UID {i['uid'] or '(none)'}"
-                        for k, i in enumerate(infos))
+    # no UID in the listing: it goes to warnings and logs, which never hold a DICOM value
+    listing = "; ".join(f"[{k}] {i['modality']} {i['n']} slices"
+                        + (f", series number {i['number']}" if i["number"] < 10**9 else "") + (
+                            "" if i["axial"] else ", not axial") for k, i in enumerate(infos))
     notes: list[str] = []
     if series is not None:
         chosen = next((i for i in infos if i["uid"] == str(series)), None)
         if chosen is None and str(series).strip().lstrip("-").isdigit():
             k = int(series)
             chosen = infos[k] if -len(infos) <= k < len(infos) else None
+        asked = f"series {series}" if str(series).strip().lstrip("-").isdigit() else "the series asked for"
         if chosen is None:
-            raise MsnetError(f"series {series!r} not found; series here: {listing}", source,
-                             "pass one of the UIDs or indices listed")
+            raise MsnetError(f"{asked} is not in this study; series here: {listing}", source,
+                             "pass one of the indices listed, or a SeriesInstanceUID of the study "
+                             "(`msnet inspect --series INDEX` shows each)")
         if not chosen["ct"] or chosen["localizer"]:
             if not chosen["is_image"] or chosen["modality"] not in ("CT", "?"):
-                raise MsnetError(f"series {series!r} is {chosen['modality']}, not a CT image series",
+                raise MsnetError(f"{asked} is {chosen['modality']}, not a CT image series",
                                  source, "choose a CT image series")
-            notes.append(f"series {series!r} is a localizer/scout, read as asked")
+            notes.append(f"{asked} is a localizer/scout, read as asked")
     else:
         candidates = [i for i in infos if i["ct"] and not i["localizer"]]
         if not candidates:
@@ -102,12 +107,30 @@ def _choose_series(headers: list, series, source: Path) -> tuple[dict, list[str]
     if len(infos) > 1:
         k = infos.index(chosen)
         notes.append(f"{len(infos)} series found, read [{k}]; series: {listing}; "
-                     "pass series=UID or index to read another")
+                     "pass --series INDEX (or a SeriesInstanceUID) to read another")
     return chosen, notes, len(infos)
+
+
+def _check_modality(chosen: dict, source: Path) -> list[str]:
+    """A CT image (SOP class) whose Modality (0008,0060) says otherwise is refused: one of the two is
+    wrong, and the model takes CT only. A CT-tagged series of another image SOP class is warned."""
+    ds = chosen["files"][0][1]
+    sop = str(ds.get("SOPClassUID", "") or "")
+    modality = str(ds.get("Modality", "") or "")
+    if sop in IMAGE_TYPES.values() and modality not in ("CT", ""):
+        raise MsnetError(f"Modality (0008,0060) is {modality[:16]!r} but the SOP class is CT Image Storage: the "
+                         "header contradicts itself, and the model takes CT only", source,
+                         "if this is a CT series, correct its Modality tag to CT (e.g. `dcmodify -m Modality=CT`); "
+                         "otherwise pass a CT series")
+    if modality == "CT" and sop and sop not in IMAGE_TYPES.values():
+        return [f"Modality (0008,0060) is CT but the SOP class is not CT Image Storage: check that this is a CT "
+                "series (the model takes CT only)"]
+    return []
 
 
 def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> CTVolume:
     chosen, notes, n_series = _choose_series(headers, series, source)
+    notes += _check_modality(chosen, source)
     if others:
         shown = ", ".join(p.name for p in others[:3]) + (" ..." if len(others) > 3 else "")
         notes.insert(0, f"{len(others)} non-DICOM files skipped ({shown})")
@@ -135,7 +158,7 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
         slices.extend((i, k if multi else None) for k in range(frames[i]))
     geo = [_frame_geometry(files[i][1], k) for i, k in slices]
     _check_rescale(geo, [files[i][0] for i, _ in slices], source)
-    order, z, step, geo_notes = _sort_slices(geo)
+    order, z, step, geo_notes, tilt = _sort_slices(geo)
     slot = np.empty(len(slices), int)
     slot[order] = np.arange(len(slices))
     try:
@@ -166,16 +189,39 @@ def read_dicom(headers: list, others: list, source: Path, sid: str, series) -> C
         keep = np.array([k not in bad for k in range(len(slices))])
         hu, z, sops = hu[keep], z[keep], [s for s, k in zip(sops, keep) if k]
         geo_notes = _sort_slices([geo[j] for j in order if slot[j] not in bad])[3]
+        order = [j for j in order if slot[j] not in bad]
         notes += [f"{f.name}: skipped, pixel data could not be decoded ({err})" for f, err in failures]
     row_mm, col_mm = geo[order[0]]["pixel_mm"]
     if geo[order[0]]["pixel_mm_missing"]:
         geo_notes.append("PixelSpacing missing: 1 mm assumed")
-    vol = CTVolume(hu=hu, spacing_mm=(float(step), float(row_mm), float(col_mm)), z_mm=np.asarray(z, float),
+    spacing = (float(step), float(row_mm), float(col_mm))
+    hu, spacing, z, orient_notes, resliced = _orient(hu, spacing, z, geo[order[0]], geo[order[-1]], tilt, source)
+    geo_notes += orient_notes
+    if resliced:
+        sops = None  # the new slices cut across the series' instances
+    vol = CTVolume(hu=hu, spacing_mm=spacing, z_mm=np.asarray(z, float),
                    study_id=sid, source=str(source), kind="hu", warnings=notes + geo_notes,
                    transfer_syntax=ts, n_series=n_series, series_uid=chosen["uid"] or None,
                    sop_instance_uids=sops, dicom_headers=files[slices[order[0]][0]][1])
     logger.debug("read %d slices of %s (decoder %s)", vol.n_slices, sid, ", ".join(decoders))
     return vol
+
+
+def _orient(hu, spacing, z, first: dict, last: dict, tilt: float, source: Path):
+    """The decoded series in canonical orientation (see :mod:`msnet.io.orient`); a series without
+    ImageOrientationPatient is taken as axial, as stored."""
+    iop = first["iop"]
+    if iop is None or len(iop) != 6 or not np.all(np.isfinite(iop)) or first["ipp"] is None:
+        return hu, spacing, z, [], False
+    col_dir, row_dir = np.asarray(iop[:3], float), np.asarray(iop[3:], float)  # along a row; along a column
+    normal = np.cross(col_dir, row_dir)
+    d = last["ipp"] - first["ipp"] if last["ipp"] is not None else np.zeros(3)
+    if np.linalg.norm(d) > 1e-6:
+        slice_dir = normal * np.sign(d @ normal or 1.0)
+    else:  # one slice: it is the top one
+        slice_dir = -normal * np.sign(normal[2] or 1.0)
+    return to_canonical(hu, spacing, z, first["ipp"], slice_dir, row_dir, col_dir, tilt, source,
+                        read_limits().max_voxels)
 
 
 def _drop_short_files(files: list, frames: list[int], rows: int, cols: int, source: Path):
@@ -237,8 +283,10 @@ def _frame_geometry(ds, frame: int | None) -> dict:
             "thickness": find("PixelMeasuresSequence", "SliceThickness")}
 
 
-def _sort_slices(geo: list[dict]) -> tuple[list[int], np.ndarray, float, list[str]]:
-    """Order (superior first), z_mm per slice, slice step, and warnings."""
+def _sort_slices(geo: list[dict]) -> tuple[list[int], np.ndarray, float, list[str], float]:
+    """Order (along the slice normal; superior first for axial slices), position per slice along the
+    normal, slice step, warnings, and the gantry tilt (degrees between the slices' progression and their
+    normal; 0 without geometry). Oblique planes and tilt are judged by :mod:`msnet.io.orient`."""
     notes: list[str] = []
     n = len(geo)
     if all(g["ipp"] is not None and g["iop"] is not None and len(g["iop"]) == 6 for g in geo):
@@ -248,12 +296,6 @@ def _sort_slices(geo: list[dict]) -> tuple[list[int], np.ndarray, float, list[st
         if normal[2] < 0:
             normal = -normal  # point to the head (+z in LPS)
         pos = np.array([g["ipp"] @ normal for g in geo])
-        tilt = np.degrees(np.arccos(min(1.0, abs(normal[2]))))
-        if tilt > 45:
-            notes.append(f"non-axial orientation (slice normal {np.round(normal, 3).tolist()}); "
-                         "slices ordered along the normal")
-        elif tilt > 1:
-            notes.append(f"oblique slices: normal {tilt:.1f} degrees from the patient z axis")
         if any(not np.allclose(g["iop"], iop, atol=1e-3) for g in geo):
             notes.append("ImageOrientationPatient differs between slices")
     elif all(g["loc"] is not None for g in geo):
@@ -265,13 +307,13 @@ def _sort_slices(geo: list[dict]) -> tuple[list[int], np.ndarray, float, list[st
         order = list(np.argsort(-pos, kind="stable"))
         t = geo[0]["thickness"]
         step = float(t) if t else 1.0
-        return order, -np.arange(n) * step, step, notes
+        return order, -np.arange(n) * step, step, notes, 0.0
     order = list(np.argsort(-pos, kind="stable"))
     z = pos[order]
     steps = -np.diff(z)
     if n < 2:
         t = geo[0]["thickness"]
-        return order, z, float(t) if t else 1.0, notes
+        return order, z, float(t) if t else 1.0, notes, 0.0
     if np.any(steps < 1e-3):
         notes.append(f"{int(np.sum(steps < 1e-3))} duplicate slice positions")
     pos_steps = steps[steps >= 1e-3]
@@ -281,15 +323,14 @@ def _sort_slices(geo: list[dict]) -> tuple[list[int], np.ndarray, float, list[st
         notes.append(f"{gaps.size} gaps in slice positions (largest {steps.max():.2f} mm, median step {step:.2f} mm)")
     elif pos_steps.size and np.max(np.abs(pos_steps - step)) > max(0.01 * step, 1e-3):
         notes.append(f"uneven slice steps ({pos_steps.min():.3f}..{pos_steps.max():.3f} mm)")
+    angle = 0.0
     if geo[0]["ipp"] is not None and geo[0]["iop"] is not None and n >= 2:
         d = geo[order[-1]]["ipp"] - geo[order[0]]["ipp"]
         if np.linalg.norm(d) > 1e-6:
             iop = geo[0]["iop"]
             nn = np.cross(iop[:3], iop[3:])
             cosang = abs(d @ nn) / (np.linalg.norm(d) * (np.linalg.norm(nn) or 1.0))
-            angle = np.degrees(np.arccos(min(1.0, cosang)))
-            if angle > 0.5:
-                notes.append(f"gantry tilt: slice positions progress {angle:.1f} degrees off the slice normal")
-    return order, z, step, notes
+            angle = float(np.degrees(np.arccos(min(1.0, cosang))))
+    return order, z, step, notes, angle
 
 

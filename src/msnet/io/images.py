@@ -10,6 +10,9 @@ import numpy as np
 from msnet.errors import MsnetError
 from msnet.io.volume import CTVolume, read_limits
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+"""The names images usually have; they are recognised by their content, never by these."""
+
 
 def is_image(path: Path) -> bool:
     from PIL import Image

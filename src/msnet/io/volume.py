@@ -219,6 +219,24 @@ def check_volume(vol: CTVolume) -> CTVolume:
     return vol
 
 
+def rescale_hint(vol: CTVolume) -> str | None:
+    """Advice naming RescaleIntercept when an HU volume holds no air (its lowest value above
+    ``NO_AIR_WARN_HU``): CT stores air near 0 and needs RescaleIntercept -1024 to reach -1000 HU, so a
+    file without it reads as a body with no air and no lungs. None when the volume has air.
+
+    >>> rescale_hint(CTVolume(np.array([[[0.0, 1200.0]]]), (1, 1, 1), np.zeros(1), "s", "x")).split(":")[0]
+    'the lowest value is 0 HU, so air is not at -1000 HU'
+    """
+    if vol.kind != "hu" or not vol.hu.size:
+        return None
+    lo = float(np.nanmin(_sample(vol.hu)))
+    if not lo > NO_AIR_WARN_HU:
+        return None
+    return (f"the lowest value is {lo:.0f} HU, so air is not at -1000 HU: the pixels were not rescaled to HU. "
+            "Check RescaleIntercept (0028,1052): a CT that stores air near 0 needs RescaleIntercept -1024 "
+            "(e.g. `dcmodify -m RescaleIntercept=-1024`), a NIfTI its scl_inter")
+
+
 def check_range(vol: CTVolume) -> None:
     """Kept for callers of the old name: :func:`check_volume`."""
     check_volume(vol)

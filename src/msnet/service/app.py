@@ -5,7 +5,8 @@ Routes::
     GET  /            the web page (static/index.html)
     GET  /health      status, model name, classes, limits
     POST /v1/predict  multipart field ``file``: a .zip of a DICOM study, a .nii/.nii.gz, or several
-                      DICOM files (the field repeated); optional field ``study_id`` (a pseudonym)
+                      DICOM files (the field repeated); optional fields ``study_id`` (a pseudonym) and
+                      ``series`` (a SeriesInstanceUID or an index, for a study of several series)
     GET  /docs        OpenAPI documentation (Swagger UI served from the installed package: works offline)
     GET  /v1/studies/{token}[/slices/{i}.png | /cam/{i}.png]
                       the page's study viewer: a finished study kept for a while (see service/viewer.py)
@@ -165,13 +166,13 @@ def _data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def _run_study(app_state: Any, files: list[Path], work: Path, study_id: str) -> dict:
-    """Worker-thread job: unpack, read, predict, explain; images returned inline."""
+def _run_study(app_state: Any, files: list[Path], work: Path, study_id: str, series: str | None = None) -> dict:
+    """Worker-thread job: unpack, read (the ``series`` asked for, if any), predict, explain; images returned inline."""
     settings: ServiceSettings = app_state.settings
     study = locate_study(files, work, settings)
     try:
         prediction = app_state.predictor.predict(study, study_id=study_id, explain_dir=work / "explain",
-                                                 top_k=settings.top_k)
+                                                 top_k=settings.top_k, **({"series": series} if series else {}))
     except LimitError as exc:
         raise HTTPException(413, _public_message(exc, work)) from exc
     except MsnetError as exc:
@@ -219,6 +220,8 @@ _UPLOAD_SCHEMA = {
                 "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                          "description": "a .zip of one DICOM study, a .nii/.nii.gz, or several DICOM files"},
                 "study_id": {"type": "string", "description": "optional pseudonym echoed back (never a name or MRN)"},
+                "series": {"type": "string", "description": "optional: the series to read (a SeriesInstanceUID or "
+                           "an index), for a study of several series"},
             },
         }}},
     }
@@ -344,11 +347,12 @@ async def _predict(request: Request) -> JSONResponse:
     try:
         (work / "upload").mkdir()
         try:
-            files, sid = await asyncio.wait_for(receive_upload(request, work / "upload", settings), settings.timeout_s)
+            files, sid, series = await asyncio.wait_for(receive_upload(request, work / "upload", settings),
+                                                        settings.timeout_s)
         except asyncio.TimeoutError as exc:
             raise HTTPException(504, f"upload took longer than {settings.timeout_s:g} s") from exc
         study_id = clean_study_id(sid)
-        fut = pool.submit(lambda: _run_study(state, files, work, study_id),
+        fut = pool.submit(lambda: _run_study(state, files, work, study_id, series),
                           cleanup=lambda: shutil.rmtree(work, ignore_errors=True))
         if fut is None:
             raise HTTPException(503, "all workers are busy and the queue is full: retry later", headers={"Retry-After": "5"})

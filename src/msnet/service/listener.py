@@ -29,7 +29,8 @@ process exits 0. Results that could not be stored stay in the outbox for the nex
 
 The outcome log holds, per study: time, StudyInstanceUID, calling AE title, instance count, status,
 class, probabilities, key slice indices, objects stored, seconds and the error; never a patient's
-name, id, birth date or accession number.
+name, id, birth date or accession number. The process log names a study only by its key, the first 16
+hex digits of the SHA-256 of its StudyInstanceUID (as the spool folders do): no DICOM value is logged.
 """
 
 from __future__ import annotations
@@ -397,7 +398,7 @@ class Listener:
             meta["last_error"] = str(exc) if isinstance(exc, MsnetError) else f"{type(exc).__name__}: {exc}"
             meta["next_try"] = time.time() + wait
             atomic_write_text(folder / RESULT, json.dumps(meta))
-            log.warning("study %s: result not stored (try %d), next try in %.0f s: %s", meta["study_uid"],
+            log.warning("study %s: result not stored (try %d), next try in %.0f s: %s", _key(meta["study_uid"]),
                         meta["attempts"], wait, meta["last_error"])
             if meta["attempts"] == 1:
                 self._log({**_line(meta), "status": "pending", "error": meta["last_error"]})
@@ -427,12 +428,13 @@ class Listener:
         with self._log_lock, open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
         if line.get("status") == "ok":
-            log.info("study %s: %s", line["study_uid"], line.get("prediction"))
+            log.info("study %s: %s", _key(line["study_uid"]), line.get("prediction"))
         else:
-            log.warning("study %s: %s: %s", line["study_uid"], line.get("status"), line.get("error"))
+            log.warning("study %s: %s: %s", _key(line["study_uid"]), line.get("status"), line.get("error"))
 
 
 def _key(uid: str) -> str:
+    """A study's name in the process log and the spool: not its UID (no DICOM value is logged)."""
     return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from msnet.inference.dicom_out import model_identity
 from msnet.inference.writers import DICOM, StudyContext, get_writer, write_outputs
-from msnet.io.dicomweb import is_dicomweb_url
+from msnet.io import open_study
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,10 @@ class StoreTargets:
         return bool(self.url or self.aet)
 
 
-def default_study_id(study: str | Path) -> str | None:
-    """The id a study is reported under: the folder or zip name; None for a URL (its StudyInstanceUID)."""
-    return None if is_dicomweb_url(study) else Path(study).name.removesuffix(".zip")
-
-
-def read(study: str | Path, study_id: str | None = None):
-    """Step 1: a folder, file, zip or DICOMweb URL -> CTVolume (with SOP instance UIDs and the source header)."""
-    from msnet.io import read_study
-    from msnet.io.archives import open_study
-
-    if is_dicomweb_url(study):
-        return read_study(str(study), study_id=study_id)
-    with open_study(study) as path:
-        return read_study(path, study_id=study_id or default_study_id(study))
+def read(study: str | Path, study_id: str | None = None, series: str | int | None = None):
+    """Step 1: a folder, file, zip or DICOMweb URL -> CTVolume (with SOP instance UIDs and the source header),
+    through :func:`msnet.io.open_study`; ``series``: a SeriesInstanceUID or an index."""
+    return open_study(study, series=series, study_id=study_id)
 
 
 def predict(predictor, volume, explain_dir: Path | None = None) -> dict:
@@ -109,12 +99,12 @@ def _out_folder(dicom_out: Path | None) -> Iterator[Path]:
 
 def diagnose(predictor, study: str | Path, bundle: Path, study_id: str | None = None, dicom_out: Path | None = None,
              targets: StoreTargets = StoreTargets(), explain_dir: Path | None = None,
-             outputs: dict[str, Path] | None = None) -> tuple[dict, list[Path]]:
+             outputs: dict[str, Path] | None = None, series: str | int | None = None) -> tuple[dict, list[Path]]:
     """Read, predict and, with ``dicom_out`` or store targets, write and store; ``outputs`` (writer name
     -> folder, e.g. ``{"fhir": path}``) are written too. Returns the prediction dict and the DICOM files
     kept (none when only stored: they are written to a temp folder)."""
     t0 = time.perf_counter()
-    volume = read(study, study_id)
+    volume = read(study, study_id, series if series is not None else getattr(predictor, "series", None))
     read_s = time.perf_counter() - t0
     result = predict(predictor, volume, explain_dir=explain_dir)
     timing = result.get("timing_s")

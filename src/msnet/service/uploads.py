@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 from fastapi import HTTPException, Request
 
 from msnet.errors import LimitError, MsnetError
+from msnet.io.archives import ARCHIVE_SUFFIXES, safe_extract, study_in
 
 if TYPE_CHECKING:
     from msnet.service.app import ServiceSettings
 
-_NIFTI = (".nii", ".nii.gz")
 _CHUNK_WRITE = 1 << 20
 
 
@@ -46,12 +46,13 @@ def clean_study_id(value: str | None) -> str:
 
 class _MultipartSink:
     """The multipart parser's callbacks: ``file`` parts are streamed to files in ``dest``, the
-    ``study_id`` field (at most 256 bytes) is kept, anything else is dropped."""
+    ``study_id`` and ``series`` fields (at most 256 bytes each) are kept, anything else is dropped."""
 
     def __init__(self, dest: Path, max_files: int) -> None:
         self.dest, self.max_files = dest, max_files
         self.saved: list[Path] = []
         self.study_id = bytearray()
+        self.series = bytearray()
         self.headers: dict[bytes, bytes] = {}
         self.field, self.value, self.name, self.out = b"", b"", None, None
 
@@ -89,8 +90,9 @@ class _MultipartSink:
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.out is not None:
             self.out.write(data[start:end])
-        elif self.name == "study_id" and len(self.study_id) < 256:
-            self.study_id.extend(data[start:end][: 256 - len(self.study_id)])
+        elif self.name in ("study_id", "series"):
+            kept = self.study_id if self.name == "study_id" else self.series
+            kept.extend(data[start:end][: max(0, 256 - len(kept))])
 
     def on_part_end(self) -> None:
         if self.out is not None:
@@ -98,8 +100,10 @@ class _MultipartSink:
             self.out = None
 
 
-async def receive_upload(request: Request, dest: Path, settings: ServiceSettings) -> tuple[list[Path], str | None]:
-    """Stream a multipart body into ``dest``: (saved ``file`` parts, ``study_id`` field); 413 past the limit,
+async def receive_upload(request: Request, dest: Path,
+                         settings: ServiceSettings) -> tuple[list[Path], str | None, str | None]:
+    """Stream a multipart body into ``dest``: (saved ``file`` parts, ``study_id`` field, ``series`` field: a
+    SeriesInstanceUID or an index); 413 past the limit,
     408 when the body stalls, 422 for a body that is not a multipart upload."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -133,16 +137,17 @@ async def receive_upload(request: Request, dest: Path, settings: ServiceSettings
         raise HTTPException(422, f"malformed multipart upload ({type(exc).__name__})") from exc
     finally:
         sink.on_part_end()
-    return sink.saved, sink.study_id.decode("utf-8", "replace") or None
+    series = sink.series.decode("utf-8", "replace").strip()
+    return sink.saved, sink.study_id.decode("utf-8", "replace") or None, series or None
 
 
 def locate_study(files: list[Path], work: Path, settings: ServiceSettings) -> Path:
-    """The path to hand to the reader: an extracted zip, a NIfTI file or the folder of uploaded files."""
-    from msnet.io.archives import safe_extract
-
+    """The path to hand to :func:`msnet.io.open_study`: an extracted zip (its one volume file when that is
+    all it holds, as ``open_study`` unpacks a zip), a single file, or the folder of uploaded files. The zip
+    is extracted here, under the service's own limits (413 past them)."""
     if not files:
         raise HTTPException(422, "no file in the form field `file`: send a .zip, a .nii/.nii.gz or DICOM files")
-    zips = [f for f in files if f.name.lower().endswith(".zip") or (len(files) == 1 and _magic(f) == b"PK\x03\x04")]
+    zips = [f for f in files if f.name.lower().endswith(ARCHIVE_SUFFIXES) or (len(files) == 1 and _magic(f) == b"PK\x03\x04")]
     if zips and len(files) > 1:
         raise HTTPException(422, "a zip must be sent alone: send one .zip of the study, or its DICOM files")
     if zips:
@@ -155,9 +160,7 @@ def locate_study(files: list[Path], work: Path, settings: ServiceSettings) -> Pa
             raise HTTPException(413, exc.problem) from exc
         except MsnetError as exc:
             raise HTTPException(422, exc.problem if exc.fix is None else f"{exc.problem}: {exc.fix}") from exc
-        members = [p for p in out.rglob("*") if p.is_file() and "__MACOSX" not in p.parts and not p.name.startswith(".")]
-        nifti = [p for p in members if p.name.lower().endswith(_NIFTI)]
-        return nifti[0] if len(members) == 1 and nifti else out
+        return study_in(out)
     return files[0] if len(files) == 1 else files[0].parent
 
 
