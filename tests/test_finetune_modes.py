@@ -228,9 +228,9 @@ def test_lp_ft_run_records_the_probe_as_epoch_zero(images, tmp_path):
 
 
 def test_unknown_mode_is_refused(images, tmp_path):
-    cfg = _config(tmp_path, images, mode="probe")
-    with pytest.raises(MsnetError, match="finetune.mode"):
-        F.finetune(cfg)
+    with pytest.raises(MsnetError, match="finetune.mode") as err:  # when the config is built, before stage 1
+        _config(tmp_path, images, mode="probe")
+    assert "'linear_probe'" in str(err.value)
 
 
 def test_image_augmentation_keeps_shape_and_is_seeded(images, tmp_path):
