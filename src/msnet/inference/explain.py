@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from msnet import preprocess as P
+from msnet.models.astra import slab_starts, to_ras_plane
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ def slab_cam(predictor, study: np.ndarray, kind: str, feats: torch.Tensor, index
     or the aggregator with the slab's features at every slice that takes them), summed and ReLU'd, are
     upsampled to (k, S, S) and read at the slice's depth, then turned back from the weights' RAS plane to the
     display plane. Returns the raw map (S, S)."""
-    from msnet.models.astra import slab_starts, to_ras_plane
-
     spec, net = predictor.spec, predictor.bundle.backbone.model
     n, k = len(study), net.k
     starts = slab_starts(n, k, net.stride)

@@ -1,17 +1,16 @@
 """Models: slice backbones and patient-level aggregators, each made by name from its registry
 (:func:`msnet.models.backbones.create`, :func:`msnet.models.aggregators.create`)."""
 
+from msnet.errors import MsnetError
 from msnet.models import astra  # noqa: F401 (registers the CT-pretrained backbones beside backbones.py's own)
+from msnet.models.aggregators import AGGREGATORS
+from msnet.models.backbones import known_backbones
 
 
 def check_config(cfg) -> None:
     """The model names of a config (:class:`msnet.config.Config`) checked against the registries, before any
     stage runs: ``backbone.name`` and every ``train.aggregators`` entry (the config checks its own types and
     choices when it is built)."""
-    from msnet.errors import MsnetError
-    from msnet.models.aggregators import AGGREGATORS
-    from msnet.models.backbones import known_backbones
-
     if cfg.backbone.name not in known_backbones():
         raise MsnetError(f"config key 'backbone.name' is {cfg.backbone.name!r}, which is not a known backbone",
                          fix=f"use one of: {', '.join(known_backbones())}")

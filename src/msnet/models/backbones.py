@@ -208,7 +208,7 @@ class Backbone(nn.Module):
             raise MsnetError(f"backbone {self.name!r} has no per-slice feature maps (it reads slabs of slices)",
                              fix="explain with a 2-D backbone (astra, astra_sum)")
         if self.plane == "ras":
-            from msnet.models.astra import to_ras_plane
+            from msnet.models.astra import to_ras_plane  # here: astra imports this module to register
 
             return [to_ras_plane(m) for m in self._maps(to_ras_plane(x))]
         return self._maps(x)

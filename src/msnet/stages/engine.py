@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from msnet.files import atomic_torch_save, write_csv_atomic
+from msnet.progress import Rate
 from msnet import device as D
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,6 @@ class Engine:
 
     def run(self, batches: Batches, score: Score) -> Result:
         """Epochs ``start_epoch .. epochs - 1``, each trained then validated, until early stopping."""
-        from msnet.progress import Rate
-
         stale, rate = 0, Rate(self.epochs - self.start_epoch, "epochs")
         task = (self.progress.add_task(f"  {self.name}", total=self.epochs - self.start_epoch)
                 if self.progress is not None else None)
