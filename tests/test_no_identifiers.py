@@ -133,20 +133,26 @@ def test_listener_logs_no_identifier(case, tiny_bundle, tmp_path, caplog, capfd)
     study_uid = str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).StudyInstanceUID)
     spool = tmp_path / "spool"
     listener = Listener(Predictor(tiny_bundle, device="cpu"), tiny_bundle, ListenerSettings(spool=spool))
-    received = spool / "queued-x"
+    received, apex = spool / "queued-x", spool / "queued-y"
     shutil.copytree(folder, received)
+    apex.mkdir()
+    for f in sorted(folder.iterdir())[-5:]:  # the second series alone: 5 slices of the apex, refused
+        shutil.copy(f, apex / f.name)
     caplog.set_level(logging.DEBUG)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        listener._held += 1
-        listener._diagnose(_Study(study_uid, received, "MODALITY", time.monotonic(), n=len(list(folder.iterdir()))),
-                           time.perf_counter())
+        for path in (received, apex):  # the worker loop of the listener, on two received studies
+            listener._held += 1
+            listener._queue.put(_Study(study_uid, path, "MODALITY", time.monotonic(), n=len(list(path.iterdir()))))
+        listener._queue.put(None)
+        listener._work()
     out, err = capfd.readouterr()
     logged = "\n".join(r.getMessage() for r in caplog.records) + out + err + "\n".join(str(w.message) for w in caught)
     assert "study " in logged and _leaks(logged, values) == []
-    outcome = (spool / "outcomes.jsonl").read_text()
-    assert json.loads(outcome.splitlines()[-1])["status"] == "ok"
-    assert _leaks(outcome, values - {study_uid}) == []
+    lines = [json.loads(line) for line in (spool / "outcomes.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["ok", "failed"] and lines[1]["error"]
+    assert all(x["study_uid"] == study_uid for x in lines)  # the outcome log's one DICOM value, by design
+    assert _leaks(json.dumps(lines), values - {study_uid}) == []
 
 
 def test_to_dict_serialises_the_schema_fields_only():

@@ -343,13 +343,13 @@ class Listener:
         """Diagnose a queued study; its result goes to the outbox (or, with nowhere to store it, straight
         to the outcome log); then its received files are removed."""
         if not self.s.targets:
-            result, _ = diagnose(self.predictor, st.folder, self.bundle, study_id=st.uid, dicom_out=self.s.dicom_out,
+            result, _ = diagnose(self.predictor, st.folder, self.bundle, study_id=_key(st.uid), dicom_out=self.s.dicom_out,
                                  outputs=self.s.outputs)
             self._finish(st, {**_summary(result), "stored": [], "seconds": _since(t0)})
             return
         tmp = Path(tempfile.mkdtemp(prefix=".outbox-", dir=self.spool))
         try:
-            result, files = diagnose(self.predictor, st.folder, self.bundle, study_id=st.uid, dicom_out=tmp / "files",
+            result, files = diagnose(self.predictor, st.folder, self.bundle, study_id=_key(st.uid), dicom_out=tmp / "files",
                                      outputs=self.s.outputs)
             if self.s.dicom_out is not None:
                 for f in files:

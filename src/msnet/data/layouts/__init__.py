@@ -22,6 +22,9 @@ from typing import Callable
 
 import numpy as np
 
+from msnet.io.nifti import NIFTI_SUFFIXES
+from msnet.io.readers import has_suffix, study_stem
+
 logger = logging.getLogger(__name__)
 
 _CLASS_ALIASES = {
@@ -89,16 +92,13 @@ def map_class(name: str) -> str:
 
 
 def is_nifti(p: Path) -> bool:
-    return p.name.lower().endswith((".nii", ".nii.gz"))
+    return has_suffix(p, NIFTI_SUFFIXES)
 
 
 def study_id(p: Path) -> str:
-    """A study's id from its folder or file name (without .nii.gz / .nii / .dcm)."""
-    name = p.name
-    for ext in (".nii.gz", ".nii", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
+    """A study's id from its folder or file name, without the suffix a reader knows (.nii.gz, .nii, .dcm ...;
+    :func:`msnet.io.readers.study_stem`, as ``open_study`` names a study)."""
+    return study_stem(p.name)
 
 
 def studies_in(class_dir: Path) -> list[Path]:
