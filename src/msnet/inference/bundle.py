@@ -208,8 +208,11 @@ def read_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
 
 def describe_training_features(fdir: str | Path, method: str = "knn") -> FeatureDescription | None:
     """The OOD description of a run's extracted features (``RUN/features/<set>``: manifest.csv and
-    ``<study>.npy``): every study that is not a test study. None with fewer than 2 such studies."""
+    ``<study>.npy``): every study that is not a test study, :data:`~msnet.inference.ood.SLICES_PER_STUDY`
+    evenly spaced slices of each (read from memory-mapped files). None with fewer than 2 such studies."""
     import numpy as np
+
+    from msnet.inference.ood import SLICES_PER_STUDY
 
     fdir = Path(fdir)
     manifest = fdir / "manifest.csv"
@@ -219,7 +222,9 @@ def describe_training_features(fdir: str | Path, method: str = "knn") -> Feature
     for r in read_csv_rows(manifest):
         f = fdir / r.get("file", "")
         if r.get("status") == "ok" and r.get("subset", "") != "test" and f.is_file():
-            feats[r["patient_id"]] = np.load(f, allow_pickle=False)
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
+            rows = np.unique(np.linspace(0, len(a) - 1, num=min(len(a), SLICES_PER_STUDY)).round().astype(int))
+            feats[r["patient_id"]] = np.asarray(a[rows], dtype=np.float32) if len(a) else np.zeros((0, 1), np.float32)
     return FeatureDescription.fit(feats, method=method) if len(feats) >= 2 else None
 
 
