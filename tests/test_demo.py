@@ -54,6 +54,57 @@ def test_demo_gives_the_same_tables_on_every_run(tmp_path):
     table = (tmp_path / "a" / "table.md").read_text().splitlines()
     names = [row.split(" | ")[0] for row in table[2:]]
     assert names[0] == "| msnet" and sorted(names) == ["| max", "| mean", "| mil", "| msnet", "| vote"]
+    # README's tables are rewritten from a run's folder, and only they
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text())
+    tool = _demo_table_tool()
+    assert tool.update(readme, tmp_path / "a")
+    before, after = _outside_blocks(REPO / "README.md"), _outside_blocks(readme)
+    assert before == after
+    blocks = _blocks(readme)
+    assert blocks["demo-table"].startswith((tmp_path / "a" / "table.md").read_text().strip())
+    assert blocks["demo-partial"] == (tmp_path / "a" / "run" / "evaluate" / "partial.md").read_text().strip()
+
+
+def _demo_table_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_table", REPO / "docs" / "demo_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _blocks(readme: Path) -> dict[str, str]:
+    text = readme.read_text()
+    return {name: text.split(f"<!-- {name}:begin -->\n", 1)[1].split(f"\n<!-- {name}:end -->", 1)[0]
+            for name in ("demo-table", "demo-partial")}
+
+
+def _outside_blocks(readme: Path) -> str:
+    import re
+
+    return re.sub(r"<!-- (demo-[a-z]+):begin -->.*?<!-- \1:end -->", "", readme.read_text(), flags=re.S)
+
+
+def test_readme_shows_the_demo_tables_in_the_demo_format():
+    """README's demo blocks hold what `msnet demo` writes (a headline row per aggregator, MS-Net first; the
+    partial-scan table), and README shows the command that rewrites them."""
+    from msnet.stages.run import markdown_table
+
+    text = (REPO / "README.md").read_text()
+    for name in ("demo-table", "demo-partial"):
+        assert text.count(f"<!-- {name}:begin -->") == text.count(f"<!-- {name}:end -->") == 1
+    assert "python3 docs/demo_table.py" in _outside_blocks(REPO / "README.md")
+    blocks = _blocks(REPO / "README.md")
+    table = blocks["demo-table"].splitlines()
+    metrics = {"classes": ["COVID-19", "CAP", "NORMAL"], "by_aggregator": {"msnet": {}}}
+    assert table[:2] == markdown_table(metrics).splitlines()[:2]  # the header the demo writes
+    rows = [r.split(" | ")[0] for r in table[2:7]]
+    assert rows[0] == "| msnet" and sorted(rows) == ["| max", "| mean", "| mil", "| msnet", "| vote"]
+    assert all(len(r.split(" | ")) == len(table[0].split(" | ")) for r in table[2:7])
+    partial = blocks["demo-partial"].splitlines()
+    assert partial[0].startswith("| model | 100% of slices |") and len(partial) == 7
 
 
 def test_demo_refuses_a_folder_with_a_cohort_made_otherwise(tmp_path):
