@@ -48,6 +48,6 @@ def test_series_by_index_or_uid(shared_data, tmp_path):
     assert "[1] CT 10 slices, series number 3" in listing and "1.2.826" not in listing
     assert open_study(tmp_path / "study", series=1).n_slices == 10
     assert open_study(tmp_path / "study", series="1.2.826.0.1.3680043.10.998.2").n_slices == 10
-    with pytest.raises(MsnetError, match="series 5 is not in this study"):
+    with pytest.raises(MsnetError, match="series 5 not found in this study"):
         open_study(tmp_path / "study", series=5)
     np.testing.assert_array_equal(open_study(tmp_path / "study", series=0).hu, vol.hu)

@@ -84,7 +84,7 @@ def test_cli_logs_no_identifier(case, tiny_bundle, tmp_path):
         assert _leaks(proc.stdout + proc.stderr, values) == [], (args, proc.stderr[-2000:])
         if args[-1] != "9.9.9" and "--json" not in args:
             assert "2 series found" in proc.stderr  # the listing is there, by index, without UIDs
-    assert "is not in this study" in proc.stderr
+    assert "not found in this study" in proc.stderr
     for f in (tmp_path / "out").iterdir():  # the outputs (a pseudonymous study id) too
         assert _leaks(f.read_text(), values) == [], f.name
 

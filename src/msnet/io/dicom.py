@@ -89,7 +89,7 @@ def _choose_series(headers: list, series, source: Path) -> tuple[dict, list[str]
             chosen = infos[k] if -len(infos) <= k < len(infos) else None
         asked = f"series {series}" if str(series).strip().lstrip("-").isdigit() else "the series asked for"
         if chosen is None:
-            raise MsnetError(f"{asked} is not in this study; series here: {listing}", source,
+            raise MsnetError(f"{asked} not found in this study; series here: {listing}", source,
                              "pass one of the indices listed, or a SeriesInstanceUID of the study "
                              "(`msnet inspect --series INDEX` shows each)")
         if not chosen["ct"] or chosen["localizer"]:
