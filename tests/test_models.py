@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msnet.models import aggregators, backbones
+from msnet.models import aggregators, backbones, timm_backbones
 from msnet.models.aggregators import AGGREGATORS
 from msnet.models.backbones import SliceClassifier, count_parameters, known_backbones
 from msnet.errors import MsnetError
@@ -103,7 +103,7 @@ def test_flops_per_image_counts_conv_and_linear() -> None:
 
 
 def _imagenet_top(bb: backbones.Backbone, image, n: int = 0) -> int:
-    state = backbones.efficientnet_lite_state_dict(n)
+    state = timm_backbones.efficientnet_lite_state_dict(n)
     cfg = bb.data_config
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     x = F.interpolate(x, size=cfg["input_size"][1:], mode=cfg["interpolation"], antialias=True)
@@ -121,9 +121,9 @@ def test_efficientnet_lite_offline_imagenet_weights(n) -> None:
     assert bb.data_config["mean"] == (0.5, 0.5, 0.5) and bb.data_config["std"] == (0.5, 0.5, 0.5)
     assert 281 <= _imagenet_top(bb, data.chelsea(), n) <= 285  # tabby / tiger / Persian / Siamese / Egyptian cat
     assert _imagenet_top(bb, data.coffee(), n) == 967  # espresso
-    hits = backbones.efficientnet_lite_state_dict.cache_info().hits
+    hits = timm_backbones.efficientnet_lite_state_dict.cache_info().hits
     again = backbones.create(name, pretrained=True)
-    assert backbones.efficientnet_lite_state_dict.cache_info().hits > hits
+    assert timm_backbones.efficientnet_lite_state_dict.cache_info().hits > hits
     torch.testing.assert_close(again.model.conv_stem.weight, bb.model.conv_stem.weight)
 
 

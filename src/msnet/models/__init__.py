@@ -2,7 +2,7 @@
 (:func:`msnet.models.backbones.create`, :func:`msnet.models.aggregators.create`)."""
 
 from msnet.errors import MsnetError
-from msnet.models import astra  # noqa: F401 (registers the CT-pretrained backbones beside backbones.py's own)
+from msnet.models import astra, timm_backbones  # noqa: F401 (each registers its backbones)
 from msnet.models.aggregators import AGGREGATORS
 from msnet.models.backbones import known_backbones
 

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from msnet.errors import MsnetError
-from msnet.models.backbones import RESNET_STAGES, Backbone, load_weights, register_backbone
+from msnet.models.backbones import Backbone, load_weights, register_backbone
+from msnet.models.timm_backbones import RESNET_STAGES
 
 logger = logging.getLogger(__name__)
 
