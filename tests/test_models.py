@@ -323,3 +323,17 @@ def test_mean_and_vote_scores_follow_the_decisive_slice() -> None:
             x[0, 2] = agg.fc.weight[1] * 5  # a slice that pushes strongly towards class 1
         assert int(agg(x).argmax()) == 1
         assert int(agg.slice_scores(x).argmax()) == 2
+
+
+@pytest.mark.parametrize("name", [n for n in known_backbones()
+                                  if backbones.backbone_entry(n).arch and not n.startswith("astra")])
+def test_stage_tables_follow_timms_feature_info(name):
+    """A registered timm backbone's stage groups hold, in order, the modules timm's own ``feature_info``
+    names for its stages (beyond the stem), so ``pool_stages`` and ``freeze`` count stages as timm does."""
+    import timm
+
+    arch = backbones.backbone_entry(name).arch
+    info = [f["module"] for f in timm.create_model(arch, pretrained=False, num_classes=0).feature_info][1:]
+    groups = backbones.create(name).stage_paths
+    where = [next(i for i, g in enumerate(groups) if m in g) for m in info]
+    assert where == sorted(where) and len(set(where)) == len(where) and 0 not in where
