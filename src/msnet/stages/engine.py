@@ -50,7 +50,7 @@ def validation_row(probs: np.ndarray, labels) -> tuple[float, float]:
     p = torch.from_numpy(np.asarray(probs, dtype=np.float32))
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     loss = float(nn.functional.nll_loss(torch.log(p.clamp_min(1e-8)), y))
-    return float((p.argmax(1) == y).float().mean()), loss
+    return float((p.argmax(1) == y).numpy().mean()), loss  # exact k/n (float64)
 
 
 @dataclass
