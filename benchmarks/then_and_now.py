@@ -61,29 +61,32 @@ FINETUNE = r"""
 import json, sys, tempfile, time, torch
 from pathlib import Path
 from msnet.config import BackboneConfig, load_config
+from msnet.data import slices as S
 from msnet.stages import finetune as F
+from msnet.stages import slice_model as M
 threads, folder = int(sys.argv[1]), sys.argv[3]
 # the recipe both versions know: no lung crop, no pooling inside the lungs, no covariance (newer than the
 # "then" code)
 plain = ["preprocess.lung_crop=false"] + [f"backbone.{flag}=false" for flag in ("pool_lungs", "pool_covariance")
                                           if flag in BackboneConfig.__dataclass_fields__]
 torch.set_num_threads(threads)
-rows = F.image_folder_rows(Path(folder))
+rows = S.image_folder_rows(Path(folder))
 rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:256].tolist()]
 cfg = load_config("ucsd", plain + ["finetune.mode=full", "backbone.pool_stages=[]", "finetune.probe_refit=false",
                                    "finetune.epochs=1", "finetune.early_stopping=0"])
 classes = list(cfg.data.classes)
-train, val = F._image_slices(rows[:96], cfg, classes, "train"), F._image_slices(rows[96:128], cfg, classes, "val")
-probe_set = F._image_slices(rows[128:], cfg, classes, "probe")
-probe = F.build_model(load_config("ucsd", plain), 2).backbone
-F.pooled_features(probe, F.SliceSet(probe_set.images[:16], probe_set.labels[:16]), torch.device("cpu"))  # warm-up
+train, val = (S.image_slices(rows[:96], classes, "train", cfg.preprocess, cfg.data.reencode_jpeg),
+              S.image_slices(rows[96:128], classes, "val", cfg.preprocess, cfg.data.reencode_jpeg))
+probe_set = S.image_slices(rows[128:], classes, "probe", cfg.preprocess, cfg.data.reencode_jpeg)
+probe = M.model_for(load_config("ucsd", plain), 2).backbone
+M.pooled_features(probe, S.SliceSet(probe_set.images[:16], probe_set.labels[:16]), torch.device("cpu"))  # warm-up
 torch.manual_seed(0)
 with tempfile.TemporaryDirectory() as out:
     t = time.perf_counter()
     F._fit(cfg, train, val, Path(out), classes)
     epoch = time.perf_counter() - t
 t = time.perf_counter()
-F.pooled_features(probe, probe_set, torch.device("cpu"))
+M.pooled_features(probe, probe_set, torch.device("cpu"))
 print(json.dumps({"full_epoch_s": epoch, "probe_features_s": time.perf_counter() - t}))
 """
 

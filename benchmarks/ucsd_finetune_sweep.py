@@ -53,7 +53,7 @@ def pack(path: Path, manifest: Path) -> None:
     from msnet.config import load_config
     from msnet.data.cohorts import read_slice_manifest
     from msnet.models.backbones import create
-    from msnet.stages.finetune import _image_slices, manifest_folds
+    from msnet.data.slices import image_slices, manifest_folds
 
     cfg = load_config("ucsd", ["preprocess.lung_crop=false"])  # the images the sweep in README was run on
     rows = read_slice_manifest(manifest)
@@ -62,7 +62,7 @@ def pack(path: Path, manifest: Path) -> None:
     fold_of = {r["image_path"]: k for k, f in enumerate(manifest_folds(train, cfg.finetune.folds, cfg.finetune.seed))
                for r in f}
     classes = list(cfg.data.classes)
-    sets = {f"{n}{p}": _image_slices(r, cfg, classes, n, probe=p)
+    sets = {f"{n}{p}": image_slices(r, classes, n, cfg.preprocess, cfg.data.reencode_jpeg, probe=p)
             for n, r in (("tr", train), ("va", val)) for p in ("", "half")}
     with gzip.open(path, "wb") as f:  # about 50 MB
         torch.save({"classes": classes, "tr_x": sets["tr"].images, "tr_y": sets["tr"].labels,
@@ -307,7 +307,8 @@ def run_predictions(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     out-of-fold predictions on ``train`` in manifest order, its model's on ``val``, and both labels."""
     from msnet.config import load_config
     from msnet.data.cohorts import read_slice_manifest
-    from msnet.stages.finetune import _image_slices, calibrated_probs, load_slice_classifier, manifest_folds
+    from msnet.data.slices import image_slices, manifest_folds
+    from msnet.stages.slice_model import calibrated_probs, load_slice_classifier
     from msnet.stages.probe import softmax
 
     cfg = load_config(run / "config.yaml")
@@ -321,8 +322,9 @@ def run_predictions(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     temps = np.concatenate([[f["temperature"]] * f["n"] for f in cv["folds"]])
     oof, y = np.empty_like(logits), np.empty_like(labels)
     oof[order], y[order] = softmax(logits / temps[:, None]), labels  # oof.npz holds one fold after the other
-    val = _image_slices([r for r in rows if r["subset"] == "val"], cfg, list(cfg.data.classes), "val")
-    pv = calibrated_probs(load_slice_classifier(run / "backbone.pt"), val, cfg, torch.device("cpu"))
+    val = image_slices([r for r in rows if r["subset"] == "val"], list(cfg.data.classes), "val", cfg.preprocess,
+                       cfg.data.reencode_jpeg)
+    pv = calibrated_probs(load_slice_classifier(run / "backbone.pt"), val, torch.device("cpu"), cfg.finetune.tta)
     return oof, pv, y, val.labels.numpy()
 
 

@@ -96,7 +96,7 @@ def _side_by_side(sets: list[dict]) -> dict[str, np.ndarray]:
 
 
 def ucsd_features(rows: list[dict], feats: Features, crop: bool, batch: int = 32) -> dict[str, np.ndarray]:
-    from msnet.stages.finetune import load_image_slice
+    from msnet.data.slices import load_image_slice
 
     parts = []
     for i in range(0, len(rows), batch):
@@ -146,7 +146,7 @@ def temperatures_compared(X: np.ndarray, Xm: np.ndarray, y: np.ndarray, rows: li
     or on the out-of-fold predictions of an inner 5-fold CV of them (``cv``); the model is then refitted
     on all of them and its ECE taken on the held-out fold (``none``: no temperature)."""
     from msnet.metrics import calibration, fit_temperature
-    from msnet.stages.finetune import manifest_folds
+    from msnet.data.slices import manifest_folds
 
     make = classifiers()["logistic regression"]
     pos = {r["image_path"]: i for i, r in enumerate(rows)}
@@ -206,7 +206,8 @@ def main() -> None:
     from sklearn.metrics import f1_score, roc_auc_score
 
     from msnet.data.cohorts import group_by_paper, read_slice_manifest
-    from msnet.stages.finetune import manifest_folds, spec_for
+    from msnet.data.slices import manifest_folds
+    from msnet.stages.slice_model import spec_for
     from msnet.stages.transfer import infection_metrics
 
     rows = read_slice_manifest(args.manifest, only_ok=True)

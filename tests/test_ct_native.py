@@ -135,7 +135,8 @@ def test_ct_config_runs_leave_one_patient_out_on_the_real_scans(tmp_path, shared
     the real scans its infection scores beat the lung-area baseline within patients."""
     from msnet.cli import main  # noqa: F401  (the command exists)
     from msnet.data.cohorts import read_cohort
-    from msnet.stages.finetune import cross_validate, finetune, summary
+    from msnet.stages.finetune import cross_validate, finetune
+    from msnet.stages.slice_report import summary
 
     import subprocess
 

@@ -245,7 +245,8 @@ def finetune(
     """Stage 1: fine-tune the slice backbone on slice labels."""
     from msnet.config import load_config
     from msnet.models import check_config
-    from msnet.stages.finetune import cross_validate, summary
+    from msnet.stages.finetune import cross_validate
+    from msnet.stages.slice_report import summary
     from msnet.stages.finetune import finetune as run_finetune
 
     cfg = load_config(config, _overrides(set_))
