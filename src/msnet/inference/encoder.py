@@ -99,7 +99,13 @@ class SliceEncoder:
         return SliceEncoder(self.spec, runtime="onnx", onnx_model=model, batch_size=self.batch_size, threads=threads)
 
     def calibration_slices(self, volumes: list, n_slices: int = 96) -> np.ndarray:
-        """Preprocessed slices (n, 3, S, S) spread evenly over ``volumes`` (CTVolume), for int8 calibration."""
+        """Preprocessed slices (n, 3, S, S) spread evenly over ``volumes`` (CTVolume), for int8 calibration; for
+        a slab network, slabs (m, 3, k, S, S) of k consecutive slices, about ``n_slices`` slices in all."""
+        if getattr(self.backbone, "whole_study", False):
+            from msnet.inference.onnx import calibration_slabs
+
+            k = int(self.backbone.model.k)
+            return calibration_slabs(self.spec, volumes, max(2, -(-n_slices // k)), k)
         per = max(1, -(-n_slices // max(1, len(volumes))))
         out = []
         for vol in volumes:
