@@ -9,7 +9,7 @@ import torch
 
 from msnet.errors import MsnetError
 from msnet.inference.encoder import SliceEncoder
-from msnet.inference.onnx import SlabSession, calibration_slabs, export_backbone, ort_session, quantize_backbone
+from msnet.inference.onnx import SlabSession, export_backbone, ort_session, quantize_backbone
 from msnet.io import read_study
 from msnet.models.backbones import create
 from msnet.preprocess import PreprocessSpec
@@ -67,12 +67,9 @@ def test_int8_calibrated_on_real_ct_agrees_on_another_real_scan(tmp_path, shared
     cap, p001 = read_study(CAP002), read_study(P001)
     ref = SliceEncoder(spec, bb, batch_size=8, threads=2)
     fp32 = ref.to_onnx(tmp_path / "fp32", threads=2)
-    if bb.whole_study:
-        calib = calibration_slabs(spec, [cap], 4, 8)
-        blank = np.zeros_like(calib)
-    else:
-        calib = ref.calibration_slices([cap], 32)
-        blank = np.zeros_like(calib)
+    calib = ref.calibration_slices([cap], 32)  # the slab network: slabs of 8 consecutive slices
+    assert calib.shape == ((4, 3, 8, 64, 64) if bb.whole_study else (32, 3, 64, 64))
+    blank = np.zeros_like(calib)
     q = ref.to_onnx(tmp_path / "int8", int8=True, calibration=calib, threads=2)
     bad = ref.to_onnx(tmp_path / "blank", int8=True, calibration=blank, threads=2)
     hu = p001.hu[64:80]

@@ -55,7 +55,6 @@ def bench_extract(config: str = "cpu", n_patients: int = 6, slices: tuple[int, i
 
     from msnet.data.synthetic import synth_cohort
     from msnet.inference.encoder import SliceEncoder
-    from msnet.inference.onnx import calibration_slabs
     from msnet.io import read_study
     from msnet.preprocess import PreprocessSpec
 
@@ -73,10 +72,7 @@ def bench_extract(config: str = "cpu", n_patients: int = 6, slices: tuple[int, i
             calib_vols = vols[:3]
         n = sum(v.n_slices for v in vols)
         ref = SliceEncoder(spec, bb, batch_size=cfg.extract.batch_size, threads=threads)
-        if bb.whole_study:
-            calib = calibration_slabs(spec, calib_vols, 4, bb.model.k)
-        else:
-            calib = ref.calibration_slices(calib_vols, 64)
+        calib = ref.calibration_slices(calib_vols, 64)  # a slab network: slabs of consecutive slices
         t = time.perf_counter()
         fp32 = ref.to_onnx(Path(tmp) / "onnx", threads=threads)
         q = ref.to_onnx(Path(tmp) / "onnx", int8=True, calibration=calib, threads=threads)

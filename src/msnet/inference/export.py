@@ -29,8 +29,8 @@ import torch.nn as nn
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
 from msnet.inference.encoder import SliceEncoder
-from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD,
-                                  calibration_slabs, ort_session, quantize_backbone)
+from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD, ort_session,
+                                  quantize_backbone)
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,7 @@ def calibration_batch(predictor, studies: Sequence[Path], n_slices: int = 96, ma
     studies = list(studies)
     if len(studies) > max_studies:
         studies = [studies[i] for i in np.linspace(0, len(studies) - 1, max_studies).round().astype(int)]
-    vols = [read_study(s) for s in studies]
-    k = slab_length(predictor.bundle.backbone)
-    if k:  # a slab network: slabs of k consecutive slices, about as many slices in all
-        return calibration_slabs(predictor.spec, vols, max(2, -(-n_slices // k)), k)
-    return predictor.encoder.calibration_slices(vols, n_slices)
+    return predictor.encoder.calibration_slices([read_study(s) for s in studies], n_slices)  # a slab network: slabs
 
 
 def slab_length(backbone) -> int | None:
