@@ -103,12 +103,15 @@ def test_real_ct_is_out_of_distribution_for_a_phantom_model(phantom_run, shared_
     from msnet.errors import MsnetError
     from msnet.inference.predictor import Predictor
 
+    from msnet.io import read_study
+
     bundle, _ = phantom_run
+    vol = read_study(NORMAL001)
     p = Predictor(bundle, device="cpu", mirror=False)
-    r = p.predict(NORMAL001)
+    r = p.predict_volume(vol)
     assert r.ood_score > p.bundle.ood.threshold and r.ood_percentile == 100.0
     assert any("out of distribution" in w for w in r.warnings)
     with pytest.raises(MsnetError, match="--strict"):
-        Predictor(bundle, device="cpu", mirror=False, strict=True).predict(NORMAL001)
+        Predictor(bundle, device="cpu", mirror=False, strict=True).predict_volume(vol)
     res = CliRunner().invoke(app, ["predict", str(bundle), str(NORMAL001), "--json", "--strict"])
     assert res.exit_code == 1 and "out of distribution" in res.output

@@ -20,9 +20,9 @@ from msnet.errors import MsnetError
 from msnet.lungs import (GATE_GRID_MM, GATE_GRID_Z_MM, GRID_MM, GRID_Z_MM, MIN_LUNG_ML, LungStats,
                          body_mask, lung_stats)
 
-SPACING_MM = (0.3, 50.0)
-"""Plausible slice spacing (mm): thin-slice chest CT to sparse series of a slice every few centimetres (key
-images, msnet's own phantoms of 8-16 slices)."""
+SPACING_MM = (0.3, 120.0)
+"""Plausible slice spacing (mm): thin-slice chest CT to a handful of slices over the chest (sparse key
+images; msnet's own phantoms of 4-16 slices are 20-110 mm apart)."""
 FOV_MM = (120.0, 700.0)
 """Plausible in-plane field of view (mm) along each axis: a child's chest to the largest bore."""
 BODY_CM2 = (100.0, 2500.0)
@@ -183,6 +183,11 @@ def _peaks(vals: np.ndarray) -> list[int]:
     return [int(round(edges[i] + 5.0)) for i in order]
 
 
+def _plain(value) -> str:
+    """A check's value as words: ``{"a": 1, "b": [2, 3]}`` -> ``a 1, b [2, 3]``."""
+    return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+
 def failed(checks: list[dict]) -> list[dict]:
     """The checks that failed and refuse a study."""
     return [c for c in checks if c["ok"] is False and c.get("refuses", True)]
@@ -240,7 +245,8 @@ def check_lungs(vol, stats: LungStats | None = None, coarse: bool = True) -> Lun
                          f"adult lungs hold 3-7 l), so no diagnosis is made", fix=fix)
     bad = failed(stats.checks)
     if bad:
-        said = "; ".join(f"{c['name']}: {c['value']} (expected {c['expected']})" for c in bad)
+        said = "; ".join(f"{c['name']} {_plain(c['value'])}" + (f", {c['detail']}" if c.get("detail") else "")
+                         + f" (expected {c['expected']})" for c in bad)
         raise MsnetError(f"study {sid}: not a plausible chest CT ({said}), so no diagnosis is made",
                          fix=fix + "; `msnet inspect STUDY` lists every check with its value")
     missing = [part for part, cut in (("apices (top)", stats.cut_top), ("bases (bottom)", stats.cut_bottom)) if cut]
