@@ -1,5 +1,5 @@
 """Real-scan cases built at run time from the shared COVID-CT-MD scans: a small axial copy of a real
-scan (normal001, downsampled: every 2nd slice, 4 x 4 pixel means) written back as DICOM series in other
+scan (normal001, downsampled: every 2nd slice, 2 x 2 pixel means) written back as DICOM series in other
 orientations, mirrored, mis-tagged or without its intercept. Nothing here is shipped or downloaded."""
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ IDENTIFIERS = {"PatientName": "Doe^Jane^Q", "PatientID": "PID-2741-X", "PatientB
 """Identifying values planted in every case: none of them may appear in any log."""
 
 
+SHRINK = 2
+"""Pixels of the real scan averaged into one (2: 256 x 256 slices, above the models' input size, so that a
+reformat at half the resolution loses about what the model's own resizing loses)."""
+
+
 @lru_cache(maxsize=1)
 def base_volume() -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     """normal001 as (HU (z, y, x) superior first, spacing (z, y, x) mm, origin (x, y, z) of voxel 0), small."""
@@ -29,10 +34,12 @@ def base_volume() -> tuple[np.ndarray, tuple[float, float, float], np.ndarray]:
     vol = read_study(NORMAL001)
     hu = vol.hu[::2]
     z, y, x = hu.shape
-    hu = hu[:, : y // 4 * 4, : x // 4 * 4].reshape(z, y // 4, 4, x // 4, 4).mean(axis=(2, 4)).astype(np.float32)
-    spacing = (2 * vol.spacing_mm[0], 4 * vol.spacing_mm[1], 4 * vol.spacing_mm[2])
+    f = SHRINK
+    hu = hu[:, : y // f * f, : x // f * f].reshape(z, y // f, f, x // f, f).mean(axis=(2, 4)).astype(np.float32)
+    spacing = (2 * vol.spacing_mm[0], f * vol.spacing_mm[1], f * vol.spacing_mm[2])
     ipp = [float(v) for v in vol.dicom_headers.ImagePositionPatient]
-    origin = np.array([ipp[0] + 1.5 * vol.spacing_mm[2], ipp[1] + 1.5 * vol.spacing_mm[1], float(vol.z_mm[0])])
+    c = (f - 1) / 2  # the centre of the first block of pixels
+    origin = np.array([ipp[0] + c * vol.spacing_mm[2], ipp[1] + c * vol.spacing_mm[1], float(vol.z_mm[0])])
     return hu, spacing, origin
 
 

@@ -130,6 +130,6 @@ def _square_pixels(hu: np.ndarray, spacing: tuple[float, float, float], source, 
     if shape[0] * shape[1] * shape[2] > max_voxels:
         raise MsnetError(f"resampling the reformatted series to square pixels would give {shape} voxels, over the "
                          f"limit of {max_voxels}", source, "pass an axial reconstruction of the scan")
-    out = zoom(hu, [s / n for s, n in zip(shape, hu.shape)], order=1, mode="nearest", grid_mode=False)
+    out = zoom(hu, [s / n for s, n in zip(shape, hu.shape)], order=3, mode="nearest", grid_mode=False)
     return out.astype(np.float32, copy=False), (sz, fine, fine), \
         f"pixels of {sy:.2f} x {sx:.2f} mm resampled to {fine:.2f} mm squares ({shape[1]} x {shape[2]})"
