@@ -136,8 +136,9 @@ def _draw_lesions(label: str, plan: PatientPlan, rng: np.random.Generator) -> li
 
 
 def _covid_lesions(rng: np.random.Generator) -> list[Lesion]:
-    """COVID-19's typical pattern: multifocal rounded or patchy ground-glass opacities (2-4 cm from top to
-    bottom, 2-6 cm across) in both lungs, peripheral (subpleural), posterior and lateral more than anterior, lower lobes
+    """COVID-19's typical pattern: multifocal rounded or patchy ground-glass opacities (2.5-4.5 cm from top
+    to bottom, 4-9 cm across where the lung is wide enough) in both lungs, peripheral (subpleural),
+    posterior and lateral more than anterior, lower lobes
     more than upper; mostly mild, as in the first week of symptoms when most patients are scanned (one
     focus per lung in half of the lungs, two or three in the others). Foci lie on a few slices each,
     spread along the lungs: among 100-300 slices (or the demo's 30-60) most slices are clean."""
@@ -148,9 +149,9 @@ def _covid_lesions(rng: np.random.Generator) -> list[Lesion]:
             uc = rng.uniform(0.45, 0.9) if rng.random() < 0.65 else rng.uniform(0.12, 0.45)
             where = rng.choice(4, p=[0.3, 0.3, 0.3, 0.1])  # lateral, posterolateral, posterior, anterior
             angle = [lateral, (lateral + np.pi / 2) / 2, np.pi / 2, -np.pi / 2][where] + rng.uniform(-0.35, 0.35)
-            out.append(Lesion(side, float(uc), float(rng.uniform(0.04, 0.08)), float(angle),
-                              float(rng.uniform(0.65, 0.88)), float(rng.uniform(0.25, 0.5)),
-                              float(rng.uniform(0.22, 0.42)), float(rng.uniform(-600.0, -350.0)), "ggo",
+            out.append(Lesion(side, float(uc), float(rng.uniform(0.05, 0.09)), float(angle),
+                              float(rng.uniform(0.65, 0.88)), float(rng.uniform(0.45, 0.75)),
+                              float(rng.uniform(0.4, 0.65)), float(rng.uniform(-600.0, -350.0)), "ggo",
                               bool(rng.random() < 0.3)))
     return out
 
@@ -170,8 +171,8 @@ def _cap_lesions(rng: np.random.Generator) -> list[Lesion]:
     _, (u_lo, u_hi), (a_lo, a_hi) = _LOBES[lobe]
     half_length_mm = 0.5 * float(np.exp(rng.uniform(np.log(20.0), np.log(60.0))))
     return [Lesion(int(rng.choice([-1, 1])), float(rng.uniform(u_lo, u_hi)), half_length_mm / float(np.mean(LUNG_HEIGHT_MM)),
-                   float(rng.uniform(a_lo, a_hi)), float(rng.uniform(0.3, 0.6)), float(rng.uniform(0.4, 0.65)),
-                   float(rng.uniform(0.35, 0.6)), float(rng.uniform(-60.0, 30.0)), "consolidation", lobe=lobe)]
+                   float(rng.uniform(a_lo, a_hi)), float(rng.uniform(0.3, 0.6)), float(rng.uniform(0.5, 0.8)),
+                   float(rng.uniform(0.45, 0.75)), float(rng.uniform(-60.0, 30.0)), "consolidation", lobe=lobe)]
 
 
 def _draw_distractors(plan: PatientPlan, rng: np.random.Generator) -> None:

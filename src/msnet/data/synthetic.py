@@ -6,7 +6,7 @@ numpy; anatomy and lesions are 3-D objects parametrised along the scan, so
 neighbouring slices are coherent. The classes differ in what the lesions look
 like and in where and on how many slices they lie:
 
-- ``COVID-19``: 2-6 small ground-glass foci (-700..-300 HU, 2-4 cm from top to
+- ``COVID-19``: 2-6 ground-glass foci (-700..-300 HU, 2.5-4.5 cm from top to
   bottom), bilateral, peripheral, posterior, lower-lobe predominant, some with
   crazy paving, mostly mild (one focus per lung in half of the lungs): a few
   separate runs of slices;
