@@ -351,7 +351,8 @@ def demo(
     patients: int = typer.Option(150, help="Synthetic patients (split over the three classes; half held out for test)."),
     overwrite: bool = typer.Option(False, help="Redo every stage."),
     seed: int = typer.Option(0, help="Seed of the synthetic cohort."),
-    threads: int = typer.Option(2, help="CPU threads (fixed, so that the numbers do not depend on free cores)."),
+    threads: int = typer.Option(1, help="CPU threads (fixed, so that the numbers do not depend on free cores; one "
+                                        "thread does not wait on a second one that shared cores hold up)."),
     config: str = typer.Option("cpu", help="Shipped config the pipeline runs with (cpu; ct: the CT-pretrained "
                                "astra backbone, frozen, with a linear probe)."),
 ) -> None:
