@@ -153,7 +153,8 @@ def test_scoring_crops_to_the_lungs_when_the_model_was_trained_so(run_and_cohort
         # the darkest input value is air (-1000 HU and below): outside the body unless cropped away
         air[crop] = float((x <= x.min() + 0.05).float().mean())
         assert metrics["n"] == sum(len(labels[r["patient_id"]]) for r in rows)
-    assert air[True] < 0.5 * air[False]
+    # both lungs' box (the mask keeps both lungs below the carina) still cuts away a third of the air
+    assert air[True] < 0.8 * air[False], air
 
 
 def test_cli_run_reuses_finished_stages_and_prints_the_headline_table(run_and_cohort):
