@@ -31,6 +31,7 @@ from typing import Callable, TypeVar
 from msnet.errors import MsnetError
 from msnet.io.dicom import _choose_series, read_dicom, read_header
 from msnet.io.volume import CTVolume
+from msnet.retry import Backoff
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def retrying(what: str, url: str, fn: Callable[[], T], attempts: int | None = No
             last = exc
         if k + 1 < attempts:
             logger.warning("%s: %s, trying again (%d of %d)", what, type(last).__name__, k + 2, attempts)
-            time.sleep(WAIT_S * 2**k)
+            time.sleep(Backoff(WAIT_S).delay(k + 1))
     raise MsnetError(f"{what} failed after {attempts} tries ({type(last).__name__}: {last})", url,
                      "check that the server is up and reachable from here, then run again") from last
 

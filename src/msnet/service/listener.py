@@ -52,6 +52,7 @@ from pathlib import Path
 
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
+from msnet.retry import Backoff
 from msnet.service.pacs import StoreTargets, diagnose, store
 
 log = logging.getLogger(__name__)
@@ -394,7 +395,7 @@ class Listener:
             store(files, self.s.targets)
         except Exception as exc:  # the archive is down or refuses: keep the result, try again later
             meta["attempts"] = int(meta.get("attempts", 0)) + 1
-            wait = min(self.s.retry_max_s, self.s.retry_s * 2 ** (meta["attempts"] - 1))
+            wait = Backoff(self.s.retry_s, self.s.retry_max_s).delay(meta["attempts"])
             meta["last_error"] = str(exc) if isinstance(exc, MsnetError) else f"{type(exc).__name__}: {exc}"
             meta["next_try"] = time.time() + wait
             atomic_write_text(folder / RESULT, json.dumps(meta))
