@@ -6,15 +6,12 @@ import asyncio
 import re
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fastapi import HTTPException, Request
 
 from msnet.errors import LimitError, MsnetError
 from msnet.io.archives import ARCHIVE_SUFFIXES, safe_extract, study_in
-
-if TYPE_CHECKING:
-    from msnet.service.app import ServiceSettings
+from msnet.service.settings import ServiceSettings
 
 _CHUNK_WRITE = 1 << 20
 
