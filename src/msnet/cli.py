@@ -392,6 +392,8 @@ def predict(
     series: Optional[str] = typer.Option(None, "--series", help="The series to read of a study with several: a "
                                          "SeriesInstanceUID or an index (as listed in the warning; default: the "
                                          "axial CT series with the most slices)."),
+    mirror: bool = typer.Option(True, "--mirror/--no-mirror", help="Also see each study mirrored left-right and "
+                                "average the two answers (a second backbone pass, about 2x the time)."),
     strict: bool = typer.Option(False, "--strict", help="Refuse a study whose OOD score is over the bundle's "
                                 "threshold (unlike the training data), instead of warning."),
 ) -> None:
@@ -418,7 +420,8 @@ def predict(
 
     results, status = predict_many(bundle, list(studies), out=out, explain_dir=explain_dir, on_result=show,
                                    on_error=show_error, on_study=on_study, runtime=runtime, device=device, int8=int8,
-                                   onnx_dir=onnx_dir, key_slice_gap_mm=key_gap_mm, strict=strict, series=series)
+                                   onnx_dir=onnx_dir, key_slice_gap_mm=key_gap_mm, strict=strict, series=series,
+                                   mirror=mirror)
     if not json_out:
         from rich.console import Console
         from rich.table import Table
