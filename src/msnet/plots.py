@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from msnet.files import atomic_write
+from msnet.metrics import calibration
 
 
 def figure(width: float, height: float):
@@ -26,7 +27,6 @@ def save_png(fig: Any, path: Path) -> None:
 def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str = "reliability") -> None:
     """Reliability diagram: per confidence bin, the accuracy against the mean top-class probability, one
     line per model (``curves``: name -> (labels, probabilities)); the diagonal is perfect calibration."""
-    from msnet.metrics import calibration
 
     fig = figure(4.6, 4.2 + 0.35 * len(curves))
     ax = fig.add_subplot()

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 from msnet.errors import MsnetError
+from msnet.inference.export import SHARED_SCANS
+from msnet.models.astra import slab_starts
+from msnet.models.backbones import flops_per_image
 
 REPEATS = 3
 """Timed repetitions of every measurement, by default; the median is reported, with the spread."""
@@ -101,11 +104,8 @@ def study_flops(backbone, size: int, n_slices: int) -> float:
     import torch
     from torch import nn
 
-    from msnet.models.backbones import flops_per_image
-
     if not getattr(backbone, "whole_study", False):
         return float(flops_per_image(backbone, (3, size, size))) * n_slices
-    from msnet.models.astra import slab_starts
 
     net = backbone.model
     macs = 0
@@ -137,7 +137,6 @@ def backbone_floor(backbone, size: int, n_slices: int, threads: int) -> tuple[fl
 
 def default_study() -> Path:
     """The study timed when none is given: a real scan of the development checkout, if there is one."""
-    from msnet.inference.export import SHARED_SCANS
 
     if not SHARED_SCANS[0].is_dir():
         raise MsnetError("no study to time", fix="pass --study PATH (a DICOM study folder, e.g. a COVID-CT-MD scan)")

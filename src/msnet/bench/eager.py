@@ -5,10 +5,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from msnet.bench.common import REPEATS, backbone_floor, default_study, fmt, repeated, rounded, run_batches
+from msnet.bench.common import (
+    REPEATS,
+    backbone_floor,
+    default_study,
+    fmt,
+    repeated,
+    rounded,
+    run_batches,
+)
 from msnet.bench.predict import temp_bundle
 from msnet.errors import MsnetError
-
+from msnet.inference.predictor import Predictor
+from msnet.io import read_study
+from msnet.io.decode import quiet_pydicom
 
 EAGER_VARIANTS = ("contiguous, no_grad", "channels_last, no_grad", "channels_last, inference_mode",
                   "oneDNN fused (TorchScript freeze)", "torch.compile")
@@ -50,10 +60,6 @@ def bench_eager(config: str = "paper", study: Path | None = None, threads: int =
     import tempfile
 
     import torch
-
-    from msnet.inference.predictor import Predictor
-    from msnet.io import read_study
-    from msnet.io.decode import quiet_pydicom
 
     study = Path(study) if study else default_study()
     torch.set_num_threads(threads)

@@ -6,10 +6,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-
 from msnet.bench.common import REPEATS, fmt, load_average, repeated, rounded
 from msnet.bench.predict import bench_backbone, bench_config, feature_cosine
+from msnet.data.synthetic import synth_cohort
 from msnet.errors import MsnetError
+from msnet.inference.encoder import SliceEncoder
+from msnet.inference.export import SHARED_SCANS
+from msnet.io import read_study
+from msnet.preprocess import PreprocessSpec
 
 CT_EXTRACT_SLICES = 24
 """Slices of each shared scan ``ct`` encodes by default (its middle ones)."""
@@ -18,8 +22,6 @@ CT_EXTRACT_SLICES = 24
 def _real_volumes(n_slices: int) -> tuple[list, list]:
     """(the middle ``n_slices`` slices of each shared real scan, the rest of each scan): timed volumes and
     calibration volumes that share no slice."""
-    from msnet.inference.export import SHARED_SCANS
-    from msnet.io import read_study
 
     scans = [s for s in SHARED_SCANS if s.is_dir()]
     if not scans:
@@ -52,11 +54,6 @@ def bench_extract(config: str = "cpu", n_patients: int = 6, slices: tuple[int, i
     import tempfile
 
     import torch
-
-    from msnet.data.synthetic import synth_cohort
-    from msnet.inference.encoder import SliceEncoder
-    from msnet.io import read_study
-    from msnet.preprocess import PreprocessSpec
 
     cfg = bench_config(config, size, backbone)
     real = config == "ct" if real is None else real

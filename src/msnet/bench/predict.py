@@ -8,10 +8,29 @@ import json
 import time
 from pathlib import Path
 
-from msnet.bench.common import (REPEATS, backbone_floor, default_study, fmt, load_average, repeated, rounded,
-                                summary)
+from msnet.bench.common import (
+    REPEATS,
+    backbone_floor,
+    default_study,
+    fmt,
+    load_average,
+    repeated,
+    rounded,
+    summary,
+)
 from msnet.bench.read import _plain_read
+from msnet.config import load_config, versions
+from msnet.data.synthetic import synth_cohort
 from msnet.errors import MsnetError
+from msnet.inference import bundle as B
+from msnet.inference.bundle import load_backbone
+from msnet.inference.export import SHARED_SCANS, export_bundle
+from msnet.inference.predictor import Predictor
+from msnet.io import read_study
+from msnet.io.decode import quiet_pydicom
+from msnet.models import aggregators, backbones
+from msnet.models.astra import CT_NATIVE
+from msnet.preprocess import PreprocessSpec
 
 CONFIGS = ("paper", "cpu", "ct")
 CT_SLICES = 32
@@ -22,7 +41,6 @@ CT_SLICES = 32
 def bench_config(config: str, size: int | None = None, backbone: str | None = None):
     """The packaged config a bench times, with the input ``size`` and the ``backbone`` overridden (e.g.
     ``ct`` with ``astra``: the 2-D network instead of the slab one; its slab setting dropped)."""
-    from msnet.config import load_config
 
     if config not in CONFIGS:
         raise MsnetError(f"unknown bench config {config!r}", fix=f"use one of: {', '.join(CONFIGS)}")
@@ -39,8 +57,6 @@ def bench_config(config: str, size: int | None = None, backbone: str | None = No
 def bench_backbone(cfg):
     """The config's backbone: CT-native weights (offline, from their package) where the config has them,
     so that the int8 agreement is measured on the real network; random weights otherwise (speed only)."""
-    from msnet.models import backbones
-    from msnet.models.astra import CT_NATIVE
 
     pretrained = cfg.backbone.name in CT_NATIVE and cfg.backbone.pretrained
     return backbones.create(cfg.backbone.name, pretrained=pretrained, **cfg.backbone.pooling()).eval()
@@ -49,8 +65,6 @@ def bench_backbone(cfg):
 def middle_slices(study: Path, n: int | None, folder: Path) -> Path:
     """``study`` itself, or with ``n`` a folder of links to its ``n`` middle slices (in slice order)."""
     import pydicom
-
-    from msnet.io.decode import quiet_pydicom
 
     files = sorted(p for p in Path(study).rglob("*") if p.is_file() and p.name.upper() != "DICOMDIR")
     if not n or n >= len(files):
@@ -75,11 +89,6 @@ def temp_bundle(config: str, folder: Path, size: int | None = None, seed: int = 
 
     import torch
 
-    from msnet.config import versions
-    from msnet.inference import bundle as B
-    from msnet.models import aggregators
-    from msnet.preprocess import PreprocessSpec
-
     cfg = bench_config(config, size, backbone)
     torch.manual_seed(seed)
     bb = bench_backbone(cfg)
@@ -100,8 +109,6 @@ def _naive(study: Path, bundle: Path, batch: int = 32) -> tuple[float, dict]:
     """Plain PyTorch: pydicom loop, stack, window, resize, eager fp32 backbone in batches of 32 (a slab
     network: the study at once), no overlap."""
     import torch
-
-    from msnet.inference.bundle import load_backbone
 
     backbone, _, spec, _ = load_backbone(bundle / "backbone.pt")
     backbone = backbone.to(memory_format=torch.contiguous_format)
@@ -207,11 +214,6 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     import tempfile
 
     import torch
-
-    from msnet.inference.export import SHARED_SCANS, export_bundle
-    from msnet.inference.predictor import Predictor
-    from msnet.io import read_study
-    from msnet.io.decode import quiet_pydicom
 
     study = Path(study) if study else default_study()
     if not study.exists():
@@ -325,9 +327,6 @@ def peak_rss(config: str = "paper", n_slices: int = 200, pixels: int = 512, runt
     import subprocess
     import sys
     import tempfile
-
-    from msnet.inference.export import export_bundle
-    from msnet.data.synthetic import synth_cohort
 
     with tempfile.TemporaryDirectory(prefix="msnet-rss-") as tmp:
         tmp = Path(tmp)

@@ -8,14 +8,17 @@ import numpy as np
 
 from msnet.bench.common import REPEATS, cores, fmt, repeated, rounded
 from msnet.errors import MsnetError
+from msnet.inference.export import SHARED_SCANS
+from msnet.io import AIR_HU, OUT_OF_FIELD_HU, read_study
+from msnet.io.decode import decode_file, quiet_pydicom
+from msnet.io.jpeg import LOSSLESS_DECODERS, _installed, gdcm_direct_ok, lossless_direct
+from msnet.io.pixeldata import parse_header, read_pixel_bytes
 
 
 def _plain_read(study: Path) -> np.ndarray:
     """The reference: one process, pylibjpeg, SliceLocation descending (superior first)."""
     import pydicom
     from pydicom.pixels import pixel_array
-
-    from msnet.io import AIR_HU, OUT_OF_FIELD_HU
 
     slices = []
     for f in sorted(p for p in Path(study).rglob("*") if p.is_file()):
@@ -46,9 +49,6 @@ def bench_read(study: str | Path, repeats: int = REPEATS, console=None) -> dict:
     {'n_slices': 148, 'ours_s': 0.6, 'plain_s': 1.8, 'ratio': 3.0, 'equal': True, ...}
     """
     import pydicom
-
-    from msnet.io import read_study
-    from msnet.io.decode import decode_file, gdcm_direct_ok, quiet_pydicom
 
     study = Path(study)
     if not study.is_dir():
@@ -104,10 +104,6 @@ def bench_decoders(studies: list[Path] | None = None, n_files: int = 40, repeats
     the reader's default."""
     import pydicom
     from pydicom.pixels import pixel_array
-
-    from msnet.inference.export import SHARED_SCANS
-    from msnet.io.jpeg import LOSSLESS_DECODERS, _installed, gdcm_direct_ok, lossless_direct
-    from msnet.io.pixeldata import parse_header, read_pixel_bytes
 
     studies = [Path(s) for s in studies] if studies else [s for s in SHARED_SCANS if s.is_dir()]
     if not studies:

@@ -8,7 +8,11 @@ import time
 import numpy as np
 
 from msnet.bench.common import REPEATS, gemm_gflops, load_average, summary
+from msnet.config import Config
+from msnet.data.splits import carve
 from msnet.errors import MsnetError
+from msnet.models.aggregators import MSNet, MSNetReference
+from msnet.stages.train import fit
 
 
 def msnet_flops_per_slice(in_features: int, width: int = 64, n_blocks: int = 4, kernel_size: int = 3
@@ -66,11 +70,6 @@ def bench_train(patients: int = 300, epochs: int = 100, measure_epochs: int = 5,
     {'ours_s_per_epoch': 0.3, 'naive_s_per_epoch': 1.4, 'naive_over_ours': 4.6, ...}
     """
     import torch
-
-    from msnet.config import Config
-    from msnet.data.splits import carve
-    from msnet.models.aggregators import MSNet, MSNetReference
-    from msnet.stages.train import fit
 
     if patients < 4 or epochs < 1 or measure_epochs < 1 or slices[0] < 1 or slices[1] < slices[0]:
         raise MsnetError(f"bench train needs >= 4 patients, >= 1 epoch and 1 <= min slices <= max slices; got "

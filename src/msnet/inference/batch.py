@@ -23,6 +23,7 @@ import numpy as np
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text, write_csv_atomic
 from msnet.inference.predictor import Prediction, Predictor, gate, read_volume
+from msnet.io.decode import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,6 @@ def _mapped(result: tuple) -> tuple:
 
 def _reader_pool(readers: int) -> ProcessPoolExecutor:
     import multiprocessing
-
-    from msnet.io.decode import worker_init
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     return ProcessPoolExecutor(readers, mp_context=multiprocessing.get_context(method), initializer=worker_init,
@@ -194,7 +193,9 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
     ahead and run their checks and lung gate (default on a GPU: half the host's cores, 2 to 8; there
     that host work, not the model, bounds the rate: benchmarks/gpu_from_files.py).
     """
-    from rich.console import Console  # the bar on stderr: stdout keeps only the JSON lines of --json
+    from rich.console import (
+        Console,  # the bar on stderr: stdout keeps only the JSON lines of --json
+    )
     from rich.progress import track
 
     predictor = bundle if isinstance(bundle, Predictor) else Predictor(bundle, **predictor_kwargs)

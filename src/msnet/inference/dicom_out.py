@@ -40,6 +40,8 @@ from typing import Sequence
 
 from msnet.errors import MsnetError
 from msnet.files import atomic_path
+from msnet.inference.bundle import bundle_sha256
+from msnet.io.dicomweb import client, retrying, service_url
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ class ModelIdentity:
 
 def model_identity(bundle: str | Path) -> ModelIdentity:
     """Name and version from the bundle's model card; the sha256 of its weights (as in every Prediction)."""
-    from msnet.inference.bundle import bundle_sha256
 
     bundle = Path(bundle)
     card = json.loads((bundle / "metadata.json").read_text())
@@ -284,10 +285,21 @@ def write_sr(volume, prediction: str, probabilities: dict[str, float], key_slice
     same list as the JSON's, e.g. a synthetic-only bundle, partial lung coverage, slice gaps), the
     model card's intended use and the key slices with their slice index (see :func:`key_slice_text`).
     """
-    from highdicom.sr import (AlgorithmIdentification, CodedConcept, ComprehensiveSR, ContainerContentItem,
-                              FindingSite, Measurement, MeasurementReport, MeasurementsAndQualitativeEvaluations,
-                              ObservationContext, RelationshipTypeValues, SourceImageForMeasurementGroup,
-                              TextContentItem, TrackingIdentifier)
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        CodedConcept,
+        ComprehensiveSR,
+        ContainerContentItem,
+        FindingSite,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        RelationshipTypeValues,
+        SourceImageForMeasurementGroup,
+        TextContentItem,
+        TrackingIdentifier,
+    )
     from pydicom.sr.codedict import codes
 
     refs = _references(volume, key_slices)
@@ -393,8 +405,6 @@ def store_stow(url: str, files: Sequence[str | Path]) -> int:
     """Send DICOM files to a DICOMweb server by STOW-RS (``url``: the service's base URL, or a study
     URL on it); retried like a read. Returns the number of instances stored."""
     import pydicom
-
-    from msnet.io.dicomweb import client, retrying, service_url
 
     base = service_url(url)
     datasets = [pydicom.dcmread(f) for f in files]

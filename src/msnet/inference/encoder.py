@@ -24,7 +24,16 @@ import torch.nn as nn
 
 from msnet.device import channels_last
 from msnet.errors import MsnetError
-from msnet.preprocess import PreprocessSpec
+from msnet.inference.onnx import (
+    BACKBONE_INT8_ONNX,
+    BACKBONE_ONNX,
+    backbone_feed,
+    calibration_slabs,
+    export_backbone,
+    ort_session,
+    quantize_backbone,
+)
+from msnet.preprocess import PreprocessSpec, model_slices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RUNTIMES = ("torch", "onnx")
@@ -62,7 +71,6 @@ class SliceEncoder:
                 backbone.to(memory_format=torch.channels_last)
             self._run: Callable[[torch.Tensor], torch.Tensor] = torch.compile(backbone) if compile else backbone
         else:
-            from msnet.inference.onnx import ort_session
 
             if onnx_model is None:
                 raise MsnetError("the onnx runtime needs an ONNX model", fix="run `msnet export BUNDLE --onnx OUT` first")
@@ -85,7 +93,6 @@ class SliceEncoder:
                 threads: int | None = None) -> "SliceEncoder":
         """The same encoder on ONNX Runtime: the backbone exported (and with ``int8`` statically quantised
         on ``calibration``, preprocessed input slices (n, 3, S, S)) into ``folder``."""
-        from msnet.inference.onnx import BACKBONE_INT8_ONNX, BACKBONE_ONNX, export_backbone, quantize_backbone
 
         if self.runtime != "torch":
             raise MsnetError("to_onnx needs a torch encoder")
@@ -102,7 +109,6 @@ class SliceEncoder:
         """Preprocessed slices (n, 3, S, S) spread evenly over ``volumes`` (CTVolume), for int8 calibration; for
         a slab network, slabs (m, 3, k, S, S) of k consecutive slices, about ``n_slices`` slices in all."""
         if getattr(self.backbone, "whole_study", False):
-            from msnet.inference.onnx import calibration_slabs
 
             k = int(self.backbone.model.k)
             return calibration_slabs(self.spec, volumes, max(2, -(-n_slices // k)), k)
@@ -129,7 +135,6 @@ class SliceEncoder:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed input (n, 3, S, S) -> features (n, d), float32 on the CPU (the backbone alone)."""
         if self.runtime == "onnx":
-            from msnet.inference.onnx import backbone_feed
 
             arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
             return torch.from_numpy(self._session.run(None, backbone_feed(self._inputs, arr, *self.normalisation))[0])
@@ -185,7 +190,6 @@ class SliceEncoder:
 
     def encode_volume(self, vol, timing: dict | None = None, lungs=None) -> torch.Tensor:
         """A CTVolume -> (l, d) features, with the spec's volume-level steps (the lung crop) applied."""
-        from msnet.preprocess import model_slices
 
         return self.encode(model_slices(vol, self.spec, lungs), vol.kind, timing)
 

@@ -26,11 +26,23 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from msnet.data.cohorts import read_cohort
+from msnet.data.synthetic import synth_cohort
 from msnet.errors import MsnetError
 from msnet.files import atomic_write_text
 from msnet.inference.encoder import SliceEncoder
-from msnet.inference.onnx import (AGGREGATOR_ONNX, BACKBONE_INT8_ONNX, BACKBONE_ONNX, ONNX_RECORD, ort_session,
-                                  quantize_backbone)
+from msnet.inference.onnx import (
+    AGGREGATOR_ONNX,
+    BACKBONE_INT8_ONNX,
+    BACKBONE_ONNX,
+    ONNX_RECORD,
+    export_backbone,
+    ort_session,
+    quantize_backbone,
+)
+from msnet.inference.predictor import Predictor
+from msnet.io import read_study
+from msnet.models.backbones import export_onnx
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +69,6 @@ class _AggregatorGraph(nn.Module):
 
 
 def _export_models(predictor, out: Path) -> None:
-    from msnet.inference.onnx import export_backbone
-    from msnet.models.backbones import export_onnx
-
     export_backbone(predictor.bundle.backbone, predictor.spec.size, out / BACKBONE_ONNX)
     d = int(predictor.bundle.info["aggregator"]["in_features"])
     export_onnx(_AggregatorGraph(predictor.aggregator).eval(), (torch.randn(1, 7, d),), out / AGGREGATOR_ONNX,
@@ -69,7 +78,6 @@ def _export_models(predictor, out: Path) -> None:
 def synthetic_studies(folder: Path, n: int = 3, size: int = 128, slices: tuple[int, int] = (8, 12),
                       seed: int = 11) -> list[Path]:
     """Write ``n`` small synthetic DICOM studies (one per class in turn) and return their folders."""
-    from msnet.data.synthetic import synth_cohort
 
     synth_cohort(Path(folder), n_patients=n, size=size, seed=seed, slices=slices)
     return sorted(p for p in Path(folder).iterdir() if p.is_dir())
@@ -104,8 +112,6 @@ def onnx_encoder(predictor, model: Path) -> SliceEncoder:
 
 
 def _volumes(studies: Sequence[Path]) -> list:
-    from msnet.io import read_study
-
     return [read_study(s) for s in studies]
 
 
@@ -115,8 +121,6 @@ def _volumes(studies: Sequence[Path]) -> list:
 def _cohort_studies(bundle: Path) -> list[Path]:
     """Training studies of the bundle's cohort (metadata training_data.cohort, else config.yaml data.cohort)."""
     import yaml
-
-    from msnet.data.cohorts import read_cohort
 
     meta = json.loads((bundle / "metadata.json").read_text())
     csv = meta.get("training_data", {}).get("cohort") or ""
@@ -142,7 +146,6 @@ def _calibration_sources(bundle: Path, calibration: Sequence[Path] | None) -> li
 
 def calibration_batch(predictor, studies: Sequence[Path], n_slices: int = 96, max_studies: int = 12) -> np.ndarray:
     """Preprocessed slices (n, 3, S, S) spread evenly over up to ``max_studies`` studies."""
-    from msnet.io import read_study
 
     studies = list(studies)
     if len(studies) > max_studies:
@@ -172,7 +175,6 @@ def export_bundle(bundle: Path, out: Path | None = None, int8: bool = False,
     e.g. export_bundle(Path("runs/cpu/bundle"), int8=True)["int8"]["all_same_class"]
     True
     """
-    from msnet.inference.predictor import Predictor
 
     bundle = Path(bundle)
     sources = _calibration_sources(bundle, calibration) if int8 else []

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from msnet.errors import MsnetError
+from msnet.models.astra import slab_layout
+from msnet.models.backbones import export_onnx, lung_weights
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +111,6 @@ def export_backbone(backbone, size: int, path: str | Path) -> Path:
     ``LUNG_INPUT``: the classical lung segmentation runs outside the graph (:func:`backbone_feed`)."""
     import copy
 
-    from msnet.models.backbones import export_onnx
-
     if getattr(backbone, "whole_study", False):
         return export_slab_backbone(backbone, size, path)
     module = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format).float().eval()
@@ -144,8 +144,6 @@ def export_slab_backbone(backbone, size: int, path: str | Path) -> Path:
     import copy
 
     import onnx
-
-    from msnet.models.backbones import export_onnx
 
     net = copy.deepcopy(backbone.model).cpu().float().eval()
     path = export_onnx(_SlabPooled(net).eval(), (torch.rand(2, 3, net.k, size, size),), path, ["slabs"], ["features"],
@@ -182,7 +180,6 @@ class SlabSession:
 
     def slab_input(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slabs (m, 3, k, S, S), nearest slab of each slice (n,)) of preprocessed slices."""
-        from msnet.models.astra import slab_layout
 
         slabs, nearest = slab_layout(torch.from_numpy(np.ascontiguousarray(images)), self.k, self.stride)
         return np.ascontiguousarray(slabs.numpy(), dtype=np.float32), nearest.numpy()
@@ -201,7 +198,6 @@ def backbone_feed(names: list[str], images: np.ndarray, mean: float, std: float)
     (:func:`msnet.models.backbones.lung_weights`, by the first channel's ``mean`` and ``std``)."""
     feed = {names[0]: images}
     if LUNG_INPUT in names:
-        from msnet.models.backbones import lung_weights
 
         feed[LUNG_INPUT] = lung_weights(torch.from_numpy(images), mean, std).numpy()
     return feed
@@ -213,10 +209,14 @@ def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, mean: floa
     on ``calibration``, preprocessed slices (n, 3, S, S) normalised by ``mean`` and ``std``; for an
     exported slab network, slabs (m, 3, k, S, S) of consecutive slices (:func:`calibration_slabs`).
     The slab network's metadata is carried over."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     source = onnx.load(str(fp32))
     names = [i.name for i in source.graph.input]  # the images (and the lung weights), or the slabs
@@ -261,7 +261,6 @@ def quantize_backbone(fp32: Path, out: Path, calibration: np.ndarray, mean: floa
 def calibration_slabs(spec, volumes: list, n_slabs: int, k: int) -> np.ndarray:
     """Slabs (m, 3, k, S, S) of ``k`` consecutive preprocessed slices, laid out as the slab network takes
     them, spread evenly over ``volumes`` (CTVolume): int8 calibration of an exported slab network."""
-    from msnet.models.astra import slab_layout
 
     per = max(1, -(-n_slabs // max(1, len(volumes))))
     out = []

@@ -53,7 +53,10 @@ from fastapi.staticfiles import StaticFiles
 from msnet import __version__
 from msnet.errors import LimitError, MsnetError
 from msnet.gates import KINDS
+from msnet.inference.predictor import Predictor
+from msnet.io import read_limits, set_read_limits
 from msnet.service import viewer
+from msnet.service.connections import ConnectionGuard, OverloadMiddleware
 from msnet.service.settings import ServiceSettings
 from msnet.service.uploads import clean_study_id, locate_study, receive_upload
 
@@ -203,14 +206,12 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
 
     e.g. app = create_app("runs/cpu/bundle", max_upload_mb=200, workers=2)
     """
-    from msnet.service.connections import ConnectionGuard, OverloadMiddleware
 
     settings = replace(settings or ServiceSettings(), **overrides)
     if not settings.api_key and os.environ.get(API_KEY_ENV):
         settings = replace(settings, api_key=os.environ[API_KEY_ENV])
     _apply_read_limits(settings)
     if predictor is None:
-        from msnet.inference.predictor import Predictor
 
         if bundle is None:
             raise MsnetError("no bundle given", fix="pass the bundle folder written by `msnet run` (RUN/bundle)")
@@ -266,7 +267,6 @@ def create_app(bundle: str | Path | None, settings: ServiceSettings | None = Non
 
 def _apply_read_limits(settings: ServiceSettings) -> None:
     """The read limits of the settings, for every read in this process (one service per process)."""
-    from msnet.io import read_limits, set_read_limits
 
     given = {k: getattr(settings, k) for k in ("max_slice_pixels", "max_voxels", "max_compression_ratio")
              if getattr(settings, k) is not None}

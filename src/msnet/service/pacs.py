@@ -19,9 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from msnet.inference.dicom_out import model_identity
+from msnet.inference.dicom_out import (
+    model_identity,
+    parse_aet_target,
+    store_cstore,
+    store_stow,
+)
 from msnet.inference.writers import DICOM, StudyContext, get_writer, write_outputs
 from msnet.io import open_study
+from msnet.io.dicomweb import not_dicomweb, service_url
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +81,6 @@ def prepare_outputs(outputs: dict[str, Path] | None) -> dict[str, Path]:
 
 def store(files: list[Path], targets: StoreTargets) -> int:
     """Step 4: send the files by STOW-RS and/or C-STORE; returns how many objects were sent per target."""
-    from msnet.inference.dicom_out import store_cstore, store_stow
 
     n = 0
     if targets.url:
@@ -126,8 +131,6 @@ def result_writer(bundle: Path, dicom_out: Path | None, targets: StoreTargets, o
     """A per-study hook for :func:`msnet.inference.batch.predict_many`: write the SR + KOS (+ Secondary
     Capture) of each finished study to ``dicom_out`` and/or send them to ``targets``, and the other
     ``outputs`` (writer name -> folder). Destinations are checked before any study is read."""
-    from msnet.inference.dicom_out import parse_aet_target
-    from msnet.io.dicomweb import not_dicomweb, service_url
 
     if targets.aet:  # a typo in a destination fails before any work
         parse_aet_target(targets.aet)

@@ -43,6 +43,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
 from msnet import preprocess as P
+from msnet.inference.explain import cam_rgba, study_cam, study_scale, weighted_cam
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,6 @@ def model_crop(study: ViewerStudy, spec: P.PreprocessSpec) -> tuple[int, int, in
 
 
 def _weighted_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:
-    from msnet.inference.explain import weighted_cam
-
     spec = predictor.encoder.spec
     one = study.slices[index : index + 1].astype(np.float32)
     if model_crop(study, spec) is not None:
@@ -272,7 +271,6 @@ def compute_cam(study: ViewerStudy, index: int, predictor: Any) -> np.ndarray:
     slice as the model saw it (lung crop included), on the study's one scale and inside the lungs, as in
     the key-slice strip (:mod:`msnet.inference.explain`); cached. The first map asked for also computes
     the key slices' maps, which set the scale."""
-    from msnet.inference.explain import study_cam, study_scale
 
     cached = study.cams.get(index)
     if cached is not None:
@@ -302,8 +300,6 @@ def cam_png(study: ViewerStudy, cam: np.ndarray) -> bytes:
     the value (:func:`msnet.inference.explain.cam_rgba`, as in the key-slice strip)."""
     global _JET
     from PIL import Image
-
-    from msnet.inference.explain import cam_rgba
 
     if _JET is None:
         _JET = (cam_rgba(np.arange(256) / 255.0, opacity=1.0) * 255.0 + 0.5).astype(np.uint8)
