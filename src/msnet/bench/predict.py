@@ -197,7 +197,7 @@ def _summary(runs: dict, agreement: dict | None, floor_s: float, naive_s: float)
 
 def bench_predict(config: str = "cpu", study: Path | None = None, threads: int = 2, repeats: int = REPEATS,
                   batch_size: int = 16, size: int | None = None, int8: bool = True, backbone: str | None = None,
-                  slices: int | None = None, console=None) -> dict:
+                  slices: int | None = None, mirror: bool = False, console=None) -> dict:
     """Time one study's prediction: floor (FLOPs / GEMM rate), naive eager PyTorch, and Predictor
     (torch, ONNX Runtime fp32, ONNX Runtime static int8) end to end and backbone only, the median of
     ``repeats`` each; print and return.
@@ -207,6 +207,8 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     smoke runs), ``backbone`` its backbone; ``slices``: time the study's middle ``slices`` slices only
     (default for ``ct``: :data:`CT_SLICES`). int8 is calibrated on the other shared scans, and its
     agreement with torch fp32 (probabilities, and per-slice feature cosine) measured on this study.
+    ``mirror``: the Predictor's mirror averaging on (two backbone passes; off by default, so that end to
+    end is one pass, as the naive loop, the floor and "backbone only" are).
 
     e.g. bench_predict("paper")
     {'n_slices': 148, 'floor_s': 7.4, 'naive_s': 19.0, 'ours_s': 5.4, ...}
@@ -222,7 +224,7 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     if slices is None and config == "ct":
         slices = CT_SLICES
     torch.set_num_threads(threads)
-    opts = {"device": "cpu", "batch_size": batch_size, "threads": threads}
+    opts = {"device": "cpu", "batch_size": batch_size, "threads": threads, "mirror": mirror}
     with tempfile.TemporaryDirectory(prefix="msnet-bench-") as tmp, quiet_pydicom():
         source, study = study, middle_slices(study, slices, Path(tmp) / "study")
         bundle = temp_bundle(config, Path(tmp) / "bundle", size=size, backbone=backbone)
@@ -246,6 +248,7 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     result = {
         "config": config, "backbone": ref.metadata["backbone"]["name"], "size": ref.spec.size, "study": str(source),
         "n_slices": vol.n_slices, "slices": slices, "threads": threads, "batch_size": batch_size, "repeats": repeats,
+        "mirror": mirror,
         "load_average": load_average(), "naive": rounded(naive_t),
         "gflops_per_slice": round(flops / 1e9, 3), "gemm_gflops": round(gflops, 1),
         "floor_s": round(floor_s, 3), "naive_s": round(naive_s, 3),
@@ -265,7 +268,8 @@ def print_bench_predict(result: dict, console=None) -> None:
     part = f" (its middle {result['n_slices']})" if result.get("slices") else ""
     table = Table(title=f"predict one study{part}: {result['backbone']} {result['size']} px, {result['n_slices']} "
                         f"slices, {result['threads']} threads, batch {result['batch_size']}; seconds, median (min-max) "
-                        f"of {result['repeats']}; load average {result.get('load_average')}")
+                        f"of {result['repeats']}; mirror averaging {'on' if result.get('mirror') else 'off'}; load "
+                        f"average {result.get('load_average')}")
     for col in ("path", "end to end s", "whole read first s", "backbone only s", "read s", "prediction"):
         table.add_column(col)
     table.add_row(f"floor: {result['gflops_per_slice']} GFLOP/slice at {result['gemm_gflops']} GFLOP/s (fp32 GEMM)",

@@ -45,11 +45,14 @@ def bench_predict(
     backbone: Optional[str] = typer.Option(None, help="Backbone instead of the config's (e.g. astra with ct)."),
     slices: Optional[int] = typer.Option(None, help="Time the study's middle N slices only (default: all; "
                                                     "32 for ct, whose ResNet-152 is slow)."),
+    mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Time predict's mirror averaging too (a second "
+                                "backbone pass; off by default, one pass as the naive loop and the floor count)."),
 ) -> None:
     """Predict speed: ours (torch, ONNX fp32, int8) against a naive eager loop and the GEMM floor."""
     from msnet.bench import bench_predict as run
 
-    run(config=config, study=study, threads=threads, repeats=repeats, int8=int8, backbone=backbone, slices=slices)
+    run(config=config, study=study, threads=threads, repeats=repeats, int8=int8, backbone=backbone, slices=slices,
+        mirror=mirror)
 
 
 @bench_app.command("eager")
