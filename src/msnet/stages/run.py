@@ -186,7 +186,7 @@ def build_bundle(cfg: Config, aggregator: str = "msnet", out: Path | None = None
 DEMO_SPLIT = (0.15, 0.5)
 """Validation and test fractions of the demo cohort (per class): half the patients are held out, so that
 one test patient is about one point of accuracy and the aggregators' differences are several patients."""
-DEMO_THREADS = 2
+DEMO_THREADS = 1
 """CPU threads of every demo run, whatever the machine has or has free (the numbers depend on it)."""
 
 
