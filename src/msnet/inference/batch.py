@@ -21,13 +21,12 @@ from typing import Iterator
 import numpy as np
 
 from msnet.errors import MsnetError
-from msnet.files import atomic_write_text, write_csv_atomic
-from msnet.inference.predictor import Prediction, Predictor, gate, read_volume
+from msnet.inference.predictor import Predictor, gate, read_volume
+from msnet.inference.writers.tables import JSONL, run_writers
 from msnet.io.decode import worker_init
 
 log = logging.getLogger(__name__)
 
-JSONL = "predictions.jsonl"
 
 
 def _finished(out: Path) -> dict[str, dict]:
@@ -49,18 +48,9 @@ def _finished(out: Path) -> dict[str, dict]:
     return done
 
 
-def _append_line(path: Path, text: str) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(text + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _write_tables(out: Path, classes: list[str], results: list[dict], status: list[dict]) -> None:
-    rows = [Prediction(**{k: v for k, v in r.items() if k != "explanation"}).csv_row(classes) for r in results]
-    write_csv_atomic(out / "predictions.csv", Prediction.csv_header(classes), rows)
-    write_csv_atomic(out / "status.csv", ["study", "study_id", "status", "error"], status)
-    atomic_write_text(out / "predictions.json", json.dumps(results, indent=2, allow_nan=False))
+    for writer in run_writers():
+        writer.finish(classes, results, status, out)
 
 
 def _read(study, series=None) -> tuple:
@@ -252,7 +242,8 @@ def predict_many(bundle: Path | Predictor, studies: list[str | Path], out: Path 
             del volume
             if out is not None:
                 line = {"study": key, "prediction": r} | ({"stored": False} if stored_error else {})
-                _append_line(out / JSONL, json.dumps(line, allow_nan=False))
+                for writer in run_writers():
+                    writer.add(line, out)
             results.append(r)
             status.append({"study": key, "study_id": r["study_id"], "status": "failed" if stored_error else "ok",
                            "error": stored_error})
