@@ -17,7 +17,7 @@ Targets on a 16-core host with one H100/H200: <= 0.10 s per 150-slice patient fr
 >= 150 patients/min for a folder. Runs on the CPU too (slowly), e.g.
 
     python benchmarks/gpu_from_files.py --device cpu --config cpu --patients 3 --repeats 1
-    python benchmarks/gpu_from_files.py --study ../shared/data/covid-ct-md/"Sample data"/"COVID-19 subjects"/P001
+    python benchmarks/gpu_from_files.py --study COVID-CT-MD/"Sample data"/"COVID-19 subjects"/P001
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_STUDY = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "covid-ct-md" / "Sample data"
-                 / "COVID-19 subjects" / "P001")
 
 
 def _copies(study: Path, folder: Path, n: int) -> list[Path]:
@@ -68,7 +66,7 @@ def _folder(pred, studies: list[Path], prefetch: int, device: torch.device, read
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--study", type=Path, default=DEFAULT_STUDY, help="a DICOM study folder (JPEG Lossless)")
+    ap.add_argument("--study", type=Path, required=True, help="a DICOM study folder (JPEG Lossless), e.g. COVID-CT-MD's P001")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default="paper", choices=["paper", "cpu"])
     ap.add_argument("--batch-size", type=int, default=160)

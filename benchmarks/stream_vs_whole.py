@@ -22,7 +22,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> dict:
     from msnet.bench import default_study, temp_bundle
-    from msnet.inference.export import SHARED_SCANS, export_bundle
+    from msnet.inference.export import export_bundle
     from msnet.inference.predictor import Predictor
     from msnet.io import read_study
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default="paper", choices=["paper", "cpu"])
     ap.add_argument("--runtime", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"])
     ap.add_argument("--study", type=Path, default=None)
+    ap.add_argument("--calibration", type=Path, nargs="*", default=[], help="studies to calibrate int8 on")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="msnet-stream-") as tmp:
         bundle = temp_bundle(args.config, Path(tmp) / "bundle")
         if runtime == "onnx":
-            calib = [s for s in SHARED_SCANS[1:] if s.is_dir()] or [study]
+            calib = list(args.calibration) or [study]
             export_bundle(bundle, int8=int8, calibration=calib, check_studies=[], n_calibration=64)
         p = Predictor(bundle, device="cpu", runtime=runtime, int8=int8, batch_size=16, threads=args.threads)
         vol = read_study(study)

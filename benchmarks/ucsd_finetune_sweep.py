@@ -16,7 +16,7 @@ each recipe's probabilities with the shipped probe's calibrated ones (its ``--cv
 predictions and its ``val`` predictions);
 it takes ``msnet finetune --cv`` run folders too (e.g. the FT rows of README's table).
 
-    msnet index ../shared/data/ucsd-covid-ct -o ucsd
+    msnet index UCSD-COVID-CT/ -o ucsd
     python benchmarks/ucsd_finetune_sweep.py pack ucsd.pt.gz               # images, folds, weights (50 MB)
     python benchmarks/ucsd_finetune_sweep.py run ucsd.pt.gz --out sweep    # needs torch, timm, scikit-learn
     msnet finetune ucsd --cv                                               # the shipped probe (runs/ucsd)

@@ -32,8 +32,8 @@ of its layer2 and layer3). ``--calibration`` then compares, in a
 nested CV, the logistic regression's temperature fitted on a selection fifth and on out-of-fold
 predictions (``finetune.calibration``), by the ECE on the held-out folds.
 
-    msnet index ../shared/data/ucsd-covid-ct -o ucsd
-    msnet index ../shared/data/covid-ct-md -o ctmd
+    msnet index UCSD-COVID-CT/ -o ucsd
+    msnet index COVID-CT-MD/ -o ctmd
     OMP_NUM_THREADS=2 python benchmarks/ucsd_probe_variants.py ucsd/slices.csv --ctmd ctmd
 
 About 1 min on 2 cores; needs scikit-learn (the dev extras).
@@ -184,7 +184,7 @@ def temperatures_compared(X: np.ndarray, Xm: np.ndarray, y: np.ndarray, rows: li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("manifest", type=Path, help="slices.csv of `msnet index ../shared/data/ucsd-covid-ct`")
+    ap.add_argument("manifest", type=Path, help="slices.csv of `msnet index UCSD-COVID-CT/`")
     ap.add_argument("--ctmd", type=Path, help="a cohort folder with slice labels (`msnet index` of COVID-CT-MD)")
     ap.add_argument("--seeds", type=int, default=3, help="fold assignments per grouping")
     ap.add_argument("--crop", action="store_true", help="crop every UCSD image to its 2-D lung mask's box, "

@@ -9,6 +9,10 @@ from msnet.bench import bench_predict, gemm_gflops  # noqa: E402
 from msnet.errors import MsnetError  # noqa: E402
 from msnet.inference.export import synthetic_studies
 
+from conftest import CAP002, NORMAL001, P001
+
+SCANS = [P001, CAP002, NORMAL001]
+
 
 def test_gemm_rate_positive() -> None:
     assert gemm_gflops(1, n=256, repeats=2) > 0.1
@@ -74,7 +78,7 @@ def test_bench_decoders_agree_on_the_real_scans(shared_data) -> None:
     imagecodecs' libjpeg-turbo (a dependency) is the default."""
     from msnet.bench import bench_decoders
 
-    r = bench_decoders(n_files=3, repeats=2)
+    r = bench_decoders(SCANS, n_files=3, repeats=2)
     assert r["n_slices"] == 9 and r["default"] == "imagecodecs-jpeg8"
     assert {"imagecodecs-jpeg8", "imagecodecs-ljpeg", "gdcm-region"} <= set(r["decoders"])
     assert all(v["identical"] and v["ms_per_slice"] > 0 for v in r["decoders"].values())
@@ -85,9 +89,21 @@ def test_bench_extract_ct_on_real_slices(shared_data) -> None:
     on their other slices; medians of the repeats, the features' agreement with torch."""
     from msnet.bench import bench_extract
 
-    r = bench_extract("ct", size=32, real_slices=4, repeats=2)
+    r = bench_extract("ct", size=32, real_slices=4, repeats=2, studies=SCANS)
     assert r["backbone"] == "astra_slab" and r["n_studies"] == 3 and r["n_slices"] == 12
-    assert r["data"].startswith("shared real scans") and r["calibration"].endswith("slabs")
+    assert r["data"].startswith("real scans") and r["calibration"].endswith("slabs")
     assert all(v["timing"]["n"] == 2 and v["timing"]["min"] <= v["seconds"] <= v["timing"]["max"]
                for v in r["runs"].values())
     assert r["runs"]["onnx_fp32"]["cosine_min"] > 0.9999 and r["runs"]["onnx_int8"]["cosine_mean"] > 0.9
+
+
+def test_bench_commands_ask_for_a_study_instead_of_guessing_one() -> None:
+    """No development path as a default: without a study the bench says what to pass."""
+    from msnet.bench import bench_decoders, bench_extract
+
+    with pytest.raises(MsnetError, match="--study"):
+        bench_predict("cpu")
+    with pytest.raises(MsnetError, match="--study"):
+        bench_extract("ct")
+    with pytest.raises(MsnetError, match="no studies"):
+        bench_decoders([])

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from msnet.errors import MsnetError
-from msnet.inference.export import SHARED_SCANS
 from msnet.models.astra import slab_starts
 from msnet.models.backbones import flops_per_image
 
@@ -136,8 +135,5 @@ def backbone_floor(backbone, size: int, n_slices: int, threads: int) -> tuple[fl
 
 
 def default_study() -> Path:
-    """The study timed when none is given: a real scan of the development checkout, if there is one."""
-
-    if not SHARED_SCANS[0].is_dir():
-        raise MsnetError("no study to time", fix="pass --study PATH (a DICOM study folder, e.g. a COVID-CT-MD scan)")
-    return SHARED_SCANS[0]
+    """The study timed when none is given: there is none; the error says what to pass."""
+    raise MsnetError("no study to time", fix="pass --study PATH (a DICOM study folder, e.g. a COVID-CT-MD scan)")

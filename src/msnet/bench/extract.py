@@ -11,22 +11,20 @@ from msnet.bench.predict import bench_backbone, bench_config, feature_cosine
 from msnet.data.synthetic import synth_cohort
 from msnet.errors import MsnetError
 from msnet.inference.encoder import SliceEncoder
-from msnet.inference.export import SHARED_SCANS
 from msnet.io import read_study
 from msnet.preprocess import PreprocessSpec
 
 CT_EXTRACT_SLICES = 24
-"""Slices of each shared scan ``ct`` encodes by default (its middle ones)."""
+"""Slices of each real scan ``ct`` encodes by default (its middle ones)."""
 
 
-def _real_volumes(n_slices: int) -> tuple[list, list]:
-    """(the middle ``n_slices`` slices of each shared real scan, the rest of each scan): timed volumes and
-    calibration volumes that share no slice."""
-
-    scans = [s for s in SHARED_SCANS if s.is_dir()]
+def _real_volumes(n_slices: int, studies: list[Path] | None) -> tuple[list, list]:
+    """(the middle ``n_slices`` slices of each real scan of ``studies``, the rest of each scan): timed
+    volumes and calibration volumes that share no slice."""
+    scans = [Path(s) for s in studies or []]
     if not scans:
-        raise MsnetError("the shared real scans are not here", SHARED_SCANS[0].parent,
-                         "run the ct extract bench in the development checkout, or use --config paper / cpu")
+        raise MsnetError("the ct extract bench encodes real CT scans and none was given",
+                         fix="pass --study DICOM_FOLDER (repeatable, e.g. three COVID-CT-MD scans), or --synthetic")
     timed, rest = [], []
     for s in scans:
         vol = read_study(s)
@@ -41,11 +39,12 @@ def _real_volumes(n_slices: int) -> tuple[list, list]:
 
 def bench_extract(config: str = "cpu", n_patients: int = 6, slices: tuple[int, int] = (40, 60), pixels: int = 256,
                   threads: int = 2, size: int | None = None, repeats: int = REPEATS, backbone: str | None = None,
-                  real: bool | None = None, real_slices: int = CT_EXTRACT_SLICES, console=None) -> dict:
+                  real: bool | None = None, real_slices: int = CT_EXTRACT_SLICES, studies: list[Path] | None = None,
+                  console=None) -> dict:
     """Cohort extraction speed through the one SliceEncoder on every runtime, measured in one run: torch
     (eager), ONNX Runtime fp32 and ONNX Runtime static int8, the median of ``repeats`` each. Studies are
     read once beforehand, so only the encoding is timed: a synthetic cohort of DICOM studies, or with
-    ``real`` (default for ``ct``) the middle ``real_slices`` slices of each shared real scan, int8
+    ``real`` (default for ``ct``) the middle ``real_slices`` slices of each real scan of ``studies``, int8
     calibrated on the other slices of those scans. Prints slices/s and the features' agreement with
     torch (per-slice cosine).
 
@@ -62,7 +61,7 @@ def bench_extract(config: str = "cpu", n_patients: int = 6, slices: tuple[int, i
     spec = PreprocessSpec.from_config(cfg.preprocess, bb.data_config)
     with tempfile.TemporaryDirectory(prefix="msnet-bench-extract-") as tmp:
         if real:
-            vols, calib_vols = _real_volumes(real_slices)
+            vols, calib_vols = _real_volumes(real_slices, studies)
         else:
             synth_cohort(Path(tmp) / "data", n_patients=n_patients, size=pixels, slices=slices, seed=1)
             vols = [read_study(p) for p in sorted((Path(tmp) / "data").iterdir()) if p.is_dir()]
@@ -84,7 +83,7 @@ def bench_extract(config: str = "cpu", n_patients: int = 6, slices: tuple[int, i
         runs[name].update(feature_cosine(torch.cat(feats["torch"]), torch.cat(feats[name])),
                           speedup_vs_torch=round(runs["torch"]["seconds"] / runs[name]["seconds"], 2))
     result = {"config": config, "backbone": cfg.backbone.name, "size": spec.size, "n_studies": len(vols),
-              "n_slices": n, "data": "shared real scans (middle slices)" if real else "synthetic",
+              "n_slices": n, "data": "real scans (middle slices)" if real else "synthetic",
               "calibration": f"{len(calib)} {'slabs' if bb.whole_study else 'slices'}", "threads": threads,
               "repeats": repeats, "load_average": load_average(), "export_s": round(export_s, 2), "runs": runs}
     print_bench_extract(result, console)

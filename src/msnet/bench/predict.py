@@ -24,7 +24,7 @@ from msnet.data.synthetic import synth_cohort
 from msnet.errors import MsnetError
 from msnet.inference import bundle as B
 from msnet.inference.bundle import load_backbone
-from msnet.inference.export import SHARED_SCANS, export_bundle
+from msnet.inference.export import export_bundle
 from msnet.inference.predictor import Predictor
 from msnet.io import read_study
 from msnet.io.decode import quiet_pydicom
@@ -197,7 +197,8 @@ def _summary(runs: dict, agreement: dict | None, floor_s: float, naive_s: float)
 
 def bench_predict(config: str = "cpu", study: Path | None = None, threads: int = 2, repeats: int = REPEATS,
                   batch_size: int = 16, size: int | None = None, int8: bool = True, backbone: str | None = None,
-                  slices: int | None = None, mirror: bool = False, console=None) -> dict:
+                  slices: int | None = None, mirror: bool = False, calibration: list[Path] | None = None,
+                  console=None) -> dict:
     """Time one study's prediction: floor (FLOPs / GEMM rate), naive eager PyTorch, and Predictor
     (torch, ONNX Runtime fp32, ONNX Runtime static int8) end to end and backbone only, the median of
     ``repeats`` each; print and return.
@@ -205,7 +206,7 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
     Uses a temporary bundle with random weights (speed does not depend on them; a CT-native backbone
     keeps its weights, :func:`bench_backbone`). ``size`` overrides the config's input size (for quick
     smoke runs), ``backbone`` its backbone; ``slices``: time the study's middle ``slices`` slices only
-    (default for ``ct``: :data:`CT_SLICES`). int8 is calibrated on the other shared scans, and its
+    (default for ``ct``: :data:`CT_SLICES`). int8 is calibrated on ``calibration`` (default: the study), and its
     agreement with torch fp32 (probabilities, and per-slice feature cosine) measured on this study.
     ``mirror``: the Predictor's mirror averaging on (two backbone passes; off by default, so that end to
     end is one pass, as the naive loop, the floor and "backbone only" are).
@@ -236,7 +237,7 @@ def bench_predict(config: str = "cpu", study: Path | None = None, threads: int =
         x = ref.spec.prepare(vol.hu, vol.kind)
         runs: dict[str, dict] = {}
         _measure("torch", ref, study, x, repeats, runs)
-        calib = [s for s in SHARED_SCANS[1:] if s.is_dir() and s.resolve() != source.resolve()] or [source]
+        calib = [Path(s) for s in calibration or []] or [source]
         t = time.perf_counter()
         exp = export_bundle(bundle, int8=int8, calibration=calib, check_studies=[], n_calibration=64)
         export_s = time.perf_counter() - t

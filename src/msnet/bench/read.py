@@ -8,7 +8,6 @@ import numpy as np
 
 from msnet.bench.common import REPEATS, cores, fmt, repeated, rounded
 from msnet.errors import MsnetError
-from msnet.inference.export import SHARED_SCANS
 from msnet.io import AIR_HU, OUT_OF_FIELD_HU, read_study
 from msnet.io.decode import decode_file, quiet_pydicom
 from msnet.io.jpeg import LOSSLESS_DECODERS, _installed, gdcm_direct_ok, lossless_direct
@@ -98,14 +97,14 @@ def print_bench_read(result: dict, console=None) -> None:
 def bench_decoders(studies: list[Path] | None = None, n_files: int = 40, repeats: int = REPEATS,
                    console=None) -> dict:
     """Every installed direct JPEG Lossless decoder (:data:`msnet.io.jpeg.LOSSLESS_DECODERS`) and
-    pydicom + pylibjpeg-libjpeg on ``n_files`` files of each study (default: the shared real scans), one
+    pydicom + pylibjpeg-libjpeg on ``n_files`` files of each of ``studies`` (JPEG Lossless series), one
     thread, the pixel data bytes already read: milliseconds per slice (median of ``repeats``) and
     whether every decoder gives the stored values pydicom + pylibjpeg gives. The first decoder listed is
     the reader's default."""
     import pydicom
     from pydicom.pixels import pixel_array
 
-    studies = [Path(s) for s in studies] if studies else [s for s in SHARED_SCANS if s.is_dir()]
+    studies = [Path(s) for s in studies or []]
     if not studies:
         raise MsnetError("no studies to time", fix="pass JPEG Lossless DICOM study folders")
     files = []

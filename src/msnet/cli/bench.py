@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 import typer
 import typer.core
 from msnet.cli.common import bench_app
@@ -22,23 +22,21 @@ def bench_read(
 
 @bench_app.command("decoders")
 def bench_decoders(
-    studies: Optional[list[Path]] = typer.Argument(None, help="JPEG Lossless study folders (default: the shared "
-                                                   "real scans of the development checkout)."),
+    studies: List[Path] = typer.Argument(..., help="JPEG Lossless DICOM study folders (e.g. COVID-CT-MD scans)."),
     files: int = typer.Option(40, help="Files of each study, spread over it."),
     repeats: int = typer.Option(3, help="Timed repetitions (median and spread printed)."),
 ) -> None:
     """JPEG Lossless decoders (imagecodecs, GDCM, pylibjpeg-libjpeg): ms per slice and identical values."""
     from msnet.bench import bench_decoders as run
 
-    run(studies or None, n_files=files, repeats=repeats)
+    run(list(studies), n_files=files, repeats=repeats)
 
 
 @bench_app.command("predict")
 def bench_predict(
     config: str = typer.Option("cpu", help="paper (SE-ResNet50, 224 px), cpu (EfficientNet-Lite0) or ct "
                                            "(CT-native astra_slab; --backbone astra: its 2-D network)."),
-    study: Optional[Path] = typer.Option(None, help="DICOM study folder to time (needed outside the development "
-                                         "checkout, e.g. a COVID-CT-MD scan)."),
+    study: Path = typer.Option(..., help="DICOM study folder to time (e.g. a COVID-CT-MD scan)."),
     threads: int = typer.Option(2, help="Threads for every runtime."),
     repeats: int = typer.Option(3, help="Timed repetitions (median and spread printed)."),
     int8: bool = typer.Option(True, help="Include the static int8 ONNX path."),
@@ -47,19 +45,20 @@ def bench_predict(
                                                     "32 for ct, whose ResNet-152 is slow)."),
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Time predict's mirror averaging too (a second "
                                 "backbone pass; off by default, one pass as the naive loop and the floor count)."),
+    calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Studies to calibrate int8 on "
+                                                     "(repeatable; default: the timed study itself)."),
 ) -> None:
     """Predict speed: ours (torch, ONNX fp32, int8) against a naive eager loop and the GEMM floor."""
     from msnet.bench import bench_predict as run
 
     run(config=config, study=study, threads=threads, repeats=repeats, int8=int8, backbone=backbone, slices=slices,
-        mirror=mirror)
+        mirror=mirror, calibration=list(calibration or []))
 
 
 @bench_app.command("eager")
 def bench_eager(
     config: str = typer.Option("paper", help="paper (SE-ResNet50, 224 px) or cpu (EfficientNet-Lite0)."),
-    study: Optional[Path] = typer.Option(None, help="DICOM study folder to time (needed outside the development "
-                                         "checkout, e.g. a COVID-CT-MD scan)."),
+    study: Path = typer.Option(..., help="DICOM study folder to time (e.g. a COVID-CT-MD scan)."),
     threads: int = typer.Option(2, help="PyTorch threads."),
     batch_size: int = typer.Option(16, help="Slices per forward pass."),
     repeats: int = typer.Option(3, help="Timed repetitions (median and spread printed)."),
@@ -80,14 +79,17 @@ def bench_extract(
     size: Optional[int] = typer.Option(None, help="Input size (default: the config's)."),
     repeats: int = typer.Option(3, help="Timed repetitions (median and spread printed)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone instead of the config's (e.g. astra with ct)."),
-    real_slices: int = typer.Option(24, help="ct: the middle N slices of each shared real scan are encoded "
-                                             "(int8 calibrated on their other slices)."),
+    real_slices: int = typer.Option(24, help="ct: the middle N slices of each --study are encoded (int8 "
+                                             "calibrated on their other slices)."),
+    study: Optional[List[Path]] = typer.Option(None, "--study", help="ct: real CT study folders to encode "
+                                               "(repeatable, e.g. three COVID-CT-MD scans)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="ct: a synthetic cohort instead of real scans."),
 ) -> None:
     """Cohort extraction speed: torch against ONNX Runtime fp32 and int8, through the same SliceEncoder."""
     from msnet.bench import bench_extract as run
 
     run(config=config, n_patients=patients, threads=threads, size=size, repeats=repeats, backbone=backbone,
-        real_slices=real_slices)
+        real_slices=real_slices, studies=list(study or []), real=False if synthetic else None)
 
 
 @bench_app.command("train")

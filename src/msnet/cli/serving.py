@@ -183,9 +183,12 @@ def export(
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="Output folder (default BUNDLE/onnx, where predict looks)."),
     int8: bool = typer.Option(False, "--int8", help="Also a statically quantised backbone, with its agreement figures."),
     calibration: Optional[List[Path]] = typer.Option(None, "--calibration", help="Studies to calibrate int8 on (default: the training cohort)."),
+    check_study: Optional[List[Path]] = typer.Option(None, "--check-study", help="Real studies to check int8's "
+                                                     "agreement with fp32 on, besides synthetic ones (repeatable)."),
 ) -> None:
     """ONNX export of backbone + aggregator, with a parity check on a synthetic study."""
     from msnet.inference.export import export_bundle, print_export
 
-    result = export_bundle(bundle, out=onnx, int8=int8, calibration=list(calibration) if calibration else None)
+    result = export_bundle(bundle, out=onnx, int8=int8, calibration=list(calibration) if calibration else None,
+                           check_studies=list(check_study or []))
     print_export(result)

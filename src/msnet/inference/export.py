@@ -48,11 +48,6 @@ log = logging.getLogger(__name__)
 
 PARITY_TOL = 1e-4
 INT8_PROB_TOL = 0.02
-SHARED_DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-_SAMPLE = SHARED_DATA / "covid-ct-md" / "Sample data"
-SHARED_SCANS = (_SAMPLE / "COVID-19 subjects" / "P001", _SAMPLE / "Cap subjects" / "cap002",
-                _SAMPLE / "Normal subjects" / "normal001")
-
 
 # ------------------------------------------------------------------ export
 
@@ -169,8 +164,8 @@ def export_bundle(bundle: Path, out: Path | None = None, int8: bool = False,
     Parity (torch vs ONNX Runtime fp32) is measured on small synthetic studies and must be within
     1e-4 in every probability. With ``int8``, calibration slices come from ``calibration`` (study
     paths) when given, else from the training studies of the bundle's cohort; agreement (same class,
-    max probability difference) is measured on ``check_studies`` (default: the synthetic studies
-    and the shared real scans found beside the repository) and written to int8_agreement.json.
+    max probability difference) is measured on the synthetic studies and ``check_studies``
+    (real studies, e.g. ``msnet export --check-study``) and written to int8_agreement.json.
 
     e.g. export_bundle(Path("runs/cpu/bundle"), int8=True)["int8"]["all_same_class"]
     True
@@ -231,8 +226,7 @@ def export_int8(bundle: Path, out: Path, ref, calibration: list[Path] | None = N
     calib = calibration_batch(ref, sources, n_slices=n_calibration)
     quantize_backbone(out / BACKBONE_ONNX, out / BACKBONE_INT8_ONNX, calib, *ref.encoder.normalisation)
     quant_s = time.perf_counter() - t
-    if check_studies is None:
-        check_studies = [s for s in SHARED_SCANS if s.is_dir()]
+    check_studies = list(check_studies or [])  # real studies to check on, besides the synthetic ones
     vols = list(synth or []) + _volumes(check_studies)
     agree = int8_agreement(ref, out / BACKBONE_INT8_ONNX, vols, cache)
     agree.update({"calibration_slices": int(len(calib)) * (slab_length(ref.bundle.backbone) or 1),
