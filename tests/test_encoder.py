@@ -55,7 +55,7 @@ def test_served_features_equal_extracted_features(tiny_bundle) -> None:
 
 
 def test_aggregator_runs_once_and_volume_is_not_changed(tiny_bundle) -> None:
-    predictor = Predictor(tiny_bundle, device="cpu")
+    predictor = Predictor(tiny_bundle, device="cpu", mirror=False)  # one view (mirror averaging: one per view)
     agg, calls = predictor.aggregator, []
     real_temporal = agg.temporal
     agg.temporal = lambda *a, **k: (calls.append("temporal"), real_temporal(*a, **k))[1]
