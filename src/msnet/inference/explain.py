@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from msnet import preprocess as P
-from msnet.models.astra import slab_starts, to_ras_plane
+from msnet.models.astra import slab_index, to_ras_plane, to_slab_plane
 
 log = logging.getLogger(__name__)
 
@@ -85,22 +85,18 @@ def slab_cam(predictor, study: np.ndarray, kind: str, feats: torch.Tensor, index
     upsampled to (k, S, S) and read at the slice's depth, then turned back from the weights' RAS plane to the
     display plane. Returns the raw map (S, S)."""
     spec, net = predictor.spec, predictor.bundle.backbone.model
-    n, k = len(study), net.k
-    starts = slab_starts(n, k, net.stride)
-    centres = np.array([s + (k - 1) / 2 for s in starts])
-    nearest = np.abs(np.arange(n)[:, None] - centres[None]).argmin(axis=1)
+    k = net.k
+    slabs, nearest = slab_index(len(study), k, net.stride)
     slab = int(nearest[index])
-    rows = np.clip(np.arange(starts[slab], starts[slab] + k), 0, n - 1)
+    rows = slabs[slab].numpy()
     units = spec.unit(np.asarray(study)[rows], kind)  # (k, c, S, S), superior first
-    x = P.finish(units, spec.mean, spec.std).to(predictor.device)
-    x = to_ras_plane(x.flip(0)).permute(1, 0, 2, 3)[None]  # (1, 3, k, S, S), superior last, as SlabNet lays it out
+    x = to_slab_plane(P.finish(units, spec.mean, spec.std).to(predictor.device)[None])  # (1, 3, k, S, S)
     with torch.enable_grad():
         maps = net.net.forward_stages(x)
         fmap = maps[net.stages[-1] - 1]
         fmap.retain_grad()
-        pooled = torch.cat([torch.cat([maps[s - 1].mean(dim=(2, 3, 4)), maps[s - 1].flatten(2).std(dim=2)], dim=1)
-                            for s in net.stages], dim=1)
-        _target_logit(predictor, pooled, feats, np.flatnonzero(nearest == slab).tolist(), target).backward()
+        at = torch.nonzero(nearest == slab).flatten().tolist()  # every slice that takes this slab's features
+        _target_logit(predictor, net.pool_maps(maps), feats, at, target).backward()
     weights = fmap.grad.mean(dim=(2, 3, 4), keepdim=True)
     cam = F.relu((weights * fmap).sum(dim=1, keepdim=True)).detach()  # (1, 1, k', S', S')
     cam = F.interpolate(cam, size=(k, *x.shape[-2:]), mode="trilinear", align_corners=False)[0, 0]

@@ -281,7 +281,11 @@ class SlabNet(nn.Module):
 
     def pool_slabs(self, slabs: torch.Tensor) -> torch.Tensor:
         """Features (m, num_features) of slabs (m, 3, k, S, S) laid out by :meth:`slabs`."""
-        maps = self.net.forward_stages(slabs)
+        return self.pool_maps(self.net.forward_stages(slabs))
+
+    def pool_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Features (m, num_features) of the 3-D network's stage maps: the mean and standard deviation of every
+        channel of the ``stages`` maps, concatenated."""
         return torch.cat([torch.cat([maps[s - 1].mean(dim=(2, 3, 4)), maps[s - 1].flatten(2).std(dim=2)], dim=1)
                           for s in self.stages], dim=1)
 
@@ -289,14 +293,30 @@ class SlabNet(nn.Module):
 def slab_layout(x: torch.Tensor, k: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:meth:`SlabNet.slabs` for slabs of ``k`` slices every ``stride``: each slab reoriented to RAS
     (superior last, :func:`to_ras_plane` in-plane), the slices beyond the ends repeating the end slices."""
-    n = int(x.shape[0])
+    index, nearest = slab_index(int(x.shape[0]), k, stride)
+    slabs = x[index.flatten()].view(len(index), k, *x.shape[1:])  # (m, k, 3, S, S)
+    return to_slab_plane(slabs), nearest
+
+
+def slab_index(n: int, k: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the slices (m, k) of every slab of a study of ``n`` slices, clamped to it; the slab (n,) whose centre is
+    nearest each slice).
+
+    >>> index, nearest = slab_index(10, 8, 4)
+    >>> index[0].tolist(), nearest.tolist()
+    ([0, 0, 0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    """
     starts = slab_starts(n, k, stride)
-    index = torch.stack([torch.arange(s, s + k) for s in starts]).clamp(0, n - 1)  # (m, k)
-    slabs = x[index.flatten()].view(len(starts), k, *x.shape[1:])  # (m, k, 3, S, S)
-    slabs = to_ras_plane(slabs.flip(1)).permute(0, 2, 1, 3, 4)  # (m, 3, k, S, S), superior last
+    index = torch.stack([torch.arange(s, s + k) for s in starts]).clamp(0, n - 1)
     centres = torch.tensor([s + (k - 1) / 2 for s in starts], dtype=torch.float32)
     nearest = (torch.arange(n, dtype=torch.float32)[:, None] - centres[None]).abs().argmin(dim=1)
-    return slabs, nearest
+    return index, nearest
+
+
+def to_slab_plane(slabs: torch.Tensor) -> torch.Tensor:
+    """Slabs of display-oriented slices (m, k, 3, S, S), superior first, as the 3-D network takes them:
+    (m, 3, k, S, S), superior last, :func:`to_ras_plane` in-plane."""
+    return to_ras_plane(slabs.flip(1)).permute(0, 2, 1, 3, 4)
 
 
 def slab_starts(n: int, k: int, stride: int) -> list[int]:
