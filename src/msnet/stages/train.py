@@ -139,8 +139,7 @@ def fit(
                     on_best=lambda m, row: kept.update(state=best_state(m)), log_epochs=False, progress=progress,
                     name="epochs")
     result = engine.run(batches, lambda m: (predict_proba(m, val_x), val_y))
-    best = {"acc": result.best["accuracy"], "loss": result.best["loss"], "epoch": result.best["epoch"], **kept}
-    return best, result.history
+    return {**result.best, **kept}, result.history
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
