@@ -357,20 +357,10 @@ def test_listener_receives_a_study_and_stores_sr_back(tiny_bundle, orthanc, tmp_
     study_uid, patient_id = str(first.StudyInstanceUID), str(first.PatientID)
     study_b = str(pydicom.dcmread(next(source_b.iterdir()), stop_before_pixels=True).StudyInstanceUID)
     port, spool = _free_port(), tmp_path / "spool"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "msnet", "listen", str(tiny_bundle), "--ae-title", "MSNET", "--port", str(port),
-           "--allow", "TESTSCU", "--quiet-seconds", "2", "--store-aet", f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-           "--spool", str(spool), "--device", "cpu"]
-    listener = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listener = _listener(tiny_bundle, port, spool, "--allow", "TESTSCU", "--store-aet",
+                         f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", quiet_s=2)
     storescu = [_dcmtk("storescu"), "-aec", "MSNET", "127.0.0.1", str(port), "+sd", str(source)]
     try:
-        def listening():
-            if listener.poll() is not None:
-                pytest.fail(f"listener exited: {listener.stdout.read()}")
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        _wait_for(listening, 120, "the listener to open its port")
         refused = subprocess.run([*storescu[:1], "-aet", "INTRUDER", *storescu[1:]], capture_output=True, timeout=60)
         assert refused.returncode != 0  # association rejected: calling AE title not allowed
         sent = subprocess.run([*storescu[:1], "-aet", "TESTSCU", *storescu[1:]], capture_output=True, text=True,
@@ -468,10 +458,11 @@ def test_urls_that_are_not_dicomweb_say_so(orthanc, tmp_path):
     assert orthanc.get("/system").json()  # nothing above disturbed the real server
 
 
-def _listener(tiny_bundle: Path, port: int, spool: Path, store: str, *extra: str) -> subprocess.Popen:
+def _listener(tiny_bundle: Path, port: int, spool: Path, *options: str, quiet_s: int = 1) -> subprocess.Popen:
+    """`msnet listen` on ``port`` with ``options`` (where to store, who may call), once its port is open."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "msnet", "listen", str(tiny_bundle), "--ae-title", "MSNET", "--port", str(port),
-           "--quiet-seconds", "1", "--store", store, "--spool", str(spool), "--device", "cpu", *extra]
+           "--quiet-seconds", str(quiet_s), "--spool", str(spool), "--device", "cpu", *options]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def listening():
@@ -512,7 +503,7 @@ def test_listener_keeps_results_while_the_archive_is_down_and_never_duplicates(t
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     orthanc.stop()
     try:
-        listener = _listener(tiny_bundle, port, spool, orthanc.dicomweb, "--retry-seconds", "1")
+        listener = _listener(tiny_bundle, port, spool, "--store", orthanc.dicomweb, "--retry-seconds", "1")
         try:
             sent = subprocess.run(storescu, capture_output=True, text=True, timeout=120)
             assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -527,7 +518,7 @@ def test_listener_keeps_results_while_the_archive_is_down_and_never_duplicates(t
         assert not status["queued"] and "sent after the next start" in output
     finally:
         orthanc.start()
-    listener = _listener(tiny_bundle, port, spool, orthanc.dicomweb, "--retry-seconds", "1")
+    listener = _listener(tiny_bundle, port, spool, "--store", orthanc.dicomweb, "--retry-seconds", "1")
     try:
         _wait_for(lambda: any(s["modality"] == "SR" for s in orthanc.series(study_uid)), 120,
                   "the SR to arrive in Orthanc after the restart", step_s=1.0)
